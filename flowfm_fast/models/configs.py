@@ -1,0 +1,92 @@
+"""Model configs. ``tiny`` is for tests, ``small`` the CPU demo, ``base`` the GPU default."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EncoderConfig:
+    widths: tuple[int, ...] = (32, 64, 128)   # one stage per width; stages after the first halve L
+    blocks_per_stage: int = 1
+    kernel_size: int = 5
+    z_dim: int = 128
+
+
+@dataclass
+class DiTConfig:
+    patch: int = 10          # Conv1d(k = stride = patch): 300 samples -> 30 tokens
+    dim: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class ResNetGenConfig:
+    width: int = 64
+    depth: int = 4
+    groups: int = 8
+    kernel_size: int = 3
+
+
+@dataclass
+class FlowFMConfig:
+    channels: int = 3
+    length: int = 300
+    velocity: str = "dit"             # "dit" | "resnet"
+    sigma_min: float = 0.0
+    t_sampling: str = "uniform"       # "uniform" | "logit_normal"
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    resnet: ResNetGenConfig = field(default_factory=ResNetGenConfig)
+
+    def validate(self) -> "FlowFMConfig":
+        if self.velocity not in ("dit", "resnet"):
+            raise ValueError(f"velocity must be 'dit' or 'resnet', got {self.velocity!r}")
+        if self.t_sampling not in ("uniform", "logit_normal"):
+            raise ValueError(f"t_sampling must be 'uniform' or 'logit_normal', got {self.t_sampling!r}")
+        if self.channels < 1 or self.length < 1:
+            raise ValueError(f"channels and length must be positive, got {self.channels}, {self.length}")
+        if self.velocity == "dit" and self.length % self.dit.patch:
+            raise ValueError(f"length={self.length} must be a multiple of dit.patch={self.dit.patch}")
+        if self.velocity == "dit" and self.dit.dim % self.dit.heads:
+            raise ValueError(f"dit.dim={self.dit.dim} must be a multiple of dit.heads={self.dit.heads}")
+        if self.velocity == "resnet" and self.resnet.width % self.resnet.groups:
+            raise ValueError(f"resnet.width={self.resnet.width} must be a multiple of resnet.groups")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FlowFMConfig":
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown FlowFMConfig fields: {sorted(unknown)}")
+        enc = EncoderConfig(**{**d.pop("encoder", {})})
+        enc.widths = tuple(enc.widths)
+        return cls(encoder=enc, dit=DiTConfig(**d.pop("dit", {})),
+                   resnet=ResNetGenConfig(**d.pop("resnet", {})), **d).validate()
+
+
+def get_config(name: str, **overrides) -> FlowFMConfig:
+    """A named config (``tiny``, ``small``, ``base``) with top-level fields overridden."""
+    if name == "tiny":
+        cfg = FlowFMConfig(encoder=EncoderConfig(widths=(8, 16), z_dim=16),
+                           dit=DiTConfig(patch=10, dim=32, depth=2, heads=2, mlp_ratio=2.0),
+                           resnet=ResNetGenConfig(width=16, depth=2, groups=4))
+    elif name == "small":
+        cfg = FlowFMConfig()
+    elif name == "base":
+        cfg = FlowFMConfig(encoder=EncoderConfig(widths=(64, 128, 256, 256), blocks_per_stage=2, z_dim=256),
+                           dit=DiTConfig(patch=10, dim=384, depth=8, heads=6),
+                           resnet=ResNetGenConfig(width=128, depth=8, groups=32))
+    else:
+        raise ValueError(f"config must be one of ('tiny', 'small', 'base'), got {name!r}")
+    return dataclasses.replace(cfg, **overrides).validate()
+
+
+CONFIG_NAMES = ("tiny", "small", "base")

@@ -1,0 +1,69 @@
+"""Input checks shared by every op: each error names the argument it is about."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def tensor(name: str, x, ndim: int | Sequence[int] | None = None, *, floating: bool = True) -> torch.Tensor:
+    """``x`` is a tensor of a supported float dtype with the given rank(s), and not empty."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if floating and x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if x.dim() not in allowed:
+            want = " or ".join(str(a) for a in allowed)
+            raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+    return x
+
+
+def same_device(ref_name: str, ref: torch.Tensor, **others) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def shape(name: str, x: torch.Tensor, expected: Sequence[int], what: str) -> None:
+    if tuple(x.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)} ({what}), got {tuple(x.shape)}")
+
+
+def times(name: str, t, batch: int | None = None) -> torch.Tensor:
+    """``t`` is a finite (B,) float tensor within [0, 1] (checking range costs one small sync)."""
+    tensor(name, t, 1)
+    if batch is not None and t.shape[0] != batch:
+        raise ValueError(f"{name} must have shape ({batch},) to match the batch, got {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must be finite")
+    lo, hi = float(t.min()), float(t.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got values in [{lo:g}, {hi:g}]")
+    return t
+
+
+def sigma(name: str, s) -> float:
+    if isinstance(s, bool) or not isinstance(s, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(s).__name__}")
+    if not 0.0 <= float(s) < 1.0:
+        raise ValueError(f"{name} must lie in [0, 1), got {s}")
+    return float(s)
+
+
+def positive_float(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(v).__name__}")
+    if not float(v) > 0.0:
+        raise ValueError(f"{name} must be > 0, got {v}")
+    return float(v)
+
+
+def choice(name: str, v, options: Sequence) -> None:
+    if v not in options:
+        raise ValueError(f"{name} must be one of {tuple(options)}, got {v!r}")

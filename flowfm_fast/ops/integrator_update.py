@@ -1,0 +1,74 @@
+"""Integrator updates: the in-place Euler step ``x += dt * v`` and the multi-stage combine
+``out = x + dt * sum_i b_i k_i`` (Runge-Kutta stage inputs and the final update alike).
+
+Both are exact elementwise formulas; ``out`` may be ``x`` itself (in-place update).
+Contract: fp32 within 1e-6 relative of this reference (summation order is fixed: k_0 first).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from . import _validate as V
+from ._registry import register, select
+
+OP_EULER = "euler_step_"
+OP_COMBINE = "rk_combine"
+
+
+@register(OP_EULER, "torch")
+def euler_step_reference_(x, v, dt):
+    return x.add_(v, alpha=dt)
+
+
+@register(OP_COMBINE, "torch")
+def rk_combine_reference(x, dt, ks, bs, out):
+    terms = [(k, b) for k, b in zip(ks, bs) if b != 0.0]
+    if out is None:
+        out = torch.empty_like(x)
+    if not terms:
+        return out.copy_(x)
+    k0, b0 = terms[0]
+    torch.add(x, k0, alpha=dt * b0, out=out)
+    for k, b in terms[1:]:
+        out.add_(k, alpha=dt * b)
+    return out
+
+
+def _dt(dt) -> float:
+    if isinstance(dt, bool) or not isinstance(dt, (int, float)):
+        raise TypeError(f"dt must be a float, got {type(dt).__name__}")
+    if not math.isfinite(dt):
+        raise ValueError(f"dt must be finite, got {dt}")
+    return float(dt)
+
+
+def euler_step_(x: torch.Tensor, v: torch.Tensor, dt: float) -> torch.Tensor:
+    """``x += dt * v`` in place; returns x."""
+    V.tensor("x", x)
+    V.tensor("v", v)
+    V.shape("v", v, x.shape, "same as x")
+    V.same_device("x", x, v=v)
+    return select(OP_EULER, x.device, x, v).fn(x, v, _dt(dt))
+
+
+def rk_combine(x: torch.Tensor, dt: float, ks: Sequence[torch.Tensor], bs: Sequence[float],
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x + dt * sum_i bs[i] * ks[i]`` written to ``out`` (new tensor when None; may be x)."""
+    V.tensor("x", x)
+    if len(ks) == 0 or len(ks) != len(bs):
+        raise ValueError(f"ks and bs must be non-empty and of equal length, got {len(ks)} and {len(bs)}")
+    for i, k in enumerate(ks):
+        V.tensor(f"ks[{i}]", k)
+        V.shape(f"ks[{i}]", k, x.shape, "same as x")
+        V.same_device("x", x, **{f"ks[{i}]": k})
+    bs = [float(b) for b in bs]
+    if not all(math.isfinite(b) for b in bs):
+        raise ValueError(f"bs must be finite, got {bs}")
+    if out is not None:
+        V.tensor("out", out)
+        V.shape("out", out, x.shape, "same as x")
+        V.same_device("x", x, out=out)
+    return select(OP_COMBINE, x.device, x, *ks).fn(x, _dt(dt), list(ks), bs, out)

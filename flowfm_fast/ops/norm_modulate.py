@@ -1,0 +1,94 @@
+"""Normalise, modulate, activate: ``y = act(norm(x) * (1 + scale) + shift)``.
+
+``kind``:
+- ``"layer"`` / ``"rms"``: x is tokens (B, T, D) with shift/scale (B, D) broadcast over T, or rows
+  (N, D) with shift/scale (N, D); statistics over D.
+- ``"group"``: x is (B, C, L) with shift/scale (B, C) broadcast over L; statistics over each of
+  ``num_groups`` groups of C / num_groups channels times L.
+
+``weight``/``bias`` are the norm's own affine (D,) or (C,), applied before the modulation; shift
+and scale may be None (a plain norm). Statistics are computed in fp32 and the result is cast back
+to x's dtype. ``act``: None, ``"silu"`` or ``"gelu_tanh"``.
+
+Contract: fp32 within 1e-5 relative of this reference; bf16/fp16 within Liger-style tolerances.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _validate as V
+from ._registry import register, select
+
+OP = "norm_modulate"
+KINDS = ("layer", "rms", "group")
+ACTS = (None, "silu", "gelu_tanh")
+
+
+def apply_act(y: torch.Tensor, act: str | None) -> torch.Tensor:
+    if act == "silu":
+        return F.silu(y)
+    if act == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    return y
+
+
+@register(OP, "torch")
+def norm_modulate_reference(x, shift, scale, kind, weight, bias, eps, act, num_groups):
+    xf = x.float()
+    w = None if weight is None else weight.float()
+    b = None if bias is None else bias.float()
+    if kind == "layer":
+        y = F.layer_norm(xf, (x.shape[-1],), w, b, eps)
+    elif kind == "rms":
+        y = F.rms_norm(xf, (x.shape[-1],), w, eps)
+        if b is not None:
+            y = y + b
+    else:
+        y = F.group_norm(xf, num_groups, w, b, eps)
+    # Modulation is per sample: (B, D) broadcast over T, (B, C) over L, or (N, D) row by row.
+    if kind == "group":
+        mod_view = (x.shape[0], x.shape[1], 1)
+    elif x.dim() == 3:
+        mod_view = (x.shape[0], 1, x.shape[2])
+    else:
+        mod_view = tuple(x.shape)
+    if scale is not None:
+        y = y * (1.0 + scale.float().reshape(mod_view))
+    if shift is not None:
+        y = y + shift.float().reshape(mod_view)
+    return apply_act(y, act).to(x.dtype)
+
+
+def validate(x, shift, scale, kind, weight, bias, eps, act, num_groups, x_name="x"):
+    V.choice("kind", kind, KINDS)
+    V.choice("act", act, ACTS)
+    V.positive_float("eps", eps)
+    if kind == "group":
+        V.tensor(x_name, x, 3)
+        feat, mod_shape, what = x.shape[1], (x.shape[0], x.shape[1]), "(B, C) broadcast over L"
+        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+            raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+        if feat % num_groups:
+            raise ValueError(f"num_groups={num_groups} must divide the {feat} channels of {x_name}")
+    else:
+        V.tensor(x_name, x, (2, 3))
+        feat = x.shape[-1]
+        mod_shape, what = (x.shape[0], feat), ("(B, D) broadcast over T" if x.dim() == 3 else "(N, D)")
+    for name, m in (("shift", shift), ("scale", scale)):
+        if m is not None:
+            V.tensor(name, m, 2)
+            V.shape(name, m, mod_shape, what)
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None:
+            V.tensor(name, p, 1)
+            V.shape(name, p, (feat,), "one per normalised feature")
+    V.same_device(x_name, x, shift=shift, scale=scale, weight=weight, bias=bias)
+
+
+def norm_modulate(x, shift=None, scale=None, kind="layer", weight=None, bias=None, eps=1e-6,
+                  act=None, num_groups=32):
+    """``act(norm(x) * (1 + scale) + shift)``; see the module docstring for shapes."""
+    validate(x, shift, scale, kind, weight, bias, eps, act, num_groups)
+    impl = select(OP, x.device, x, shift, scale, weight, bias)
+    return impl.fn(x, shift, scale, kind, weight, bias, float(eps), act, num_groups)
