@@ -1,0 +1,6 @@
+#pragma once
+#include <string>
+
+namespace flowfm {
+std::string build_info();
+}

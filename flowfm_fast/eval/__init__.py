@@ -1,0 +1,5 @@
+"""Evaluation: linear probe, fine-tuning, label subsets."""
+from .finetune import finetune, predict
+from .probe import encode_windows, label_subset, linear_probe
+
+__all__ = ["encode_windows", "finetune", "label_subset", "linear_probe", "predict"]

@@ -1,0 +1,155 @@
+"""Atomic checkpoints: a directory per step holding
+
+- ``model.safetensors``: model weights (and ``ema.*`` when EMA is on),
+- ``optim.safetensors``: optimizer tensors and the training RNG state,
+- ``state.json``: model and training config, step, optimizer hyper-parameters, standardisation.
+
+Everything is written into a hidden temporary directory, fsynced, then renamed into place (a
+rename is atomic), and only then does the ``latest`` pointer (itself replaced atomically) move.
+A directory without every file is never loaded. Nothing is unpickled: safetensors and JSON only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE = "state.json"
+MODEL = "model.safetensors"
+OPTIM = "optim.safetensors"
+FILES = (MODEL, OPTIM, STATE)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, damaged or does not fit the model."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _write_json(path: Path, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _contiguous(tensors: dict) -> dict:
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(tensors, json-able rest) of an optimizer's state_dict."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim.{idx}.{k}"] = v
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict, rest: dict) -> None:
+    state: dict = {}
+    for key, v in tensors.items():
+        if key.startswith("optim."):
+            _, idx, k = key.split(".", 2)
+            state.setdefault(int(idx), {})[k] = v
+    for key, v in rest.get("scalars", {}).items():
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
+
+
+def save_checkpoint(root: Path, step: int, model_tensors: dict, optim_tensors: dict, state: dict,
+                    keep: int = 2) -> Path:
+    """Write checkpoint ``step`` under ``root`` atomically; keep the newest ``keep``."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(_contiguous(model_tensors), str(tmp / MODEL))
+    save_file(_contiguous(optim_tensors), str(tmp / OPTIM))
+    _write_json(tmp / STATE, {**state, "step": step})
+    for name in (MODEL, OPTIM):
+        with open(tmp / name, "rb") as f:
+            os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    pointer_tmp = root / f".latest-{os.getpid()}"
+    pointer_tmp.write_text(final.name)
+    os.replace(pointer_tmp, root / "latest")
+    _fsync_dir(root)
+    old = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for p in old[:-keep] if keep > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def find_checkpoint(path) -> Path:
+    """Resolve a run directory, its ``checkpoints`` folder or a step directory to a complete checkpoint."""
+    p = Path(path)
+    if (p / STATE).is_file():
+        return p
+    root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    if not root.is_dir():
+        raise CheckpointError(f"{path}: no checkpoint found")
+    pointer = root / "latest"
+    if pointer.is_file():
+        cand = root / pointer.read_text().strip()
+        if all((cand / f).is_file() for f in FILES):
+            return cand
+    complete = [d for d in sorted(root.glob("step_*")) if all((d / f).is_file() for f in FILES)]
+    if not complete:
+        raise CheckpointError(f"{path}: no complete checkpoint found")
+    return complete[-1]
+
+
+def read_checkpoint(path) -> tuple[dict, dict, dict, Path]:
+    """(model tensors, optimizer tensors, state) of the checkpoint at ``path``; raises on damage."""
+    ckpt = find_checkpoint(path)
+    try:
+        state = json.loads((ckpt / STATE).read_text())
+        model = load_file(str(ckpt / MODEL))
+        optim = load_file(str(ckpt / OPTIM))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{ckpt}: damaged checkpoint ({exc})") from None
+    except Exception as exc:  # safetensors raises its own error type on a corrupt header
+        raise CheckpointError(f"{ckpt}: damaged checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{ckpt}: state.json lacks a step")
+    return model, optim, state, ckpt
+
+
+def load_weights(module: torch.nn.Module, tensors: dict, prefix: str = "", where: str = "checkpoint") -> None:
+    """Strict load: every key present with its exact shape, or a clear error (no partial loads)."""
+    own = module.state_dict()
+    got = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    missing = sorted(set(own) - set(got))
+    unexpected = sorted(set(got) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f"{where} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for k, v in got.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise CheckpointError(f"{where}: {prefix}{k} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}")
+    module.load_state_dict(got, strict=True)

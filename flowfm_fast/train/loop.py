@@ -1,0 +1,216 @@
+"""Joint FlowFM training: one flow-matching loss trains encoder and generator together.
+
+Deterministic on CPU for a fixed seed: model init, data order (a permutation per epoch derived
+from seed and epoch) and every random draw (noise, t, augmentation, from one generator whose
+state is checkpointed) are reproducible, so a resumed run continues exactly.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.augment import AugmentConfig, augment
+from ..data.windows import Standardizer
+from ..models import FlowFM, FlowFMConfig
+from .checkpoint import (CheckpointError, load_weights, optimizer_from_flat, optimizer_to_flat,
+                         read_checkpoint, save_checkpoint)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0          # 0 turns EMA off
+    seed: int = 0
+    log_every: int = 25
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    max_minutes: float | None = None  # stop early (with a checkpoint) once this much wall time is spent
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def validate(self) -> "TrainConfig":
+        for name in ("steps", "batch_size", "log_every", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        return self
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        d = dict(d)
+        return cls(augment=AugmentConfig(**d.pop("augment", {})), **d)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to ``min_lr_ratio``."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def batch_indices(step: int, n: int, batch: int, seed: int) -> torch.Tensor:
+    """Indices of ``step``'s batch: epoch-wise permutations, stateless so resume needs only the step."""
+    per_epoch = max(1, n // batch)
+    epoch, pos = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    if n < batch:
+        return perm
+    return perm[pos * batch:(pos + 1) * batch]
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float):
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@dataclass
+class TrainResult:
+    model: FlowFM
+    ema: FlowFM | None
+    step: int
+    seconds: float
+    last_loss: float
+    checkpoint: Path | None
+
+    @property
+    def eval_model(self) -> FlowFM:
+        return self.ema if self.ema is not None else self.model
+
+
+def build_model(cfg: FlowFMConfig, seed: int) -> FlowFM:
+    torch.manual_seed(seed)
+    return FlowFM(cfg)
+
+
+def train_flowfm(model_cfg: FlowFMConfig, windows: np.ndarray, cfg: TrainConfig, out_dir, standardizer: Standardizer,
+                 resume: bool = False, device: str | torch.device = "cpu", progress: bool = True,
+                 extra_state: dict | None = None) -> TrainResult:
+    """Train a FlowFM on standardised ``windows`` (N, C, L); checkpoints and ``metrics.jsonl`` go to out_dir."""
+    cfg.validate()
+    device = torch.device(device)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if windows.ndim != 3 or tuple(windows.shape[1:]) != (model_cfg.channels, model_cfg.length):
+        raise ValueError(f"windows must have shape (N, {model_cfg.channels}, {model_cfg.length}), got {windows.shape}")
+    model = build_model(model_cfg, cfg.seed).to(device)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.99))
+    ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    start, elapsed_before = 0, 0.0
+
+    if resume and (out / "checkpoints").is_dir():
+        tensors, optim_tensors, state, where = read_checkpoint(out)
+        if state.get("model_config") != model_cfg.to_dict():
+            raise CheckpointError(f"{where}: checkpoint was made with another model config")
+        load_weights(model, tensors, "model.", str(where))
+        if ema is not None:
+            load_weights(ema, tensors, "ema.", str(where))
+        optimizer_from_flat(opt, {k: v.to(device) for k, v in optim_tensors.items()}, state["optimizer"])
+        gen.set_state(optim_tensors["rng.generator"])
+        start, elapsed_before = int(state["step"]), float(state.get("train_seconds", 0.0))
+
+    X = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32))
+    mean = torch.as_tensor(standardizer.mean, device=device)
+    std = torch.as_tensor(standardizer.std, device=device)
+    use_amp = device.type == "cuda"
+    log_f = open(out / "metrics.jsonl", "a")
+
+    def checkpoint(step: int, seconds: float) -> Path:
+        model_t = {f"model.{k}": v for k, v in model.state_dict().items()}
+        if ema is not None:
+            model_t.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+        opt_t, opt_rest = optimizer_to_flat(opt)
+        opt_t["rng.generator"] = gen.get_state()
+        state = {"model_config": model_cfg.to_dict(), "train_config": cfg.to_dict(), "optimizer": opt_rest,
+                 "standardizer": standardizer.to_dict(), "train_seconds": seconds, **(extra_state or {})}
+        return save_checkpoint(out / "checkpoints", step, model_t, opt_t, state, cfg.keep_checkpoints)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    model.train()
+    step, loss_val, last_ckpt = start, float("nan"), None
+    try:
+        while step < cfg.steps:
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * lr_factor(step, cfg)
+            idx = batch_indices(step, X.shape[0], cfg.batch_size, cfg.seed)
+            x1 = X[idx].to(device, non_blocking=True)
+            x_enc = augment(x1, mean, std, cfg.augment, gen)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss = model.loss(x1, x_enc, generator=gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            if ema is not None:
+                with torch.no_grad():
+                    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - cfg.ema_decay)
+                    for b_ema, b in zip(ema.buffers(), model.buffers()):
+                        b_ema.copy_(b)
+            step += 1
+            seconds = elapsed_before + time.perf_counter() - t0
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                loss_val = float(loss.detach())
+                if not math.isfinite(loss_val):
+                    raise FloatingPointError(f"loss became {loss_val} at step {step}")
+                rec = {"step": step, "loss": loss_val, "lr": opt.param_groups[0]["lr"],
+                       "grad_norm": float(grad_norm), "seconds": round(seconds, 3)}
+                log_f.write(json.dumps(rec) + "\n")
+                log_f.flush()
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss_val:.4f}")
+            if bar is not None:
+                bar.update(1)
+            out_of_time = cfg.max_minutes is not None and seconds >= 60 * cfg.max_minutes
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or out_of_time:
+                last_ckpt = checkpoint(step, seconds)
+            if out_of_time:
+                break
+    finally:
+        log_f.close()
+        if bar is not None:
+            bar.close()
+    model.eval()
+    if ema is not None:
+        ema.eval()
+    return TrainResult(model, ema, step, elapsed_before + time.perf_counter() - t0, loss_val, last_ckpt)
+
+
+def load_trained(path, device="cpu", use_ema: bool = True) -> tuple[FlowFM, Standardizer, dict]:
+    """(model in eval mode, standardiser, state) from a run directory or checkpoint."""
+    tensors, _, state, where = read_checkpoint(path)
+    try:
+        cfg = FlowFMConfig.from_dict(state["model_config"])
+        std = Standardizer.from_dict(state["standardizer"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: unreadable config ({exc})") from None
+    model = FlowFM(cfg)
+    prefix = "ema." if use_ema and any(k.startswith("ema.") for k in tensors) else "model."
+    load_weights(model, tensors, prefix, str(where))
+    return model.to(device).eval(), std, state
