@@ -46,7 +46,7 @@ METHODS = tuple(TABLEAUS)
 def make_grid(steps: int | None = None, grid=None, device=None) -> torch.Tensor:
     """A uniform grid of ``steps`` steps on [0, 1], or the user's increasing ``grid`` checked."""
     if grid is not None:
-        if steps is not None and not isinstance(grid, torch.Tensor) and len(grid) - 1 != steps:
+        if steps is not None and len(grid) - 1 != steps:
             raise ValueError(f"steps={steps} disagrees with a grid of {len(grid)} points")
         g = torch.as_tensor(grid, dtype=torch.float64).flatten()
         if g.numel() < 2:
@@ -79,9 +79,12 @@ class FixedStepSolver:
         c = torch.tensor(self.tableau.c, dtype=grid.dtype, device=grid.device)[None, :]
         return (t0 + c * dt).reshape(-1)
 
-    def solve(self, velocity: Callable, x0: torch.Tensor, steps: int | None = 8, grid=None,
+    def solve(self, velocity: Callable, x0: torch.Tensor, steps: int | None = None, grid=None,
               z: torch.Tensor | None = None, return_trajectory: bool = False, **cond):
-        """Integrate from x0 at grid[0] to grid[-1]; returns x (and the (K+1, ...) trajectory)."""
+        """Integrate from x0 at grid[0] to grid[-1]; returns x (and the (K+1, ...) trajectory).
+
+        ``steps`` uniform steps on [0, 1] (8 when neither steps nor grid is given), or ``grid``.
+        """
         if not isinstance(x0, torch.Tensor) or not x0.is_floating_point():
             raise TypeError("x0 must be a floating-point torch.Tensor")
         if x0.dim() < 1 or x0.shape[0] == 0:
@@ -89,7 +92,7 @@ class FixedStepSolver:
         if z is not None and (z.dim() != 2 or z.shape[0] != x0.shape[0]):
             raise ValueError(f"z must have shape (B, z_dim) with B = {x0.shape[0]} (x0's batch), "
                              f"got {tuple(z.shape)}")
-        g = make_grid(steps if grid is None else None, grid)
+        g = make_grid(8 if steps is None and grid is None else steps, grid)
         tab = self.tableau
         S = len(tab.c)
         times = self.stage_times(g)
@@ -101,7 +104,8 @@ class FixedStepSolver:
             prepared = velocity.prepare(times.to(device=x0.device, dtype=torch.float32), z)
         elif z is not None:
             cond = {**cond, "z": z}
-        t_rows = times.to(device=x0.device, dtype=torch.float32)[:, None].expand(-1, B)
+        # A plain velocity fn sees t in x0's precision (the network path embeds t in fp32 anyway).
+        t_rows = times.to(device=x0.device, dtype=x0.dtype)[:, None].expand(-1, B)
 
         def f(j, xs):
             if prepared is not None:
@@ -125,7 +129,7 @@ class FixedStepSolver:
         return (x, torch.stack(traj)) if return_trajectory else x
 
 
-def sample(velocity: Callable, x0: torch.Tensor, steps: int | None = 8, method: str = "euler", grid=None,
+def sample(velocity: Callable, x0: torch.Tensor, steps: int | None = None, method: str = "euler", grid=None,
            z: torch.Tensor | None = None, return_trajectory: bool = False, **cond):
     """Functional form of :meth:`FixedStepSolver.solve`."""
     return FixedStepSolver(method).solve(velocity, x0, steps, grid, z, return_trajectory, **cond)

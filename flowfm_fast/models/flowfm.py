@@ -57,9 +57,10 @@ class FlowFM(nn.Module):
         return ops.fm_loss(v, x0, x1, t, weight, self.cfg.sigma_min)
 
     @torch.no_grad()
-    def sample(self, z: torch.Tensor, steps: int = 8, method: str = "euler", x0: torch.Tensor | None = None,
+    def sample(self, z: torch.Tensor, steps: int | None = None, method: str = "euler", x0: torch.Tensor | None = None,
                generator=None, grid=None, return_trajectory: bool = False):
-        """Integrate noise x0 ~ N(0, I) to data along v(., t, z)."""
+        """Integrate noise x0 ~ N(0, I) to data along v(., t, z): ``steps`` uniform steps (8 by
+        default) or the increasing ``grid``."""
         if z.dim() != 2:
             raise ValueError(f"z must have shape (B, z_dim), got {tuple(z.shape)}")
         if x0 is None:

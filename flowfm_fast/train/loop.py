@@ -123,7 +123,11 @@ def train_flowfm(model_cfg: FlowFMConfig, windows: np.ndarray, cfg: TrainConfig,
 
     if resume and (out / "checkpoints").is_dir():
         tensors, optim_tensors, state, where = read_checkpoint(out)
-        if state.get("model_config") != model_cfg.to_dict():
+        try:
+            same_cfg = FlowFMConfig.from_dict(state.get("model_config") or {}) == model_cfg
+        except (TypeError, ValueError):
+            same_cfg = False
+        if not same_cfg:
             raise CheckpointError(f"{where}: checkpoint was made with another model config")
         load_weights(model, tensors, "model.", str(where))
         if ema is not None:
