@@ -74,7 +74,8 @@ def forced_backend() -> str | None:
 
 @contextlib.contextmanager
 def use_backend(name: str | None) -> Iterator[None]:
-    """Force every op inside the block onto ``name`` (``None`` restores automatic choice).
+    """Force every op inside the block onto ``name`` (``None`` defers to ``FLOWFM_BACKEND``, else
+    automatic choice).
 
     >>> with use_backend("torch"):
     ...     y = flowfm_fast.ops.gated_residual(res, h, gate)

@@ -8,6 +8,11 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """The precision the references compute in: fp32 for fp32/bf16/fp16, float64 stays float64."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def tensor(name: str, x, ndim: int | Sequence[int] | None = None, *, floating: bool = True) -> torch.Tensor:
     """``x`` is a tensor of a supported float dtype with the given rank(s), and not empty."""
     if not isinstance(x, torch.Tensor):

@@ -14,13 +14,13 @@ OP = "fm_interpolate"
 
 
 def _bcast(t, like):
-    return t.float().reshape(t.shape[0], *([1] * (like.dim() - 1)))
+    return V.upcast(t).reshape(t.shape[0], *([1] * (like.dim() - 1)))
 
 
 @register(OP, "torch")
 def fm_interpolate_reference(x0, x1, t, sigma_min):
     tb = _bcast(t, x1)
-    x0f, x1f = x0.float(), x1.float()
+    x0f, x1f = V.upcast(x0), V.upcast(x1)
     x_t = (1.0 - (1.0 - sigma_min) * tb) * x0f + tb * x1f
     u_t = x1f - (1.0 - sigma_min) * x0f
     return x_t.to(x1.dtype), u_t.to(x1.dtype)

@@ -1,6 +1,6 @@
 """Flow-matching loss: ``mean_b w_b * mean_{C,L} (v - u_t)^2`` with ``u_t = x1 - (1 - s) x0``.
 
-Returns an fp32 scalar. ``weight`` (B,) is an optional per-sample weight (1 when None). A fused
+Returns an fp32 scalar (float64 for float64 inputs). ``weight`` (B,) is an optional per-sample weight (1 when None). A fused
 backend's backward writes dv = 2 w_b (v - u_t) / (B * numel_per_sample) without materialising u_t.
 Contract: fp32 within 1e-5 relative of this reference.
 """
@@ -17,10 +17,10 @@ OP = "fm_loss"
 
 @register(OP, "torch")
 def fm_loss_reference(v, x0, x1, t, weight, sigma_min):
-    u_t = x1.float() - (1.0 - sigma_min) * x0.float()
-    per_sample = (v.float() - u_t).square().flatten(1).mean(1)
+    u_t = V.upcast(x1) - (1.0 - sigma_min) * V.upcast(x0)
+    per_sample = (V.upcast(v) - u_t).square().flatten(1).mean(1)
     if weight is not None:
-        per_sample = per_sample * weight.float()
+        per_sample = per_sample * V.upcast(weight)
     return per_sample.mean()
 
 
@@ -29,9 +29,9 @@ def fm_loss(v, x0, x1, t, weight=None, sigma_min: float = 0.0) -> torch.Tensor:
     validate_pair(x0, x1, t)
     V.tensor("v", v)
     V.shape("v", v, x1.shape, "same as x1")
-    V.same_device("x1", x1, v=v, weight=weight)
     if weight is not None:
         V.tensor("weight", weight, 1)
         V.shape("weight", weight, (x1.shape[0],), "one per sample")
+    V.same_device("x1", x1, v=v, weight=weight)
     s = V.sigma("sigma_min", sigma_min)
     return select(OP, v.device, v, x0, x1, t, weight).fn(v, x0, x1, t, weight, s)

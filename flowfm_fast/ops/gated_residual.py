@@ -19,8 +19,8 @@ OP_FUSED = "gated_residual_norm_modulate"
 
 @register(OP, "torch")
 def gated_residual_reference(res, h, gate):
-    g = gate.float()[:, None, :] if res.dim() == 3 else gate.float()
-    return (res.float() + g * h.float()).to(res.dtype)
+    g = V.upcast(gate)[:, None, :] if res.dim() == 3 else V.upcast(gate)
+    return (V.upcast(res) + g * V.upcast(h)).to(res.dtype)
 
 
 @register(OP_FUSED, "torch")

@@ -64,6 +64,8 @@ def rk_combine(x: torch.Tensor, dt: float, ks: Sequence[torch.Tensor], bs: Seque
         V.tensor(f"ks[{i}]", k)
         V.shape(f"ks[{i}]", k, x.shape, "same as x")
         V.same_device("x", x, **{f"ks[{i}]": k})
+    if not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bs):
+        raise TypeError(f"bs must be floats, got {[type(b).__name__ for b in bs]}")
     bs = [float(b) for b in bs]
     if not all(math.isfinite(b) for b in bs):
         raise ValueError(f"bs must be finite, got {bs}")

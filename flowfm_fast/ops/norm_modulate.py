@@ -35,9 +35,9 @@ def apply_act(y: torch.Tensor, act: str | None) -> torch.Tensor:
 
 @register(OP, "torch")
 def norm_modulate_reference(x, shift, scale, kind, weight, bias, eps, act, num_groups):
-    xf = x.float()
-    w = None if weight is None else weight.float()
-    b = None if bias is None else bias.float()
+    xf = V.upcast(x)
+    w = None if weight is None else V.upcast(weight)
+    b = None if bias is None else V.upcast(bias)
     if kind == "layer":
         y = F.layer_norm(xf, (x.shape[-1],), w, b, eps)
     elif kind == "rms":
@@ -54,9 +54,9 @@ def norm_modulate_reference(x, shift, scale, kind, weight, bias, eps, act, num_g
     else:
         mod_view = tuple(x.shape)
     if scale is not None:
-        y = y * (1.0 + scale.float().reshape(mod_view))
+        y = y * (1.0 + V.upcast(scale).reshape(mod_view))
     if shift is not None:
-        y = y + shift.float().reshape(mod_view)
+        y = y + V.upcast(shift).reshape(mod_view)
     return apply_act(y, act).to(x.dtype)
 
 
