@@ -5,6 +5,7 @@ An .npz holds ``x`` and optionally ``y`` (int labels, -1 = unlabelled) and ``sub
 """
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,12 @@ def _check_vec(v, name: str, n: int, where: str) -> np.ndarray:
     return v.astype(np.int64)
 
 
+def _unreadable(where: str, exc: Exception) -> DataError:
+    if "allow_pickle" in str(exc):  # object arrays need pickle: refused, never unpickled
+        return DataError(f"{where}: holds Python objects, which are refused (no unpickling); save numeric arrays")
+    return DataError(f"{where}: not a readable .npy/.npz file ({type(exc).__name__}: {exc})")
+
+
 def load_windows(path, channels: int | None = None, length: int | None = None) -> WindowSet:
     """Read and validate windows from ``path`` (.npy: x only; .npz: x, y?, subject?)."""
     p = Path(path)
@@ -51,10 +58,8 @@ def load_windows(path, channels: int | None = None, length: int | None = None) -
         raise DataError(f"{where}: no such file")
     try:
         loaded = np.load(p, allow_pickle=False, mmap_mode=None)
-    except ValueError as exc:  # object arrays need pickle: refused
-        raise DataError(f"{where}: cannot read without unpickling ({exc})") from None
-    except (OSError, EOFError) as exc:
-        raise DataError(f"{where}: not a readable .npy/.npz file ({exc})") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise _unreadable(where, exc) from None
     if isinstance(loaded, np.lib.npyio.NpzFile):
         with loaded as z:
             if "x" not in z.files:
@@ -62,8 +67,8 @@ def load_windows(path, channels: int | None = None, length: int | None = None) -
             try:
                 x, y = z["x"], (z["y"] if "y" in z.files else None)
                 s = z["subject"] if "subject" in z.files else None
-            except ValueError as exc:
-                raise DataError(f"{where}: cannot read without unpickling ({exc})") from None
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+                raise _unreadable(where, exc) from None
     else:
         x, y, s = loaded, None, None
     x = _check_x(x, where, channels, length)

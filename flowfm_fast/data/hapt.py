@@ -33,6 +33,7 @@ ACTIVITIES = ("walking", "walking_upstairs", "walking_downstairs", "sitting", "s
 ACC = ("acc-x", "acc-y", "acc-z")
 GYRO = ("gyro-x", "gyro-y", "gyro-z")
 CACHE_VERSION = 1
+CACHE_KEYS = {"pre_x", "pre_y", "pre_s", "ev_x", "ev_y", "ev_s", "mean", "std"}
 
 
 @dataclass
@@ -123,8 +124,10 @@ def load_hapt(length: int = 300, pretrain_hop: int = 30, eval_hop: int = 150, mi
         try:
             with np.load(cache_file, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
-        except (OSError, ValueError):
-            arrays = None  # a damaged cache is rebuilt, never trusted
+            if not CACHE_KEYS <= set(arrays):
+                arrays = None
+        except Exception:  # empty, truncated, bit-flipped: a damaged cache is rebuilt, never trusted
+            arrays = None
     if arrays is None:
         arrays = _prepare(path, length, pretrain_hop, eval_hop, min_cover)
         if cache:

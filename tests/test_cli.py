@@ -1,0 +1,313 @@
+"""``flowfm-fast`` end to end on the tiny config with synthetic data, and hostile input."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flowfm_fast.cli import main
+from flowfm_fast.data import make_synthetic
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+CONSOLE_SCRIPT = Path(sys.executable).with_name("flowfm-fast")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _env(tmp_path_factory):
+    """Cache in a temporary directory; one intra-op thread (tiny models, busy 2-core machines)."""
+    cache = tmp_path_factory.mktemp("flowfm_cache_cli")
+    old = os.environ.get("FLOWFM_CACHE")
+    os.environ["FLOWFM_CACHE"] = str(cache)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield cache
+    torch.set_num_threads(n)
+    if old is None:
+        os.environ.pop("FLOWFM_CACHE", None)
+    else:
+        os.environ["FLOWFM_CACHE"] = old
+
+
+def run_cli(*argv) -> tuple[int, str, str]:
+    """main(argv) in this process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def run_subprocess(cmd, cache_dir) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FLOWFM_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+
+
+def _last_json(stdout: str) -> dict:
+    lines = [ln for ln in stdout.strip().splitlines() if ln.strip()]
+    assert lines, "no output"
+    return json.loads(lines[-1])
+
+
+def _assert_one_error_line(err: str, cmd: str):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"flowfm-fast {cmd}: error:"), err
+    assert "Traceback" not in err
+
+
+PRETRAIN = ("pretrain", "--config", "tiny", "--data", "synthetic", "--quiet", "--device", "cpu")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("run") / "pre"
+    rc, out, err = run_cli(*PRETRAIN, "--steps", 20, "--out", d)
+    assert rc == 0, err
+    res = _last_json(out)
+    assert res["step"] == 20
+    return d
+
+
+def _copy_run(run_dir, tmp_path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(run_dir, dst)
+    return dst
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end
+# --------------------------------------------------------------------------------------------------
+
+def test_pretrain_writes_checkpoint_and_metrics(run_dir):
+    ck = run_dir / "checkpoints"
+    assert (ck / "latest").is_file()
+    step_dir = ck / (ck / "latest").read_text().strip()
+    assert step_dir.name == "step_00000020"
+    for f in ("model.safetensors", "optim.safetensors", "state.json"):
+        assert (step_dir / f).is_file()
+    state = json.loads((step_dir / "state.json").read_text())
+    assert state["step"] == 20
+    assert len(state["standardizer"]["mean"]) == 3
+    assert state["model_config"]["channels"] == 3 and state["model_config"]["length"] == 300
+    recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    assert recs and recs[-1]["step"] == 20
+    assert all(np.isfinite(r["loss"]) for r in recs)
+    assert not list(ck.glob(".tmp*")), "temporary checkpoint directory left behind"
+
+
+def test_pretrain_resume_continues(run_dir, tmp_path):
+    d = _copy_run(run_dir, tmp_path)
+    rc, out, err = run_cli(*PRETRAIN, "--steps", 30, "--out", d, "--resume")
+    assert rc == 0, err
+    assert _last_json(out)["step"] == 30
+    recs = [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    steps = [r["step"] for r in recs]
+    assert steps[0] == 20 and steps[-1] == 30, steps   # appended, continued from 20
+    assert (d / "checkpoints" / "latest").read_text().strip() == "step_00000030"
+    # Training is deterministic on CPU: a run that silently started again from step 0 would end with
+    # exactly the weights of a fresh 30-step run. A resumed one cannot (its first 20 steps followed the
+    # 20-step schedule).
+    fresh = tmp_path / "fresh"
+    rc, out, err = run_cli(*PRETRAIN, "--steps", 30, "--out", fresh)
+    assert rc == 0, err
+    from safetensors.torch import load_file
+    a = load_file(str(d / "checkpoints" / "step_00000030" / "model.safetensors"))
+    b = load_file(str(fresh / "checkpoints" / "step_00000030" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert any(not torch.equal(a[k], b[k]) for k in a), "--resume restarted from scratch"
+
+
+def test_pretrain_resume_with_another_config_is_refused(run_dir, tmp_path):
+    d = _copy_run(run_dir, tmp_path)
+    before = sorted(p.name for p in (d / "checkpoints").iterdir())
+    rc, out, err = run_cli(*PRETRAIN, "--velocity", "resnet", "--steps", 30, "--out", d, "--resume")
+    assert rc == 2
+    _assert_one_error_line(err, "pretrain")
+    assert "config" in err
+    assert sorted(p.name for p in (d / "checkpoints").iterdir()) == before
+
+
+def test_probe_prints_macro_f1(run_dir):
+    rc, out, err = run_cli("probe", "--ckpt", run_dir, "--data", "synthetic", "--label-fraction", "1.0", "0.1",
+                           "--seeds", 2, "--device", "cpu")
+    assert rc == 0, err
+    res = _last_json(out)["linear_probe_macro_f1"]
+    assert set(res) == {"1.0", "0.1"}
+    assert len(res["1.0"]) == 1 and len(res["0.1"]) == 2
+    for v in res["1.0"] + res["0.1"]:
+        assert 0.0 <= v <= 1.0
+
+
+def test_sample_writes_npz_and_pngs(run_dir, tmp_path):
+    out_npz = tmp_path / "d2" / "s.npz"
+    rc, out, err = run_cli("sample", "--ckpt", run_dir, "--data", "synthetic", "--n", 3, "--steps", 2,
+                           "--out", out_npz, "--device", "cpu")
+    assert rc == 0, err
+    info = _last_json(out)
+    assert out_npz.is_file()
+    with np.load(out_npz, allow_pickle=False) as z:
+        assert {"real", "reconstructed", "generated"} <= set(z.files)
+        arrays = {k: z[k] for k in ("real", "reconstructed", "generated")}
+    for k, a in arrays.items():
+        assert a.shape == (3, 3, 300), k
+        assert np.isfinite(a).all(), k
+    # "real" is in physical units again: the first synthetic test windows.
+    np.testing.assert_allclose(arrays["real"], make_synthetic(n=128, length=300, seed=2).x[:3], atol=1e-4)
+    pngs = sorted(out_npz.parent.glob("*.png"))
+    assert len(pngs) == 2, pngs
+    for p in pngs:
+        assert p.read_bytes()[:8] == PNG_MAGIC
+    assert Path(info["png_reconstructed"]).is_file() and Path(info["png_generated"]).is_file()
+
+
+def test_sample_bad_arguments(run_dir, tmp_path):
+    rc, out, err = run_cli("sample", "--ckpt", run_dir, "--data", "synthetic", "--n", 0, "--out", tmp_path / "s.npz")
+    assert rc == 2
+    _assert_one_error_line(err, "sample")
+    assert not (tmp_path / "s.npz").exists()
+
+
+def test_demo_quick(tmp_path):
+    d = tmp_path / "demo"
+    t0 = time.perf_counter()
+    rc, out, err = run_cli("demo", "--quick", "--out", d, "--device", "cpu")
+    elapsed = time.perf_counter() - t0
+    assert rc == 0, err
+    assert elapsed < 60, f"demo --quick took {elapsed:.1f} s"
+    report = (d / "report.md").read_text()
+    for needle in ("Linear probe", "Fine-tuning", "macro-F1", "| encoder | labels | macro-F1 |",
+                   "FlowFM pretrained", "random-init encoder", "supervised from scratch"):
+        assert needle in report, needle
+    results = json.loads((d / "results.json").read_text())
+    for table in ("probe", "finetune"):
+        assert results[table]
+        for vals in results[table].values():
+            assert vals and all(0.0 <= v <= 1.0 for v in vals)
+    assert results["pretrain_steps"] == 30
+    for png in ("samples_reconstructed.png", "samples_generated.png"):
+        assert (d / png).read_bytes()[:8] == PNG_MAGIC
+
+
+# --------------------------------------------------------------------------------------------------
+# Hostile input
+# --------------------------------------------------------------------------------------------------
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _write_bad(kind: str, tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    if kind == "2d":
+        p = tmp_path / "bad.npy"
+        np.save(p, rng.standard_normal((8, 300)).astype(np.float32))
+    elif kind == "nan":
+        p = tmp_path / "bad.npy"
+        x = rng.standard_normal((8, 3, 300)).astype(np.float32)
+        x[3, 1, 4] = np.nan
+        np.save(p, x)
+    elif kind == "object":
+        p = tmp_path / "bad.npy"
+        a = np.empty((2, 3, 300), dtype=object)
+        a[...] = 0.0
+        a[0, 0, 0] = _Evil(tmp_path / "pwned")
+        np.save(p, a, allow_pickle=True)
+    elif kind == "pickle":
+        p = tmp_path / "bad.npy"
+        p.write_bytes(pickle.dumps(_Evil(tmp_path / "pwned")))
+    elif kind == "wrong-length":
+        p = tmp_path / "bad.npy"
+        np.save(p, rng.standard_normal((8, 3, 100)).astype(np.float32))
+    elif kind == "missing":
+        p = tmp_path / "missing.npy"
+    elif kind == "truncated-npz":
+        p = tmp_path / "bad.npz"
+        np.savez(p, x=rng.standard_normal((8, 3, 300)).astype(np.float32))
+        p.write_bytes(p.read_bytes()[:1000])
+    else:
+        raise AssertionError(kind)
+    return p
+
+
+@pytest.mark.parametrize("kind", [
+    "2d", "nan", "object", "pickle", "wrong-length", "missing",
+    "truncated-npz",
+])
+def test_pretrain_hostile_data(kind, tmp_path):
+    bad = _write_bad(kind, tmp_path)
+    out_dir = tmp_path / "out"
+    rc, out, err = run_cli(*PRETRAIN, "--steps", 5, "--data", bad, "--out", out_dir)
+    assert rc == 2
+    _assert_one_error_line(err, "pretrain")
+    assert str(bad) in err
+    assert out.strip() == ""
+    assert not out_dir.exists() or not (out_dir / "checkpoints").exists()
+    assert not out_dir.exists(), "nothing should be written for unusable data"
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_console_script_hostile_data_exit_code(tmp_path, _env):
+    bad = _write_bad("2d", tmp_path)
+    out_dir = tmp_path / "out"
+    cmd = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.is_file() else [sys.executable, "-m", "flowfm_fast.cli"]
+    p = run_subprocess(cmd + ["pretrain", "--config", "tiny", "--data", str(bad), "--steps", "5",
+                              "--out", str(out_dir), "--quiet"], _env)
+    assert p.returncode == 2, p.stderr
+    _assert_one_error_line(p.stderr, "pretrain")
+    assert p.stdout.strip() == ""
+    assert not out_dir.exists()
+
+
+def test_probe_nonexistent_checkpoint(tmp_path, _env):
+    p = run_subprocess([sys.executable, "-m", "flowfm_fast.cli", "probe", "--ckpt", str(tmp_path / "nonexistent"),
+                        "--data", "synthetic"], _env)
+    assert p.returncode == 2, p.stderr
+    _assert_one_error_line(p.stderr, "probe")
+    assert p.stdout.strip() == ""
+
+
+def test_probe_run_dir_without_checkpoints(tmp_path):
+    d = tmp_path / "run"
+    (d / "checkpoints").mkdir(parents=True)
+    rc, out, err = run_cli("probe", "--ckpt", d, "--data", "synthetic")
+    assert rc == 2
+    _assert_one_error_line(err, "probe")
+
+
+@pytest.mark.parametrize("kind", ["random", "truncated", "empty", "foreign-tensors", "bad-state-json",
+                                  "state-without-config"])
+def test_probe_corrupted_checkpoint(kind, run_dir, tmp_path):
+    d = _copy_run(run_dir, tmp_path)
+    step = d / "checkpoints" / "step_00000020"
+    model = step / "model.safetensors"
+    if kind == "random":
+        model.write_bytes(np.random.default_rng(0).bytes(model.stat().st_size))
+    elif kind == "truncated":
+        model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    elif kind == "empty":
+        model.write_bytes(b"")
+    elif kind == "foreign-tensors":
+        from safetensors.torch import save_file
+        save_file({"model.something": torch.zeros(3)}, str(model))
+    elif kind == "bad-state-json":
+        (step / "state.json").write_text("{not json")
+    elif kind == "state-without-config":
+        (step / "state.json").write_text(json.dumps({"step": 20}))
+    rc, out, err = run_cli("probe", "--ckpt", d, "--data", "synthetic", "--device", "cpu")
+    assert rc == 2
+    _assert_one_error_line(err, "probe")
+    assert out.strip() == ""

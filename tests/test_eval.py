@@ -1,0 +1,161 @@
+"""Evaluation: label subsets, linear probe, frozen encoding, fine-tuning."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from flowfm_fast.data import Standardizer, make_synthetic
+from flowfm_fast.eval import encode_windows, finetune, label_subset, linear_probe, predict
+from flowfm_fast.models import ResNet1DEncoder, get_config
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: one intra-op thread is faster, and avoids oversubscription on a busy 2-core box.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _tiny_encoder(channels=3, seed=0):
+    torch.manual_seed(seed)
+    return ResNet1DEncoder(channels, get_config("tiny").encoder)
+
+
+# --------------------------------------------------------------------------------------------------
+# label_subset
+# --------------------------------------------------------------------------------------------------
+
+def _labels():
+    return np.random.default_rng(0).permutation(np.repeat(np.arange(4), [100, 50, 30, 3]))
+
+
+def test_label_subset_full_fraction_returns_everything():
+    y = _labels()
+    np.testing.assert_array_equal(label_subset(y, 1.0, 0), np.arange(len(y)))
+    np.testing.assert_array_equal(label_subset(y, 1.0, 5), np.arange(len(y)))
+
+
+def test_label_subset_tenth_is_stratified():
+    y = _labels()
+    idx = label_subset(y, 0.1, 0)
+    assert idx.dtype.kind in "iu"
+    assert np.all(np.diff(idx) > 0), "indices must be sorted and unique"
+    assert idx.min() >= 0 and idx.max() < len(y)
+    counts = np.bincount(y[idx], minlength=4)
+    full = np.bincount(y, minlength=4)
+    for c in range(4):
+        assert counts[c] >= 1
+        assert counts[c] == max(1, int(round(0.1 * full[c])))
+    assert counts.tolist() == [10, 5, 3, 1]
+
+
+def test_label_subset_tiny_fraction_keeps_one_per_class():
+    y = _labels()
+    idx = label_subset(y, 0.001, 3)
+    assert np.bincount(y[idx], minlength=4).tolist() == [1, 1, 1, 1]
+
+
+def test_label_subset_seeding():
+    y = _labels()
+    a, b = label_subset(y, 0.1, 0), label_subset(y, 0.1, 0)
+    np.testing.assert_array_equal(a, b)
+    others = [label_subset(y, 0.1, s) for s in (1, 2, 3)]
+    assert all(not np.array_equal(a, o) for o in others)
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5, 1.0000001, float("nan")])
+def test_label_subset_invalid_fraction(fraction):
+    with pytest.raises(ValueError):
+        label_subset(_labels(), fraction, 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# linear_probe
+# --------------------------------------------------------------------------------------------------
+
+def _blobs(n, seed, centers):
+    rng = np.random.default_rng(seed)
+    y = np.tile(np.arange(len(centers)), n // len(centers))
+    return (centers[y] + rng.standard_normal((len(y), centers.shape[1]))).astype(np.float32), y
+
+
+def test_linear_probe_separable_features():
+    centers = np.random.default_rng(42).standard_normal((4, 16)) * 6
+    ftr, ytr = _blobs(200, 0, centers)
+    fte, yte = _blobs(200, 1, centers)
+    res = linear_probe(ftr, ytr, fte, yte)
+    assert set(res) >= {"macro_f1", "accuracy"}
+    assert res["macro_f1"] > 0.95
+    assert res["accuracy"] > 0.95
+    assert isinstance(res["macro_f1"], float)
+
+
+def test_linear_probe_random_labels_near_chance():
+    rng = np.random.default_rng(7)
+    ftr, fte = rng.standard_normal((400, 16)), rng.standard_normal((400, 16))
+    ytr, yte = np.tile(np.arange(4), 100), np.tile(np.arange(4), 100)
+    rng.shuffle(ytr)
+    res = linear_probe(ftr, ytr, fte, yte)
+    assert 0.0 <= res["macro_f1"] < 0.5
+    assert res["accuracy"] < 0.5
+
+
+# --------------------------------------------------------------------------------------------------
+# encode_windows
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("start_training", [True, False])
+def test_encode_windows(start_training):
+    enc = _tiny_encoder()
+    # Give BatchNorm non-trivial running stats, so eval vs train mode actually differ.
+    with torch.no_grad():
+        enc.train()
+        enc(torch.randn(16, 3, 60) * 3 + 1)
+    enc.train(start_training)
+    x = np.random.default_rng(0).standard_normal((23, 3, 60)).astype(np.float32)
+    buffers = {k: v.clone() for k, v in enc.state_dict().items()}
+    z = encode_windows(enc, x, batch=7)
+    assert z.shape == (23, enc.z_dim) and z.dtype == np.float32
+    assert enc.training is start_training
+    for k, v in enc.state_dict().items():
+        assert torch.equal(v, buffers[k]), f"{k} changed while encoding"
+    enc.eval()
+    with torch.no_grad():
+        ref = enc(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(z, ref, rtol=1e-5, atol=1e-5)
+    # Train-mode forward differs (batch statistics): encode_windows really used eval mode.
+    enc.train()
+    with torch.no_grad():
+        train_out = enc(torch.from_numpy(x)).numpy()
+    assert not np.allclose(z, train_out, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# finetune
+# --------------------------------------------------------------------------------------------------
+
+def test_finetune_learns_synthetic_classes():
+    tr = make_synthetic(256, length=60, seed=1)
+    te = make_synthetic(128, length=60, seed=2)
+    std = Standardizer.fit(tr.x)
+    enc = _tiny_encoder()
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    res = finetune(enc, std.apply(tr.x), tr.y, std.apply(te.x), te.y, num_classes=4, mean=std.mean, std=std.std,
+                   steps=50, batch_size=32, lr=3e-3, seed=0)
+    assert set(res) >= {"macro_f1", "accuracy"}
+    assert 0.0 <= res["macro_f1"] <= 1.0
+    assert res["macro_f1"] > 0.6, res      # chance is ~0.25 for 4 balanced classes
+    # The caller's encoder is not modified (finetune trains a copy).
+    for k, v in enc.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_predict_shape():
+    enc = _tiny_encoder()
+    head = torch.nn.Linear(enc.z_dim, 5)
+    x = np.random.default_rng(0).standard_normal((9, 3, 60)).astype(np.float32)
+    p = predict(enc, head, x, batch=4)
+    assert p.shape == (9,) and p.min() >= 0 and p.max() < 5
