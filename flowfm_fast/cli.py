@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=64)
     q.add_argument("--lr", type=float, default=1e-3)
     q.add_argument("--warmup", type=int, default=100)
-    q.add_argument("--ema", type=float, default=0.0, help="EMA decay (0 = off)")
+    q.add_argument("--ema", type=float, default=0.999, help="EMA decay (0 = off); evaluation uses the EMA weights")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--ckpt-every", type=int, default=250)
     q.add_argument("--max-minutes", type=float, default=None)

@@ -147,14 +147,17 @@ def test_loss_decreases_with_optimizer_steps_on_fixed_batch(velocity):
         assert fixed_loss().item() < first
 
 
-def test_loss_matches_independent_formula():
-    """loss = mean_b mean_{C,L} (v(x_t, t, E(x)) - (x1 - x0))^2 with x_t = (1 - t) x0 + t x1 (sigma_min = 0)."""
+@pytest.mark.parametrize("t_sampling", ["uniform", "logit_normal"])
+def test_loss_matches_independent_formula(t_sampling):
+    """loss = mean_b mean_{C,L} (v(x_t, t, E(x)) - (x1 - x0))^2 with x_t = (1 - t) x0 + t x1 (sigma_min = 0),
+    t ~ U(0, 1) or sigmoid(N(0, 1))."""
     model = make_model("dit").eval()
+    model.cfg.t_sampling = t_sampling
     x1 = randn(4, 3, L, seed=5)
     got = model.loss(x1, generator=torch.Generator().manual_seed(7))
     g = torch.Generator().manual_seed(7)
     x0 = torch.randn(x1.shape, generator=g)
-    t = torch.rand(4, generator=g)
+    t = torch.rand(4, generator=g) if t_sampling == "uniform" else torch.sigmoid(torch.randn(4, generator=g))
     xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * x1
     v = model.velocity(xt, t, model.encoder(x1))
     want = ((v - (x1 - x0)) ** 2).mean()

@@ -23,14 +23,19 @@ def predict(encoder, head, x: np.ndarray, batch: int = 512, device="cpu") -> np.
 
 def finetune(encoder: torch.nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
              y_test: np.ndarray, num_classes: int, mean: np.ndarray, std: np.ndarray, steps: int = 400,
-             batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.01, seed: int = 0,
+             batch_size: int = 64, lr: float = 1e-3, encoder_lr: float | None = None,
+             weight_decay: float = 0.01, seed: int = 0,
              augment_cfg: AugmentConfig | None = None, device="cpu") -> dict:
-    """Train a copy of ``encoder`` with a linear head; returns macro-F1 on the test windows."""
+    """Train a copy of ``encoder`` with a linear head; returns macro-F1 on the test windows.
+
+    ``encoder_lr`` (default ``lr``) lets a pretrained encoder move more slowly than the new head.
+    """
     torch.manual_seed(seed)
     enc = copy.deepcopy(encoder).to(device).train()
     head = torch.nn.Linear(enc.z_dim, num_classes).to(device)
     params = list(enc.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW([{"params": list(enc.parameters()), "lr": lr if encoder_lr is None else encoder_lr},
+                             {"params": list(head.parameters()), "lr": lr}], weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     gen = torch.Generator(device=device).manual_seed(seed)
     X, Y = torch.from_numpy(x_train), torch.from_numpy(y_train)

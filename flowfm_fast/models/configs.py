@@ -36,7 +36,7 @@ class FlowFMConfig:
     length: int = 300
     velocity: str = "dit"             # "dit" | "resnet"
     sigma_min: float = 0.0
-    t_sampling: str = "uniform"       # "uniform" | "logit_normal"
+    t_sampling: str = "logit_normal"  # "uniform" | "logit_normal" (sigmoid of N(0, 1): mid-t weighted; better features)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
     resnet: ResNetGenConfig = field(default_factory=ResNetGenConfig)
