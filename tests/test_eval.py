@@ -153,6 +153,31 @@ def test_finetune_learns_synthetic_classes():
         assert torch.equal(v, before[k]), k
 
 
+def test_finetune_encoder_lr_zero_freezes_encoder_weights():
+    tr = make_synthetic(64, length=60, seed=1)
+    std = Standardizer.fit(tr.x)
+    enc = _tiny_encoder()
+    kw = dict(num_classes=4, mean=std.mean, std=std.std, steps=5, batch_size=16, seed=0)
+    frozen = finetune(enc, std.apply(tr.x), tr.y, std.apply(tr.x), tr.y, encoder_lr=0.0, **kw)
+    moved = finetune(enc, std.apply(tr.x), tr.y, std.apply(tr.x), tr.y, **kw)
+    for (name, p0), p_frozen, p_moved in zip(enc.named_parameters(), frozen["encoder"].parameters(),
+                                             moved["encoder"].parameters()):
+        assert torch.equal(p0, p_frozen), name
+    assert any(not torch.equal(p0, p1) for p0, p1 in zip(enc.parameters(), moved["encoder"].parameters()))
+    head0 = torch.nn.Linear(enc.z_dim, 4)
+    assert frozen["head"].weight.shape == head0.weight.shape
+
+
+def test_finetune_trains_an_encoder_whose_weights_were_frozen():
+    """EMA copies have requires_grad=False; fine-tuning must still train the encoder."""
+    tr = make_synthetic(64, length=60, seed=1)
+    std = Standardizer.fit(tr.x)
+    enc = _tiny_encoder().requires_grad_(False)
+    res = finetune(enc, std.apply(tr.x), tr.y, std.apply(tr.x), tr.y, num_classes=4, mean=std.mean, std=std.std,
+                   steps=5, batch_size=16, seed=0)
+    assert any(not torch.equal(p0, p1) for p0, p1 in zip(enc.parameters(), res["encoder"].parameters()))
+
+
 def test_predict_shape():
     enc = _tiny_encoder()
     head = torch.nn.Linear(enc.z_dim, 5)

@@ -26,12 +26,14 @@ def finetune(encoder: torch.nn.Module, x_train: np.ndarray, y_train: np.ndarray,
              batch_size: int = 64, lr: float = 1e-3, encoder_lr: float | None = None,
              weight_decay: float = 0.01, seed: int = 0,
              augment_cfg: AugmentConfig | None = None, device="cpu") -> dict:
-    """Train a copy of ``encoder`` with a linear head; returns macro-F1 on the test windows.
+    """Train a copy of ``encoder`` with a linear head; returns macro-F1 and accuracy on the test
+    windows, and the trained ``encoder`` and ``head``.
 
     ``encoder_lr`` (default ``lr``) lets a pretrained encoder move more slowly than the new head.
     """
     torch.manual_seed(seed)
-    enc = copy.deepcopy(encoder).to(device).train()
+    # requires_grad_: the encoder may come from a frozen copy (EMA weights, a probe) and must train here.
+    enc = copy.deepcopy(encoder).to(device).train().requires_grad_(True)
     head = torch.nn.Linear(enc.z_dim, num_classes).to(device)
     params = list(enc.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW([{"params": list(enc.parameters()), "lr": lr if encoder_lr is None else encoder_lr},
@@ -52,4 +54,5 @@ def finetune(encoder: torch.nn.Module, x_train: np.ndarray, y_train: np.ndarray,
         opt.step()
         sched.step()
     pred = predict(enc, head, x_test, device=device)
-    return {"macro_f1": float(f1_score(y_test, pred, average="macro")), "accuracy": float((pred == y_test).mean())}
+    return {"macro_f1": float(f1_score(y_test, pred, average="macro")), "accuracy": float((pred == y_test).mean()),
+            "encoder": enc, "head": head}
