@@ -84,11 +84,20 @@ def gaussian_z(z: np.ndarray, n: int, seed: int) -> np.ndarray:
     return rng.multivariate_normal(z.mean(0), cov, size=n).astype(np.float32)
 
 
+def spread_indices(y, n: int, total: int) -> np.ndarray:
+    """Up to n of ``total`` window indices, taking the classes in turn (the first n without labels)."""
+    if y is None or (y < 0).all():
+        return np.arange(min(n, total))
+    per_class = [np.flatnonzero(y == c) for c in np.unique(y[y >= 0])]
+    picks = [idx[i] for i in range(max(map(len, per_class))) for idx in per_class if i < len(idx)]
+    return np.asarray(picks[:n])
+
+
 def sample_and_plot(model, bundle, out_npz: Path, n: int, steps: int, method: str, seed: int, device="cpu") -> dict:
     from .eval import encode_windows
     from .plots import plot_windows
     src = bundle.test if bundle.test is not None else bundle.pretrain
-    x_real = src.x[:n]
+    x_real = src.x[spread_indices(src.y, n, len(src))]
     gen = torch.Generator(device=device).manual_seed(seed)
     xr = torch.from_numpy(x_real).to(device)
     t0 = time.perf_counter()

@@ -311,3 +311,13 @@ def test_probe_corrupted_checkpoint(kind, run_dir, tmp_path):
     assert rc == 2
     _assert_one_error_line(err, "probe")
     assert out.strip() == ""
+
+
+def test_spread_indices_takes_classes_in_turn():
+    from flowfm_fast.cli import spread_indices
+    y = np.array([0, 0, 1, 1, 2, 2, 0, -1])
+    picks = spread_indices(y, 5, len(y))
+    assert list(y[picks[:3]]) == [0, 1, 2]          # one of each class first
+    assert len(set(picks.tolist())) == 5 and (y[picks] >= 0).all()
+    assert list(spread_indices(None, 10, 4)) == [0, 1, 2, 3]
+    assert list(spread_indices(np.full(6, -1), 2, 6)) == [0, 1]
