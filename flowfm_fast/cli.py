@@ -7,10 +7,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .data import DataError
@@ -50,78 +48,27 @@ def cmd_pretrain(a) -> int:
     return 0
 
 
-def run_probe(model, bundle, fractions=(1.0,), seeds=(0,), device="cpu") -> dict:
-    from .eval import encode_windows, label_subset, linear_probe
-    if bundle.train is None or bundle.test is None:
-        raise DataError("the probe needs labelled train and test windows (HAPT, synthetic, or --data with y and --test-data)")
-    ftr = encode_windows(model.encoder, bundle.train.x, device=device)
-    fte = encode_windows(model.encoder, bundle.test.x, device=device)
-    out = {}
-    for frac in fractions:
-        scores = []
-        for seed in (seeds if frac < 1.0 else seeds[:1]):
-            idx = label_subset(bundle.train.y, frac, seed)
-            scores.append(linear_probe(ftr[idx], bundle.train.y[idx], fte, bundle.test.y)["macro_f1"])
-        out[str(frac)] = scores
-    return out
-
-
 def cmd_probe(a) -> int:
     from .datasets import load_bundle
+    from .eval import probe_scores
     from .train import load_trained
     dev = _device(a.device)
     model, std, _ = load_trained(a.ckpt, dev)
     b = load_bundle(a.data, a.test_data, a.gyro, standardizer=std, length=model.cfg.length)
-    res = run_probe(model, b, tuple(a.label_fraction), tuple(range(a.seeds)), dev)
+    if b.train is None or b.test is None:
+        raise DataError("the probe needs labelled train and test windows (HAPT, synthetic, or --data with y "
+                        "and --test-data)")
+    if a.seeds < 1:
+        raise ValueError("--seeds must be >= 1")
+    res = {str(frac): probe_scores(model.encoder, b.train, b.test, frac, tuple(range(a.seeds)), dev)
+           for frac in a.label_fraction}
     print(json.dumps({"linear_probe_macro_f1": res}))
     return 0
 
 
-def gaussian_z(z: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """Draws from a Gaussian fitted to encoded windows: new conditions for unconditional-style generation."""
-    rng = np.random.default_rng(seed)
-    cov = np.cov(z, rowvar=False) + 1e-5 * np.eye(z.shape[1])
-    return rng.multivariate_normal(z.mean(0), cov, size=n).astype(np.float32)
-
-
-def spread_indices(y, n: int, total: int) -> np.ndarray:
-    """Up to n of ``total`` window indices, taking the classes in turn (the first n without labels)."""
-    if y is None or (y < 0).all():
-        return np.arange(min(n, total))
-    per_class = [np.flatnonzero(y == c) for c in np.unique(y[y >= 0])]
-    picks = [idx[i] for i in range(max(map(len, per_class))) for idx in per_class if i < len(idx)]
-    return np.asarray(picks[:n])
-
-
-def sample_and_plot(model, bundle, out_npz: Path, n: int, steps: int, method: str, seed: int, device="cpu") -> dict:
-    from .eval import encode_windows
-    from .plots import plot_windows
-    src = bundle.test if bundle.test is not None else bundle.pretrain
-    x_real = src.x[spread_indices(src.y, n, len(src))]
-    gen = torch.Generator(device=device).manual_seed(seed)
-    xr = torch.from_numpy(x_real).to(device)
-    t0 = time.perf_counter()
-    recon = model.reconstruct(xr, steps, method, generator=gen).cpu().numpy()
-    t_recon = time.perf_counter() - t0
-    z_pool = encode_windows(model.encoder, bundle.pretrain.x[:2048], device=device)
-    z_new = torch.from_numpy(gaussian_z(z_pool, n, seed)).to(device)
-    generated = model.sample(z_new, steps, method, generator=gen).cpu().numpy()
-    std = bundle.standardizer
-    real_u, recon_u, gen_u = std.invert(x_real), std.invert(recon), std.invert(generated)
-    out_npz = Path(out_npz)
-    out_npz.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out_npz, real=real_u, reconstructed=recon_u, generated=gen_u, steps=steps, method=method)
-    png_recon = plot_windows(out_npz.with_name(out_npz.stem + "_reconstructed.png"),
-                             {"real": real_u, "reconstructed": recon_u}, bundle.channels)
-    png_gen = plot_windows(out_npz.with_name(out_npz.stem + "_generated.png"),
-                           {"real": real_u, "generated": gen_u}, bundle.channels)
-    mse = float(np.mean((recon - x_real) ** 2))
-    return {"npz": str(out_npz), "png_reconstructed": str(png_recon), "png_generated": str(png_gen),
-            "recon_mse_standardised": mse, "recon_seconds": t_recon, "n": n, "steps": steps, "method": method}
-
-
 def cmd_sample(a) -> int:
     from .datasets import load_bundle
+    from .eval.samples import sample_and_plot
     from .integrate import METHODS
     from .train import load_trained
     if a.method not in METHODS:

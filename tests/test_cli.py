@@ -316,7 +316,7 @@ def test_probe_corrupted_checkpoint(kind, run_dir, tmp_path):
 
 
 def test_spread_indices_takes_classes_in_turn():
-    from flowfm_fast.cli import spread_indices
+    from flowfm_fast.eval.samples import spread_indices
     y = np.array([0, 0, 1, 1, 2, 2, 0, -1])
     picks = spread_indices(y, 5, len(y))
     assert list(y[picks[:3]]) == [0, 1, 2]          # one of each class first

@@ -41,3 +41,15 @@ def linear_probe(f_train: np.ndarray, y_train: np.ndarray, f_test: np.ndarray, y
     clf.fit(f_train, y_train)
     pred = clf.predict(f_test)
     return {"macro_f1": float(f1_score(y_test, pred, average="macro")), "accuracy": float(accuracy_score(y_test, pred))}
+
+
+def probe_scores(encoder: torch.nn.Module, train, test, fraction: float = 1.0, seeds=(0,), device="cpu") -> list[float]:
+    """Linear-probe macro-F1 of ``encoder`` for each seed's ``fraction`` of the labelled ``train``
+    windows (one score at fraction 1.0); features are encoded once."""
+    f_train = encode_windows(encoder, train.x, device=device)
+    f_test = encode_windows(encoder, test.x, device=device)
+    scores = []
+    for seed in (seeds if fraction < 1.0 else tuple(seeds)[:1]):
+        idx = label_subset(train.y, fraction, seed)
+        scores.append(linear_probe(f_train[idx], train.y[idx], f_test, test.y)["macro_f1"])
+    return scores

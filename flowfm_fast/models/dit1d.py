@@ -5,7 +5,6 @@ returns both the new residual stream and the next sub-layer's modulated input.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F

@@ -7,7 +7,6 @@ Contract: fp32 within 1e-5 relative of this reference; bf16/fp16 within Liger-st
 """
 from __future__ import annotations
 
-import torch
 
 from . import _validate as V
 from ._registry import register, select
