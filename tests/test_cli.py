@@ -25,14 +25,11 @@ CONSOLE_SCRIPT = Path(sys.executable).with_name("flowfm-fast")
 
 @pytest.fixture(autouse=True, scope="module")
 def _env(tmp_path_factory):
-    """Cache in a temporary directory; one intra-op thread (tiny models, busy 2-core machines)."""
+    """Cache in a temporary directory."""
     cache = tmp_path_factory.mktemp("flowfm_cache_cli")
     old = os.environ.get("FLOWFM_CACHE")
     os.environ["FLOWFM_CACHE"] = str(cache)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield cache
-    torch.set_num_threads(n)
     if old is None:
         os.environ.pop("FLOWFM_CACHE", None)
     else:

@@ -10,15 +10,6 @@ from flowfm_fast.eval import encode_windows, finetune, label_subset, linear_prob
 from flowfm_fast.models import ResNet1DEncoder, get_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: one intra-op thread is faster, and avoids oversubscription on a busy 2-core box.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _tiny_encoder(channels=3, seed=0):
     torch.manual_seed(seed)
     return ResNet1DEncoder(channels, get_config("tiny").encoder)

@@ -13,16 +13,6 @@ from flowfm_fast.models import FlowFM, get_config
 ORDERS = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "rk4_38": 4}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The models here are tiny: intra-op threads only add overhead (and stall badly on a busy
-    2-core machine), so run single-threaded and restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _tcol(t, x):
     """t of shape (B,) (flowfm_fast) or () (torchdiffeq), broadcast against x (B, ...)."""
     t = t.to(x.dtype)

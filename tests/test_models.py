@@ -15,16 +15,6 @@ L = 60
 VELOCITIES = ["dit", "resnet"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The models here are tiny: intra-op threads only add overhead (and stall badly on a busy
-    2-core machine), so run single-threaded and restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(velocity="dit", **kw) -> FlowFMConfig:
     return get_config("tiny", length=L, velocity=velocity, **kw)
 

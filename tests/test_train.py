@@ -20,15 +20,6 @@ from flowfm_fast.train import (CheckpointError, TrainConfig, batch_indices, find
 L = 60
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead (and stall on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def data():
     ws = make_synthetic(n=64, channels=3, length=L, classes=4, seed=0)
