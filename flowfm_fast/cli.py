@@ -36,8 +36,12 @@ def cmd_pretrain(a) -> int:
     from .models import get_config
     from .train import TrainConfig, train_flowfm
     from .data import AugmentConfig
-    b = load_bundle(a.data, None, a.gyro)
-    cfg = get_config(a.config, velocity=a.velocity, channels=b.pretrain.x.shape[1])
+    b = load_bundle(a.data, None, a.gyro, length=None)
+    try:
+        cfg = get_config(a.config, velocity=a.velocity, channels=b.pretrain.x.shape[1],
+                         length=b.pretrain.x.shape[2])
+    except ValueError as exc:  # the windows' shape does not fit the model config
+        raise DataError(f"{a.data}: windows of shape {b.pretrain.x.shape[1:]} do not fit --config {a.config}: {exc}") from None
     tc = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, ema_decay=a.ema, seed=a.seed,
                      warmup_steps=min(a.warmup, max(1, a.steps // 10)), ckpt_every=a.ckpt_every,
                      max_minutes=a.max_minutes, augment=AugmentConfig(enabled=not a.no_augment))

@@ -20,9 +20,12 @@ class Bundle:
 
 
 def load_bundle(data: str = "hapt", test_data: str | None = None, gyro: bool = False,
-                standardizer: Standardizer | None = None, length: int = 300) -> Bundle:
+                standardizer: Standardizer | None = None, length: int | None = 300) -> Bundle:
     """``data`` is ``hapt``, ``synthetic`` or a .npy/.npz path (then ``test_data`` may give the
-    held-out labelled windows). A given ``standardizer`` (from a checkpoint) is used as is."""
+    held-out labelled windows). A given ``standardizer`` (from a checkpoint) is used as is.
+    ``length=None`` takes a user file's own window length (HAPT and synthetic then use 300)."""
+    if data in ("hapt", "synthetic") and length is None:
+        length = 300
     if data == "hapt":
         h = load_hapt(length=length, gyro=gyro)
         if standardizer is not None and not (np.allclose(standardizer.mean, h.standardizer.mean)
@@ -45,7 +48,7 @@ def load_bundle(data: str = "hapt", test_data: str | None = None, gyro: bool = F
     labelled = pre.subset(pre.y >= 0) if pre.y is not None else None
     test = None
     if test_data is not None:
-        t = load_windows(test_data, channels=raw.x.shape[1], length=length)
+        t = load_windows(test_data, channels=raw.x.shape[1], length=raw.x.shape[2])
         if t.y is None:
             raise DataError(f"{test_data}: the test windows need labels 'y'")
         test = WindowSet(std.apply(t.x), t.y, t.subject)

@@ -230,7 +230,7 @@ def _write_bad(kind: str, tmp_path: Path) -> Path:
         p.write_bytes(pickle.dumps(_Evil(tmp_path / "pwned")))
     elif kind == "wrong-length":
         p = tmp_path / "bad.npy"
-        np.save(p, rng.standard_normal((8, 3, 100)).astype(np.float32))
+        np.save(p, rng.standard_normal((8, 3, 101)).astype(np.float32))  # not a multiple of the patch
     elif kind == "missing":
         p = tmp_path / "missing.npy"
     elif kind == "truncated-npz":
@@ -320,3 +320,22 @@ def test_spread_indices_takes_classes_in_turn():
     assert len(set(picks.tolist())) == 5 and (y[picks] >= 0).all()
     assert list(spread_indices(None, 10, 4)) == [0, 1, 2, 3]
     assert list(spread_indices(np.full(6, -1), 2, 6)) == [0, 1]
+
+
+def test_pretrain_takes_the_window_length_of_user_files(tmp_path):
+    """User windows of another length (here 120 samples) train a model of that length."""
+    from flowfm_fast.data import make_synthetic
+    from flowfm_fast.train import load_trained
+    data = tmp_path / "w.npz"
+    w = make_synthetic(n=32, length=120, seed=0)
+    np.savez(data, x=w.x, y=w.y)
+    out = tmp_path / "run"
+    assert main(["pretrain", "--config", "tiny", "--data", str(data), "--steps", "2", "--batch-size", "8",
+                 "--out", str(out), "--quiet"]) == 0
+    model, _, _ = load_trained(out)
+    assert model.cfg.length == 120
+    assert model.sample(torch.zeros(2, model.cfg.encoder.z_dim), steps=1).shape == (2, 3, 120)
+    odd = tmp_path / "odd.npy"
+    np.save(odd, make_synthetic(n=8, length=125, seed=0).x)   # not a multiple of the DiT patch
+    assert main(["pretrain", "--config", "tiny", "--data", str(odd), "--steps", "1", "--out",
+                 str(tmp_path / "odd"), "--quiet"]) == 2
