@@ -62,18 +62,15 @@ def run_demo(out: Path, quick: bool = False, minutes: float = 10.0, device="cpu"
     tr, te = bundle.train, bundle.test
     n_cls = len(bundle.classes)
 
-    def probes(encoder):
-        return (probe_scores(encoder, tr, te, 1.0, (0,), device), probe_scores(encoder, tr, te, 0.1, SEEDS, device))
-
     t = time.perf_counter()
-    pre_all, pre_10 = probes(model.encoder)
-    rand = [probes(build_model(cfg, 1000 + s).encoder) for s in SEEDS]
+    rand_enc = [build_model(cfg, 1000 + s).encoder for s in SEEDS]
     probe_rows = {
-        ("FlowFM pretrained", "100%"): pre_all,
-        ("FlowFM pretrained", "10%"): pre_10,
-        ("random-init encoder", "100%"): [r[0][0] for r in rand],
-        # Each random encoder is probed on its seed's 10% subset.
-        ("random-init encoder", "10%"): [r[1][i] for i, r in enumerate(rand)],
+        ("FlowFM pretrained", "100%"): probe_scores(model.encoder, tr, te, 1.0, (0,), device),
+        ("FlowFM pretrained", "10%"): probe_scores(model.encoder, tr, te, 0.1, SEEDS, device),
+        ("random-init encoder", "100%"): [probe_scores(e, tr, te, 1.0, (0,), device)[0] for e in rand_enc],
+        # Each random encoder is probed on its own seed's 10% subset.
+        ("random-init encoder", "10%"): [probe_scores(e, tr, te, 0.1, (s,), device)[0]
+                                         for e, s in zip(rand_enc, SEEDS)],
     }
     timings["linear probes"] = time.perf_counter() - t
 
