@@ -33,7 +33,11 @@ def extension_kwargs():
         return {}
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-    cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
+    cxx_flags = ["-O3", "-fopenmp", "-std=c++20"]
+    # The extension is built on the machine that runs it, so let the compiler use its SIMD width
+    # (AVX/FMA here); FLOWFM_PORTABLE=1 builds a generic x86-64 binary instead.
+    if os.environ.get("FLOWFM_PORTABLE", "0") != "1":
+        cxx_flags.append("-march=native")
     nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
     with_cuda = (torch.version.cuda is not None and nvcc is not None and os.path.exists(nvcc)
                  and os.environ.get("FLOWFM_BUILD_CUDA", "1") != "0")
@@ -53,6 +57,8 @@ def extension_kwargs():
             except Exception as exc:  # the package works without it: say so and go on
                 print(f"flowfm_fast: WARNING: building {ext_.name} failed ({exc}); "
                       "installing without it (reference backend)", file=sys.stderr)
+                # Forget it, or the (editable) install step would try to copy a file that is not there.
+                self.extensions = [e for e in self.extensions if e is not ext_]
 
     return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuild.with_options(use_ninja=True)}}
 

@@ -8,22 +8,37 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import warnings
 
 log = logging.getLogger("flowfm_fast")
 
 
+# Must equal FLOWFM_ABI_VERSION in csrc/version.h: an extension built from other sources is stale.
+EXPECTED_ABI = 1
+
+_REBUILD = "Rebuild with `pip install --no-build-isolation -e .`"
+
+
 def _load_extension():
     if importlib.util.find_spec("flowfm_fast._C") is None:
+        if os.environ.get("FLOWFM_BUILD_EXT", "1") != "0":  # skipped on purpose: nothing to say
+            warnings.warn("flowfm_fast._C is not built; CPU ops run on the (slower) reference backend. "
+                          + _REBUILD + " with a C++ compiler present.", RuntimeWarning, stacklevel=2)
         return None, "not built"
     try:
         import torch  # noqa: F401  (the extension links against libtorch)
         from . import _C
-        return _C, "loaded"
-    except Exception as exc:  # stale or ABI-mismatched build: fall back, but say so once
-        warnings.warn(f"flowfm_fast._C failed to load ({exc}); using the reference backend. "
-                      "Rebuild with `pip install --no-build-isolation -e .`.", RuntimeWarning, stacklevel=2)
+    except Exception as exc:  # ABI-mismatched build: fall back, but say so once
+        warnings.warn(f"flowfm_fast._C failed to load ({exc}); using the reference backend. {_REBUILD}.",
+                      RuntimeWarning, stacklevel=2)
         return None, f"failed to load: {exc}"
+    abi = getattr(_C, "ABI_VERSION", None)
+    if abi != EXPECTED_ABI:
+        warnings.warn(f"flowfm_fast._C is stale (ABI {abi}, this package needs {EXPECTED_ABI}); using the "
+                      f"reference backend. {_REBUILD}.", RuntimeWarning, stacklevel=2)
+        return None, f"stale (ABI {abi} != {EXPECTED_ABI})"
+    return _C, "loaded"
 
 
 def _triton_status() -> str:

@@ -7,7 +7,9 @@ Contract: fp32 within 1e-5 relative of this reference; bf16/fp16 within Liger-st
 """
 from __future__ import annotations
 
+import torch
 
+from . import _ext
 from . import _validate as V
 from ._registry import register, select
 from .norm_modulate import norm_modulate_reference, validate as validate_norm_modulate
@@ -26,6 +28,30 @@ def gated_residual_reference(res, h, gate):
 def gated_residual_norm_modulate_reference(res, h, gate, shift, scale, kind, weight, bias, eps, act):
     new_res = gated_residual_reference(res, h, gate)
     return new_res, norm_modulate_reference(new_res, shift, scale, kind, weight, bias, eps, act, None)
+
+
+# ---------------------------------------------------------------- compiled (cpp / cuda) backends
+if _ext.has_kernel("gated_residual", "cpp") or _ext.has_kernel("gated_residual", "cuda"):
+    @torch.library.register_fake("flowfm::gated_residual")
+    def _gated_residual_fake(res, h, gate):
+        return torch.empty_like(res)
+
+    @torch.library.register_fake("flowfm::gated_residual_backward")
+    def _gated_residual_backward_fake(dy, h, gate):
+        return torch.empty_like(h), torch.empty_like(gate)
+
+    def _gr_setup(ctx, inputs, output):
+        res, h, gate = inputs
+        ctx.save_for_backward(h, gate)
+        ctx.res_dtype = res.dtype
+
+    def _gr_backward(ctx, dy):
+        h, gate = ctx.saved_tensors
+        dh, dgate = _ext.op("gated_residual_backward")(dy, h, gate)
+        return dy.to(ctx.res_dtype), dh, dgate
+
+    torch.library.register_autograd("flowfm::gated_residual", _gr_backward, setup_context=_gr_setup)
+    _ext.register_compiled(OP, "gated_residual", lambda res, h, gate: _ext.op("gated_residual")(res, h, gate))
 
 
 def _validate(res, h, gate):

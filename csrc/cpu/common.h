@@ -1,0 +1,110 @@
+// Shared pieces of the CPU kernels: accumulation types, loads/stores in any float dtype, a
+// branch-free exp the compiler can vectorise, activations and their derivatives, and the checks
+// every kernel makes on what Python already validated (defence in depth, never a crash).
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string_view>
+
+namespace flowfm::cpu {
+
+// fp32 accumulation for fp32/bf16/fp16, float64 for float64 (so gradcheck is meaningful).
+template <typename T> struct AccT { using type = float; };
+template <> struct AccT<double> { using type = double; };
+template <typename T> using acc_t = typename AccT<T>::type;
+
+inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Elementwise work per parallel chunk: big enough to amortise a task, small enough to balance 2+ cores.
+constexpr int64_t kGrainElems = 1 << 14;
+inline int64_t grain_rows(int64_t row_len) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, row_len)); }
+
+// Cephes-style expf: range reduction to [-ln2/2, ln2/2], degree-6 polynomial, exponent by bit shift.
+// Max relative error ~2 ulp over the clamped range; no branches, so `omp simd` loops vectorise it.
+inline float exp_fast(float x) {
+  x = std::fmin(std::fmax(x, -87.3f), 88.7f);
+  float fx = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t e = (static_cast<int32_t>(fx) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &e, sizeof(scale));
+  return p * scale;
+}
+inline double exp_fast(double x) { return std::exp(x); }
+
+enum class Act { None, Silu, GeluTanh };
+enum class Kind { Layer, Rms, Group };
+
+inline Act parse_act(c10::string_view s) {
+  if (s == "none") return Act::None;
+  if (s == "silu") return Act::Silu;
+  if (s == "gelu_tanh") return Act::GeluTanh;
+  TORCH_CHECK_VALUE(false, "act must be 'none', 'silu' or 'gelu_tanh', got '", std::string(s), "'");
+}
+inline Kind parse_kind(c10::string_view s) {
+  if (s == "layer") return Kind::Layer;
+  if (s == "rms") return Kind::Rms;
+  if (s == "group") return Kind::Group;
+  TORCH_CHECK_VALUE(false, "kind must be 'layer', 'rms' or 'group', got '", std::string(s), "'");
+}
+
+template <typename A> inline A act_fwd(Act act, A u) {
+  if (act == Act::Silu) return u / (A(1) + exp_fast(-u));
+  if (act == Act::GeluTanh) {
+    const A k = A(0.7978845608028654), c = A(0.044715);
+    A th = A(1) - A(2) / (exp_fast(A(2) * k * (u + c * u * u * u)) + A(1));
+    return A(0.5) * u * (A(1) + th);
+  }
+  return u;
+}
+// d act / du at u.
+template <typename A> inline A act_grad(Act act, A u) {
+  if (act == Act::Silu) {
+    A s = A(1) / (A(1) + exp_fast(-u));
+    return s * (A(1) + u * (A(1) - s));
+  }
+  if (act == Act::GeluTanh) {
+    const A k = A(0.7978845608028654), c = A(0.044715);
+    A th = A(1) - A(2) / (exp_fast(A(2) * k * (u + c * u * u * u)) + A(1));
+    return A(0.5) * (A(1) + th) + A(0.5) * u * (A(1) - th * th) * k * (A(1) + A(3) * c * u * u);
+  }
+  return A(1);
+}
+
+// Defensive checks (Python validates first with friendlier messages; these keep direct
+// torch.ops.flowfm calls from ever reading out of bounds).
+inline void check_cpu_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor for the cpp backend");
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), name, " must be a float tensor, got ", t.scalar_type());
+}
+inline void check_shape(const at::Tensor& t, at::IntArrayRef shape, const char* name) {
+  TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+// Small per-sample tensors (modulation, affine, t) are converted once to the accumulation dtype.
+inline at::Tensor small_acc(const c10::optional<at::Tensor>& t, at::ScalarType acc) {
+  return t.has_value() && t->defined() ? t->to(acc).contiguous() : at::Tensor();
+}
+template <typename A> inline const A* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<A>() : nullptr;
+}
+inline at::Tensor empty_grad() { return at::empty({0}); }
+
+}  // namespace flowfm::cpu
+
+#define FLOWFM_DISPATCH_FLOATS(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
