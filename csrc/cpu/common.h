@@ -102,6 +102,9 @@ inline at::Tensor small_acc(const c10::optional<at::Tensor>& t, at::ScalarType a
 template <typename A> inline const A* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<A>() : nullptr;
 }
+template <typename A> inline A* mut_ptr_or_null(at::Tensor& t) {
+  return t.defined() ? t.data_ptr<A>() : nullptr;
+}
 inline at::Tensor empty_grad() { return at::empty({0}); }
 
 }  // namespace flowfm::cpu

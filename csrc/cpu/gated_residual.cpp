@@ -1,7 +1,7 @@
 // gated_residual: y = res + gate[b] * h, gate (B, D) broadcast over T (rows (N, D): T = 1).
 // Forward is one pass over res and h; backward writes dh = dy * gate and dgate[b] = sum_t dy * h
 // with each b owned by one task, so results do not depend on the thread count.
-#include "common.h"
+#include "norm_rows.h"
 
 namespace flowfm::cpu {
 namespace {
@@ -88,9 +88,193 @@ std::tuple<at::Tensor, at::Tensor> gated_residual_backward_cpu(const at::Tensor&
 
 }  // namespace
 
+}  // namespace flowfm::cpu
+
+// gated_residual_norm_modulate: the adaLN-Zero chain r = res + gate * h; y = act(norm(r) * (1 +
+// scale) + shift), token kinds only. One pass reads res and h and writes r and y; the norm sees r
+// rounded to res's dtype, exactly as the unfused chain does.
+namespace flowfm::cpu {
+namespace {
+
+template <typename S, Act ACT>
+void fused_forward(const S* res, const S* h, const acc_t<S>* gate, S* new_res, S* y, acc_t<S>* mean, acc_t<S>* rstd,
+                   Dims d, bool rms, acc_t<S> eps, const acc_t<S>* sh, const acc_t<S>* sc, const acc_t<S>* w,
+                   const acc_t<S>* bi) {
+  using A = acc_t<S>;
+  Defaults<A> def(d.D);
+  w = def.or_ones(w);
+  bi = def.or_zeros(bi);
+  at::parallel_for(0, d.B * d.T, grain_rows(d.D), [&](int64_t begin, int64_t end) {
+    std::vector<A> rf(d.D);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / d.T, o = row * d.D;
+      const A* g = gate + b * d.D;
+#pragma omp simd
+      for (int64_t i = 0; i < d.D; ++i) {
+        const S r = static_cast<S>(static_cast<A>(res[o + i]) + g[i] * static_cast<A>(h[o + i]));
+        new_res[o + i] = r;
+        rf[i] = static_cast<A>(r);
+      }
+      row_stats<A>(rf.data(), d.D, rms, eps, mean[row], rstd[row]);
+      RowParams<A> p{sh ? sh + b * d.D : def.zeros.data(), sc ? sc + b * d.D : def.zeros.data(), w, bi};
+      row_forward<ACT, A, S>(rf.data(), y + o, d.D, mean[row], rstd[row], p);
+    }
+  });
+}
+
+template <typename S, Act ACT>
+void fused_backward(const S* dnew_res, const S* dy, const S* new_res, const S* h, const acc_t<S>* gate,
+                    const acc_t<S>* mean, const acc_t<S>* rstd, S* dres, S* dh, acc_t<S>* dgate, Dims d, bool rms,
+                    const acc_t<S>* sh, const acc_t<S>* sc, const acc_t<S>* w, const acc_t<S>* bi, acc_t<S>* dshift,
+                    acc_t<S>* dscale, acc_t<S>* dw_part, acc_t<S>* db_part, int64_t nblk) {
+  using A = acc_t<S>;
+  Defaults<A> def(d.D);
+  w = def.or_ones(w);
+  bi = def.or_zeros(bi);
+  at::parallel_for(0, nblk, 1, [&](int64_t blk_begin, int64_t blk_end) {
+    std::vector<A> rf(d.D), dr(d.D), dsh_scratch(d.D), dsc_scratch(d.D);
+    for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
+      A* dwp = dw_part + blk * d.D;
+      A* dbp = db_part + blk * d.D;
+      std::fill(dwp, dwp + d.D, A(0));
+      std::fill(dbp, dbp + d.D, A(0));
+      for (int64_t b = block_begin(blk, nblk, d.B); b < block_begin(blk + 1, nblk, d.B); ++b) {
+        A* dshb = dshift ? dshift + b * d.D : dsh_scratch.data();
+        A* dscb = dscale ? dscale + b * d.D : dsc_scratch.data();
+        A* dgb = dgate + b * d.D;
+        std::fill(dshb, dshb + d.D, A(0));
+        std::fill(dscb, dscb + d.D, A(0));
+        std::fill(dgb, dgb + d.D, A(0));
+        const A* g = gate + b * d.D;
+        RowParams<A> p{sh ? sh + b * d.D : def.zeros.data(), sc ? sc + b * d.D : def.zeros.data(), w, bi};
+        RowGrads<A> rg{dshb, dscb, dwp, dbp};
+        for (int64_t t = 0; t < d.T; ++t) {
+          const int64_t row = b * d.T + t, o = row * d.D;
+#pragma omp simd
+          for (int64_t i = 0; i < d.D; ++i) rf[i] = static_cast<A>(new_res[o + i]);
+          row_backward<ACT, A, S>(rf.data(), dy + o, dr.data(), d.D, rms, mean[row], rstd[row], p, rg);
+#pragma omp simd
+          for (int64_t i = 0; i < d.D; ++i) {
+            const A drv = dr[i] + (dnew_res ? static_cast<A>(dnew_res[o + i]) : A(0));
+            dres[o + i] = static_cast<S>(drv);
+            dh[o + i] = static_cast<S>(drv * g[i]);
+            dgb[i] += drv * static_cast<A>(h[o + i]);
+          }
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cpu(
+    const at::Tensor& res_in, const at::Tensor& h_in, const at::Tensor& gate_in, const c10::optional<at::Tensor>& shift,
+    const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, c10::string_view kind_s, double eps, c10::string_view act_s) {
+  const Kind kind = parse_kind(kind_s);
+  const Act act = parse_act(act_s);
+  TORCH_CHECK_VALUE(kind != Kind::Group, "gated_residual_norm_modulate takes kind 'layer' or 'rms'");
+  TORCH_CHECK_VALUE(eps > 0, "eps must be > 0");
+  check_cpu_float(res_in, "res");
+  check_cpu_float(h_in, "h");
+  check_cpu_float(gate_in, "gate");
+  TORCH_CHECK_VALUE(res_in.dim() == 2 || res_in.dim() == 3, "res must be (B, T, D) or (N, D)");
+  check_shape(h_in, res_in.sizes(), "h");
+  const Dims d = dims_of(res_in);
+  check_shape(gate_in, {d.B, d.D}, "gate");
+  for (auto [t, name, shape] : {std::tuple{&shift, "shift", std::vector<int64_t>{d.B, d.D}},
+                                std::tuple{&scale, "scale", std::vector<int64_t>{d.B, d.D}},
+                                std::tuple{&weight, "weight", std::vector<int64_t>{d.D}},
+                                std::tuple{&bias, "bias", std::vector<int64_t>{d.D}}}) {
+    if (t->has_value()) {
+      check_cpu_float(**t, name);
+      check_shape(**t, shape, name);
+    }
+  }
+  auto res = res_in.contiguous();
+  auto h = h_in.to(res.scalar_type()).contiguous();
+  const auto acc = acc_dtype(res.scalar_type());
+  auto gate = gate_in.to(acc).contiguous();
+  auto new_res = at::empty_like(res);
+  auto y = at::empty_like(res);
+  auto mean = at::empty({d.B * d.T}, res.options().dtype(acc));
+  auto rstd = at::empty({d.B * d.T}, res.options().dtype(acc));
+  auto sh = small_acc(shift, acc), sc = small_acc(scale, acc), w = small_acc(weight, acc), bi = small_acc(bias, acc);
+  FLOWFM_DISPATCH_FLOATS(res.scalar_type(), "gated_residual_norm_modulate", [&] {
+    using A = acc_t<scalar_t>;
+    dispatch_act(act, [&]<Act ACT>() {
+      fused_forward<scalar_t, ACT>(res.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), gate.data_ptr<A>(),
+                                   new_res.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), mean.data_ptr<A>(),
+                                   rstd.data_ptr<A>(), d, kind == Kind::Rms, static_cast<A>(eps), ptr_or_null<A>(sh),
+                                   ptr_or_null<A>(sc), ptr_or_null<A>(w), ptr_or_null<A>(bi));
+    });
+  });
+  return {new_res, y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
+    const c10::optional<at::Tensor>& dnew_res_in, const at::Tensor& dy_in, const at::Tensor& new_res_in,
+    const at::Tensor& h_in, const at::Tensor& gate_in, const at::Tensor& mean_in, const at::Tensor& rstd_in,
+    const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& scale,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, c10::string_view kind_s,
+    c10::string_view act_s) {
+  const Kind kind = parse_kind(kind_s);
+  const Act act = parse_act(act_s);
+  TORCH_CHECK_VALUE(kind != Kind::Group, "gated_residual_norm_modulate takes kind 'layer' or 'rms'");
+  check_cpu_float(new_res_in, "new_res");
+  TORCH_CHECK_VALUE(new_res_in.dim() == 2 || new_res_in.dim() == 3, "new_res must be (B, T, D) or (N, D)");
+  const Dims d = dims_of(new_res_in);
+  check_shape(dy_in, new_res_in.sizes(), "dy");
+  check_shape(h_in, new_res_in.sizes(), "h");
+  check_shape(gate_in, {d.B, d.D}, "gate");
+  if (dnew_res_in.has_value()) check_shape(*dnew_res_in, new_res_in.sizes(), "dnew_res");
+  TORCH_CHECK_VALUE(mean_in.numel() == d.B * d.T && rstd_in.numel() == d.B * d.T, "mean/rstd do not match");
+  for (auto [t, name, n] : {std::tuple{&shift, "shift", d.B * d.D}, std::tuple{&scale, "scale", d.B * d.D},
+                            std::tuple{&weight, "weight", d.D}, std::tuple{&bias, "bias", d.D}})
+    TORCH_CHECK_VALUE(!t->has_value() || (*t)->numel() == n, name, " has the wrong size");
+  const auto st = new_res_in.scalar_type();
+  const auto acc = acc_dtype(st);
+  auto new_res = new_res_in.contiguous();
+  auto dy = dy_in.to(st).contiguous();
+  auto h = h_in.to(st).contiguous();
+  auto dnew_res = dnew_res_in.has_value() ? dnew_res_in->to(st).contiguous() : at::Tensor();
+  auto gate = gate_in.to(acc).contiguous();
+  auto mean = mean_in.to(acc).contiguous(), rstd = rstd_in.to(acc).contiguous();
+  auto sh = small_acc(shift, acc), sc = small_acc(scale, acc), w = small_acc(weight, acc), bi = small_acc(bias, acc);
+  auto fopt = new_res.options().dtype(acc);
+  auto dres = at::empty_like(new_res), dh = at::empty_like(new_res);
+  auto dgate = at::empty({d.B, d.D}, fopt);
+  auto dshift = shift.has_value() ? at::empty({d.B, d.D}, fopt) : at::Tensor();
+  auto dscale = scale.has_value() ? at::empty({d.B, d.D}, fopt) : at::Tensor();
+  const int64_t nblk = num_blocks(d.B);
+  auto dw_part = at::empty({nblk, d.D}, fopt), db_part = at::empty({nblk, d.D}, fopt);
+  auto dw = at::empty({d.D}, fopt), db = at::empty({d.D}, fopt);
+  FLOWFM_DISPATCH_FLOATS(st, "gated_residual_norm_modulate_backward", [&] {
+    using A = acc_t<scalar_t>;
+    dispatch_act(act, [&]<Act ACT>() {
+      fused_backward<scalar_t, ACT>(
+          dnew_res.defined() ? dnew_res.data_ptr<scalar_t>() : nullptr, dy.data_ptr<scalar_t>(),
+          new_res.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), gate.data_ptr<A>(), mean.data_ptr<A>(),
+          rstd.data_ptr<A>(), dres.data_ptr<scalar_t>(), dh.data_ptr<scalar_t>(), dgate.data_ptr<A>(), d,
+          kind == Kind::Rms, ptr_or_null<A>(sh), ptr_or_null<A>(sc), ptr_or_null<A>(w), ptr_or_null<A>(bi),
+          mut_ptr_or_null<A>(dshift), mut_ptr_or_null<A>(dscale), dw_part.data_ptr<A>(), db_part.data_ptr<A>(), nblk);
+      sum_partials<A>(dw_part.data_ptr<A>(), nblk, d.D, dw.data_ptr<A>());
+      sum_partials<A>(db_part.data_ptr<A>(), nblk, d.D, db.data_ptr<A>());
+    });
+  });
+  auto cast = [](const at::Tensor& g, const c10::optional<at::Tensor>& like) {
+    return like.has_value() ? g.to(like->scalar_type()) : empty_grad();
+  };
+  return {dres, dh.to(h_in.scalar_type()), dgate.to(gate_in.scalar_type()), cast(dshift, shift), cast(dscale, scale),
+          cast(dw, weight), cast(db, bias)};
+}
+
+}  // namespace
+
 TORCH_LIBRARY_IMPL(flowfm, CPU, m) {
   m.impl("gated_residual", &gated_residual_cpu);
   m.impl("gated_residual_backward", &gated_residual_backward_cpu);
+  m.impl("gated_residual_norm_modulate", &fused_cpu);
+  m.impl("gated_residual_norm_modulate_backward", &fused_backward_cpu);
 }
 
 }  // namespace flowfm::cpu

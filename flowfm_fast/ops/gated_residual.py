@@ -54,6 +54,49 @@ if _ext.has_kernel("gated_residual", "cpp") or _ext.has_kernel("gated_residual",
     _ext.register_compiled(OP, "gated_residual", lambda res, h, gate: _ext.op("gated_residual")(res, h, gate))
 
 
+if _ext.has_kernel("gated_residual_norm_modulate", "cpp") or _ext.has_kernel("gated_residual_norm_modulate", "cuda"):
+    @torch.library.register_fake("flowfm::gated_residual_norm_modulate")
+    def _grnm_fake(res, h, gate, shift, scale, weight, bias, kind, eps, act):
+        acc = torch.float64 if res.dtype == torch.float64 else torch.float32
+        rows = (res.numel() // res.shape[-1],)
+        return (torch.empty_like(res), torch.empty_like(res), res.new_empty(rows, dtype=acc),
+                res.new_empty(rows, dtype=acc))
+
+    @torch.library.register_fake("flowfm::gated_residual_norm_modulate_backward")
+    def _grnm_backward_fake(dnew_res, dy, new_res, h, gate, mean, rstd, shift, scale, weight, bias, kind, act):
+        like = lambda t: new_res.new_empty((0,)) if t is None else torch.empty_like(t)  # noqa: E731
+        return (torch.empty_like(new_res), torch.empty_like(h), torch.empty_like(gate), like(shift), like(scale),
+                like(weight), like(bias))
+
+    def _grnm_setup(ctx, inputs, output):
+        res, h, gate, shift, scale, weight, bias, kind, _eps, act = inputs
+        new_res, _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_backward(new_res, h, gate, mean, rstd, shift, scale, weight, bias)
+        ctx.args = (kind, act)
+        ctx.res_dtype = res.dtype
+
+    def _grnm_backward(ctx, dnew_res, dy, _dmean, _drstd):
+        new_res, h, gate, mean, rstd, shift, scale, weight, bias = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(new_res)
+        grads = _ext.op("gated_residual_norm_modulate_backward")(dnew_res, dy, new_res, h, gate, mean, rstd, shift,
+                                                                 scale, weight, bias, *ctx.args)
+        need = ctx.needs_input_grad
+        dres = grads[0].to(ctx.res_dtype) if need[0] else None
+        return (dres, *(_ext.grad_or_none(g, n) for g, n in zip(grads[1:], need[1:7])), None, None, None)
+
+    torch.library.register_autograd("flowfm::gated_residual_norm_modulate", _grnm_backward,
+                                    setup_context=_grnm_setup)
+
+    def _grnm_compiled(res, h, gate, shift, scale, kind, weight, bias, eps, act):
+        new_res, y, _, _ = _ext.op("gated_residual_norm_modulate")(res, h, gate, shift, scale, weight, bias, kind,
+                                                                    eps, act or "none")
+        return new_res, y
+
+    _ext.register_compiled(OP_FUSED, "gated_residual_norm_modulate", _grnm_compiled)
+
+
 def _validate(res, h, gate):
     V.tensor("res", res, (2, 3))
     V.tensor("h", h, (2, 3))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import _ext
 from . import _validate as V
 from ._registry import register, select
 
@@ -58,6 +59,45 @@ def norm_modulate_reference(x, shift, scale, kind, weight, bias, eps, act, num_g
     if shift is not None:
         y = y + V.upcast(shift).reshape(mod_view)
     return apply_act(y, act).to(x.dtype)
+
+
+# ---------------------------------------------------------------- compiled (cpp / cuda) backends
+def _stats_shape(x, kind, num_groups):
+    return (x.shape[0], num_groups) if kind == "group" else (x.numel() // x.shape[-1],)
+
+
+if _ext.has_kernel("norm_modulate", "cpp") or _ext.has_kernel("norm_modulate", "cuda"):
+    @torch.library.register_fake("flowfm::norm_modulate")
+    def _nm_fake(x, shift, scale, weight, bias, kind, eps, act, num_groups):
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        stats = _stats_shape(x, kind, num_groups)
+        return torch.empty_like(x), x.new_empty(stats, dtype=acc), x.new_empty(stats, dtype=acc)
+
+    @torch.library.register_fake("flowfm::norm_modulate_backward")
+    def _nm_backward_fake(dy, x, mean, rstd, shift, scale, weight, bias, kind, act, num_groups):
+        like = lambda t: x.new_empty((0,)) if t is None else torch.empty_like(t)  # noqa: E731
+        return torch.empty_like(x), like(shift), like(scale), like(weight), like(bias)
+
+    def _nm_setup(ctx, inputs, output):
+        x, shift, scale, weight, bias, kind, _eps, act, num_groups = inputs
+        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.save_for_backward(x, output[1], output[2], shift, scale, weight, bias)
+        ctx.args = (kind, act, num_groups)
+
+    def _nm_backward(ctx, dy, _dmean, _drstd):
+        x, mean, rstd, shift, scale, weight, bias = ctx.saved_tensors
+        grads = _ext.op("norm_modulate_backward")(dy, x, mean, rstd, shift, scale, weight, bias, *ctx.args)
+        need = ctx.needs_input_grad
+        return (grads[0] if need[0] else None, *(_ext.grad_or_none(g, n) for g, n in zip(grads[1:], need[1:5])),
+                None, None, None, None)
+
+    torch.library.register_autograd("flowfm::norm_modulate", _nm_backward, setup_context=_nm_setup)
+
+    def _norm_modulate_compiled(x, shift, scale, kind, weight, bias, eps, act, num_groups):
+        groups = num_groups if kind == "group" else 1
+        return _ext.op("norm_modulate")(x, shift, scale, weight, bias, kind, eps, act or "none", groups)[0]
+
+    _ext.register_compiled(OP, "norm_modulate", _norm_modulate_compiled)
 
 
 def validate(x, shift, scale, kind, weight, bias, eps, act, num_groups, x_name="x"):

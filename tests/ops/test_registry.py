@@ -59,7 +59,8 @@ def test_use_backend_torch_runs_every_op(op):
     with use_backend("torch"):
         assert forced_backend() == "torch"
         forced = call_op(op)
-    torch.testing.assert_close(forced, auto, rtol=0, atol=0)
+    # The automatic choice may be a fused backend, which keeps the 1e-5 contract, not bit-exactness.
+    torch.testing.assert_close(forced, auto, rtol=1e-5, atol=1e-6)
 
 
 def test_use_backend_nests_and_restores():

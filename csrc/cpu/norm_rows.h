@@ -1,0 +1,119 @@
+// Row kernels of the token norms (LayerNorm / RMSNorm over D) with the adaLN modulation and
+// activation, shared by norm_modulate and the fused gated_residual_norm_modulate.
+//
+//   xhat = (x - mean) * rstd          (rms: mean = 0)
+//   a    = xhat * w + bias            (the norm's own affine; ones / zeros when absent)
+//   u    = a * (1 + scale_b) + shift_b
+//   y    = act(u)
+//
+// A row arrives as fp32 (or float64) values in a scratch buffer, so the caller decides where x
+// comes from (a plain load, or the just-computed residual res + gate * h).
+#pragma once
+#include <vector>
+
+#include "common.h"
+
+namespace flowfm::cpu {
+
+// Per-sample modulation and per-feature affine, already in the accumulation dtype.
+template <typename A> struct RowParams {
+  const A* shift;  // (D,) for this sample
+  const A* scale;
+  const A* w;      // (D,)
+  const A* bias;
+};
+
+// Ones / zeros standing in for absent optional tensors keep every inner loop branch-free.
+template <typename A> struct Defaults {
+  std::vector<A> ones, zeros;
+  explicit Defaults(int64_t n) : ones(n, A(1)), zeros(n, A(0)) {}
+  const A* or_ones(const A* p) const { return p ? p : ones.data(); }
+  const A* or_zeros(const A* p) const { return p ? p : zeros.data(); }
+};
+
+template <typename A> inline void row_stats(const A* x, int64_t D, bool rms, A eps, A& mean, A& rstd) {
+  A m = A(0);
+  if (!rms) {
+#pragma omp simd reduction(+ : m)
+    for (int64_t i = 0; i < D; ++i) m += x[i];
+    m /= A(D);
+  }
+  A v = A(0);
+#pragma omp simd reduction(+ : v)
+  for (int64_t i = 0; i < D; ++i) v += (x[i] - m) * (x[i] - m);
+  mean = m;
+  rstd = A(1) / std::sqrt(v / A(D) + eps);
+}
+
+template <Act ACT, typename A, typename S>
+inline void row_forward(const A* x, S* y, int64_t D, A mean, A rstd, const RowParams<A>& p) {
+#pragma omp simd
+  for (int64_t i = 0; i < D; ++i) {
+    const A a = (x[i] - mean) * rstd * p.w[i] + p.bias[i];
+    y[i] = static_cast<S>(act_fwd<A>(ACT, a * (A(1) + p.scale[i]) + p.shift[i]));
+  }
+}
+
+// Gradient accumulators of one row: dshift/dscale of its sample, dw/db partials of its block.
+template <typename A> struct RowGrads {
+  A* dshift;
+  A* dscale;
+  A* dw;
+  A* db;
+};
+
+// dx (fp32, into `dx`) of one row given dy; accumulates the parameter gradients.
+template <Act ACT, typename A, typename S>
+inline void row_backward(const A* x, const S* dy, A* dx, int64_t D, bool rms, A mean, A rstd,
+                         const RowParams<A>& p, const RowGrads<A>& g) {
+  A sum_dxhat = A(0), sum_dxhat_xhat = A(0);
+#pragma omp simd reduction(+ : sum_dxhat, sum_dxhat_xhat)
+  for (int64_t i = 0; i < D; ++i) {
+    const A xhat = (x[i] - mean) * rstd;
+    const A a = xhat * p.w[i] + p.bias[i];
+    const A one_plus = A(1) + p.scale[i];
+    A gu = static_cast<A>(dy[i]);
+    if constexpr (ACT != Act::None) gu *= act_grad<A>(ACT, a * one_plus + p.shift[i]);
+    g.dshift[i] += gu;
+    g.dscale[i] += gu * a;
+    const A da = gu * one_plus;
+    g.dw[i] += da * xhat;
+    g.db[i] += da;
+    const A dxhat = da * p.w[i];
+    dx[i] = dxhat;
+    sum_dxhat += dxhat;
+    sum_dxhat_xhat += dxhat * xhat;
+  }
+  const A c1 = rms ? A(0) : sum_dxhat / A(D);
+  const A c2 = sum_dxhat_xhat / A(D);
+#pragma omp simd
+  for (int64_t i = 0; i < D; ++i) {
+    const A xhat = (x[i] - mean) * rstd;
+    dx[i] = rstd * (dx[i] - c1 - xhat * c2);
+  }
+}
+
+// Units (samples) are grouped into at most kMaxBlocks fixed blocks, each with its own dw/db
+// partial; the partials are summed in block order. The split depends only on the shape, so
+// gradients are identical for any thread count.
+constexpr int64_t kMaxBlocks = 64;
+inline int64_t num_blocks(int64_t units) { return std::min<int64_t>(units, kMaxBlocks); }
+inline int64_t block_begin(int64_t blk, int64_t nblk, int64_t units) { return blk * units / nblk; }
+
+template <typename A> inline void sum_partials(const A* partials, int64_t nblk, int64_t D, A* out) {
+  for (int64_t i = 0; i < D; ++i) out[i] = A(0);
+  for (int64_t k = 0; k < nblk; ++k)
+#pragma omp simd
+    for (int64_t i = 0; i < D; ++i) out[i] += partials[k * D + i];
+}
+
+// Calls f.template operator()<ACT>() for the runtime act: kernels are instantiated per activation.
+template <typename F> inline void dispatch_act(Act act, F&& f) {
+  switch (act) {
+    case Act::None: f.template operator()<Act::None>(); break;
+    case Act::Silu: f.template operator()<Act::Silu>(); break;
+    case Act::GeluTanh: f.template operator()<Act::GeluTanh>(); break;
+  }
+}
+
+}  // namespace flowfm::cpu
