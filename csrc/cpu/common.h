@@ -12,6 +12,8 @@
 #include <cstdint>
 #include <cstring>
 #include <string_view>
+#include <initializer_list>
+#include <algorithm>
 
 namespace flowfm::cpu {
 
@@ -106,6 +108,40 @@ template <typename A> inline A* mut_ptr_or_null(at::Tensor& t) {
   return t.defined() ? t.data_ptr<A>() : nullptr;
 }
 inline at::Tensor empty_grad() { return at::empty({0}); }
+
+// Per-sample reductions over N elements are cut into fixed chunks of kChunk, each summed by one
+// task into its own slot, and the slots summed in order afterwards: the result depends only on
+// the shape, never on the thread count, and a batch of one still uses every core.
+constexpr int64_t kChunk = 1 << 13;
+inline int64_t chunks_per_sample(int64_t n) { return std::max<int64_t>(1, (n + kChunk - 1) / kChunk); }
+
+// f(b, begin, end, slot) for every chunk [begin, end) of every sample b (offsets within the sample).
+template <typename F> inline void for_each_chunk(int64_t B, int64_t N, F&& f) {
+  const int64_t per = chunks_per_sample(N);
+  at::parallel_for(0, B * per, 1, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t b = u / per, c = u % per;
+      f(b, c * kChunk, std::min(N, (c + 1) * kChunk), u);
+    }
+  });
+}
+
+// Sums the (B, per) chunk slots of each sample in order into out (B,).
+template <typename A> inline void sum_slots(const A* slots, int64_t B, int64_t per, A* out) {
+  for (int64_t b = 0; b < B; ++b) {
+    A acc = A(0);
+    for (int64_t c = 0; c < per; ++c) acc += slots[b * per + c];
+    out[b] = acc;
+  }
+}
+
+// Same-dtype views of the inputs of an elementwise kernel: when dtypes differ, every input is
+// promoted exactly (bf16/fp16 -> fp32 is lossless) so the kernel sees one type, as the reference does.
+inline at::ScalarType common_float(std::initializer_list<at::Tensor> ts) {
+  at::ScalarType st = ts.begin()->scalar_type();
+  for (const auto& t : ts) st = at::promote_types(st, t.scalar_type());
+  return st;
+}
 
 }  // namespace flowfm::cpu
 

@@ -63,6 +63,10 @@ def _check_backend_name(name: str, where: str) -> str:
     return name
 
 
+# Dynamo cannot trace ContextVar.get: under torch.compile the choice is read once, when the graph is
+# traced, and baked into it (dispatch is a trace-time decision; the compiled graph holds the
+# custom op of the chosen backend). Changing the forced backend later needs a fresh compile.
+@torch.compiler.assume_constant_result
 def forced_backend() -> str | None:
     """The backend forced by the innermost :func:`use_backend`, else ``FLOWFM_BACKEND``, else None."""
     name = _forced.get()

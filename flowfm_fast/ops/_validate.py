@@ -41,13 +41,18 @@ def shape(name: str, x: torch.Tensor, expected: Sequence[int], what: str) -> Non
 
 
 def times(name: str, t, batch: int | None = None) -> torch.Tensor:
-    """``t`` is a finite (B,) float tensor within [0, 1] (checking range costs one small sync)."""
+    """``t`` is a finite (B,) float tensor within [0, 1] (checking range costs one small sync; the value
+    check is skipped while torch.compile traces, shapes and dtypes are still checked)."""
     tensor(name, t, 1)
     if batch is not None and t.shape[0] != batch:
         raise ValueError(f"{name} must have shape ({batch},) to match the batch, got {tuple(t.shape)}")
-    if not bool(torch.isfinite(t).all()):
+    if torch.compiler.is_compiling():
+        # Reading values would break the graph (data-dependent); eager calls check them.
+        return t
+    t_ = t.detach()
+    if not bool(torch.isfinite(t_).all()):
         raise ValueError(f"{name} must be finite")
-    lo, hi = float(t.min()), float(t.max())
+    lo, hi = float(t_.min()), float(t_.max())
     if lo < 0.0 or hi > 1.0:
         raise ValueError(f"{name} must lie in [0, 1], got values in [{lo:g}, {hi:g}]")
     return t

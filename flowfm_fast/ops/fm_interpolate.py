@@ -7,6 +7,9 @@ Contract: fp32 within 1e-5 relative of this reference.
 """
 from __future__ import annotations
 
+import torch
+
+from . import _ext
 from . import _validate as V
 from ._registry import register, select
 
@@ -24,6 +27,32 @@ def fm_interpolate_reference(x0, x1, t, sigma_min):
     x_t = (1.0 - (1.0 - sigma_min) * tb) * x0f + tb * x1f
     u_t = x1f - (1.0 - sigma_min) * x0f
     return x_t.to(x1.dtype), u_t.to(x1.dtype)
+
+
+# ---------------------------------------------------------------- compiled (cpp / cuda) backends
+if _ext.has_kernel("fm_interpolate", "cpp") or _ext.has_kernel("fm_interpolate", "cuda"):
+    @torch.library.register_fake("flowfm::fm_interpolate")
+    def _fi_fake(x0, x1, t, sigma_min):
+        return torch.empty_like(x1), torch.empty_like(x1)
+
+    @torch.library.register_fake("flowfm::fm_interpolate_backward")
+    def _fi_backward_fake(dx_t, du_t, x0, x1, t, sigma_min):
+        return torch.empty_like(x0), torch.empty_like(x1), torch.empty_like(t)
+
+    def _fi_setup(ctx, inputs, output):
+        x0, x1, t, sigma_min = inputs
+        ctx.save_for_backward(x0, x1, t)
+        ctx.sigma_min = sigma_min
+
+    def _fi_backward(ctx, dx_t, du_t):
+        x0, x1, t = ctx.saved_tensors
+        dx0, dx1, dt = _ext.op("fm_interpolate_backward")(dx_t, du_t, x0, x1, t, ctx.sigma_min)
+        need = ctx.needs_input_grad
+        return dx0 if need[0] else None, dx1 if need[1] else None, dt if need[2] else None, None
+
+    torch.library.register_autograd("flowfm::fm_interpolate", _fi_backward, setup_context=_fi_setup)
+    _ext.register_compiled(OP, "fm_interpolate",
+                           lambda x0, x1, t, sigma_min: _ext.op("fm_interpolate")(x0, x1, t, sigma_min))
 
 
 def validate_pair(x0, x1, t):

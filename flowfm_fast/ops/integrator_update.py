@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 
+from . import _ext
 from . import _validate as V
 from ._registry import register, select
 
@@ -35,6 +36,45 @@ def rk_combine_reference(x, dt, ks, bs, out):
     for k, b in terms[1:]:
         out.add_(k, alpha=dt * b)
     return out
+
+
+# ---------------------------------------------------------------- compiled (cpp / cuda) backends
+# The in-place updates are for solvers (no autograd): they take the compiled path only when no
+# input needs a gradient, and otherwise the reference, whose add_ autograd understands.
+def _no_grad_inputs(device_type):
+    def can_use(*tensors):
+        return all(t.device.type == device_type and t.dtype in _ext.SUPPORTED_DTYPES
+                   and not (t.requires_grad and torch.is_grad_enabled()) for t in tensors)
+    return can_use
+
+
+if _ext.has_kernel("euler_step_", "cpp") or _ext.has_kernel("euler_step_", "cuda"):
+    @torch.library.register_fake("flowfm::euler_step_")
+    def _euler_fake(x, v, dt):
+        return None
+
+    def _euler_compiled(x, v, dt):
+        _ext.op("euler_step_")(x, v, dt)
+        return x
+
+    for _b, _dev in (("cpp", "cpu"), ("cuda", "cuda")):
+        if _ext.has_kernel("euler_step_", _b):
+            register(OP_EULER, _b, _no_grad_inputs(_dev))(_euler_compiled)
+
+if _ext.has_kernel("rk_combine", "cpp") or _ext.has_kernel("rk_combine", "cuda"):
+    @torch.library.register_fake("flowfm::rk_combine")
+    def _combine_fake(out, x, ks, bs, dt):
+        return None
+
+    def _combine_compiled(x, dt, ks, bs, out):
+        if out is None:
+            out = torch.empty_like(x)
+        _ext.op("rk_combine")(out, x, ks, bs, dt)
+        return out
+
+    for _b, _dev in (("cpp", "cpu"), ("cuda", "cuda")):
+        if _ext.has_kernel("rk_combine", _b):
+            register(OP_COMBINE, _b, _no_grad_inputs(_dev))(_combine_compiled)
 
 
 def _dt(dt) -> float:

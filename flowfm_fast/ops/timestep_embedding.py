@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from . import _ext
 from . import _validate as V
 from ._registry import register, select
 
@@ -26,6 +27,38 @@ def timestep_embedding_reference(t: torch.Tensor, dim: int, max_period: float = 
     if dim % 2:
         emb = torch.nn.functional.pad(emb, (0, 1))
     return emb
+
+
+# ---------------------------------------------------------------- compiled (cpp / cuda) backends
+if _ext.has_kernel("timestep_embedding", "cpp") or _ext.has_kernel("timestep_embedding", "cuda"):
+    @torch.library.register_fake("flowfm::timestep_embedding")
+    def _te_fake(t, dim, max_period):
+        return t.new_empty((t.shape[0], dim), dtype=torch.float32)
+
+    @torch.library.register_fake("flowfm::timestep_embedding_backward")
+    def _te_backward_fake(demb, t, dim, max_period):
+        return t.new_empty(t.shape, dtype=t.dtype if t.is_floating_point() else torch.float32)
+
+    def _te_setup(ctx, inputs, output):
+        t, dim, max_period = inputs
+        ctx.save_for_backward(t)
+        ctx.args = (dim, max_period)
+
+    def _te_backward(ctx, demb):
+        (t,) = ctx.saved_tensors
+        dt = _ext.op("timestep_embedding_backward")(demb, t, *ctx.args) if ctx.needs_input_grad[0] else None
+        return dt, None, None
+
+    torch.library.register_autograd("flowfm::timestep_embedding", _te_backward, setup_context=_te_setup)
+
+    def _te_can_use(t):
+        # Integer step indices are fine; the kernels take any real dtype on the device.
+        return t.device.type in ("cpu", "cuda") and t.dtype not in (torch.bool, torch.complex64, torch.complex128)
+
+    for _backend_name, _dev in (("cpp", "cpu"), ("cuda", "cuda")):
+        if _ext.has_kernel("timestep_embedding", _backend_name):
+            register(OP, _backend_name, lambda t, _d=_dev: t.device.type == _d and _te_can_use(t))(
+                lambda t, dim, max_period: _ext.op("timestep_embedding")(t, dim, max_period))
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

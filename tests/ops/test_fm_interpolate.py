@@ -179,3 +179,25 @@ def test_validation(change, exc, match):
     args.update(change)
     with pytest.raises(exc, match=match):
         fm_interpolate(**args)
+
+
+@pytest.mark.parametrize("sigma_min", [0.0, 0.1])
+def test_grad_t_matches_naive(backend, sigma_min):
+    """dt_b = sum over the sample of dx_t * (x1 - (1 - s) x0); t rarely needs a gradient, but may."""
+    torch.manual_seed(11)
+    x0, x1 = torch.randn(3, 5, 17), torch.randn(3, 5, 17)
+    t = torch.rand(3, requires_grad=True)
+    gx, gu = torch.randn(3, 5, 17), torch.randn(3, 5, 17)
+    x_t, u_t = fm_interpolate(x0, x1, t, sigma_min)
+    ((x_t * gx).sum() + (u_t * gu).sum()).backward()
+    want = (gx.double() * (x1.double() - (1 - sigma_min) * x0.double())).flatten(1).sum(1)
+    torch.testing.assert_close(t.grad.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_gradcheck_float64_with_t(backend):
+    torch.manual_seed(12)
+    x0 = torch.randn(3, 2, 7, dtype=torch.float64, requires_grad=True)
+    x1 = torch.randn(3, 2, 7, dtype=torch.float64, requires_grad=True)
+    t = (0.1 + 0.8 * torch.rand(3, dtype=torch.float64)).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b, c: fm_interpolate(a, b, c, 0.1), (x0, x1, t), eps=1e-6, atol=1e-6,
+                                    rtol=1e-5)

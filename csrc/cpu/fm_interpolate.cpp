@@ -1,0 +1,111 @@
+// fm_interpolate: x_t = (1 - (1 - s) t_b) x0 + t_b x1 and u_t = x1 - (1 - s) x0, one pass that
+// reads x0 and x1 once and writes both outputs. Backward:
+//   dx0 = (1 - (1 - s) t_b) dx_t - (1 - s) du_t,   dx1 = t_b dx_t + du_t,
+//   dt_b = sum over the sample of dx_t * (x1 - (1 - s) x0)     (fixed-chunk sums: thread-count independent).
+#include "common.h"
+
+namespace flowfm::cpu {
+namespace {
+
+template <typename S>
+void forward_kernel(const S* x0, const S* x1, const acc_t<S>* t, S* x_t, S* u_t, int64_t B, int64_t N, acc_t<S> c) {
+  using A = acc_t<S>;
+  at::parallel_for(0, B * N, kGrainElems, [&](int64_t begin, int64_t end) {
+    // Walk sample by sample inside the range so t_b is a loop constant of the SIMD loop.
+    for (int64_t i0 = begin; i0 < end;) {
+      const int64_t b = i0 / N, i1 = std::min(end, (b + 1) * N);
+      const A tb = t[b], a0 = A(1) - c * tb;
+#pragma omp simd
+      for (int64_t i = i0; i < i1; ++i) {
+        const A v0 = static_cast<A>(x0[i]), v1 = static_cast<A>(x1[i]);
+        x_t[i] = static_cast<S>(a0 * v0 + tb * v1);
+        u_t[i] = static_cast<S>(v1 - c * v0);
+      }
+      i0 = i1;
+    }
+  });
+}
+
+template <typename S>
+void backward_kernel(const S* dx_t, const S* du_t, const S* x0, const S* x1, const acc_t<S>* t, S* dx0, S* dx1,
+                     acc_t<S>* dt_part, int64_t B, int64_t N, acc_t<S> c) {
+  using A = acc_t<S>;
+  for_each_chunk(B, N, [&](int64_t b, int64_t begin, int64_t end, int64_t slot) {
+    const A tb = t[b], a0 = A(1) - c * tb;
+    const int64_t o = b * N;
+    A acc = A(0);
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = o + begin; i < o + end; ++i) {
+      const A gx = dx_t ? static_cast<A>(dx_t[i]) : A(0);
+      const A gu = du_t ? static_cast<A>(du_t[i]) : A(0);
+      dx0[i] = static_cast<S>(a0 * gx - c * gu);
+      dx1[i] = static_cast<S>(tb * gx + gu);
+      acc += gx * (static_cast<A>(x1[i]) - c * static_cast<A>(x0[i]));
+    }
+    dt_part[slot] = acc;
+  });
+}
+
+void check_pair(const at::Tensor& x0, const at::Tensor& x1, const at::Tensor& t) {
+  check_cpu_float(x0, "x0");
+  check_cpu_float(x1, "x1");
+  check_cpu_float(t, "t");
+  TORCH_CHECK_VALUE(x1.dim() >= 1 && x1.numel() > 0, "x1 must be a non-empty batched tensor");
+  check_shape(x0, x1.sizes(), "x0");
+  check_shape(t, {x1.size(0)}, "t");
+}
+
+std::tuple<at::Tensor, at::Tensor> fm_interpolate_cpu(const at::Tensor& x0_in, const at::Tensor& x1_in,
+                                                      const at::Tensor& t_in, double sigma_min) {
+  check_pair(x0_in, x1_in, t_in);
+  const auto st = common_float({x0_in, x1_in});
+  auto x0 = x0_in.to(st).contiguous(), x1 = x1_in.to(st).contiguous();
+  auto t = t_in.to(acc_dtype(st)).contiguous();
+  const int64_t B = x1.size(0), N = x1.numel() / B;
+  auto x_t = at::empty(x1.sizes(), x1.options());
+  auto u_t = at::empty(x1.sizes(), x1.options());
+  FLOWFM_DISPATCH_FLOATS(st, "fm_interpolate", [&] {
+    using A = acc_t<scalar_t>;
+    forward_kernel<scalar_t>(x0.data_ptr<scalar_t>(), x1.data_ptr<scalar_t>(), t.data_ptr<A>(),
+                             x_t.data_ptr<scalar_t>(), u_t.data_ptr<scalar_t>(), B, N, A(1) - static_cast<A>(sigma_min));
+  });
+  // Results in x1's dtype (a no-op when the inputs already share it).
+  return {x_t.to(x1_in.scalar_type()), u_t.to(x1_in.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fm_interpolate_backward_cpu(
+    const c10::optional<at::Tensor>& dx_t_in, const c10::optional<at::Tensor>& du_t_in, const at::Tensor& x0_in,
+    const at::Tensor& x1_in, const at::Tensor& t_in, double sigma_min) {
+  check_pair(x0_in, x1_in, t_in);
+  const bool has_dx = dx_t_in.has_value() && dx_t_in->defined(), has_du = du_t_in.has_value() && du_t_in->defined();
+  if (has_dx) check_shape(*dx_t_in, x1_in.sizes(), "dx_t");
+  if (has_du) check_shape(*du_t_in, x1_in.sizes(), "du_t");
+  const auto st = common_float({x0_in, x1_in});
+  auto x0 = x0_in.to(st).contiguous(), x1 = x1_in.to(st).contiguous();
+  auto dx_t = has_dx ? dx_t_in->to(st).contiguous() : at::Tensor();
+  auto du_t = has_du ? du_t_in->to(st).contiguous() : at::Tensor();
+  const auto acc = acc_dtype(st);
+  auto t = t_in.to(acc).contiguous();
+  const int64_t B = x1.size(0), N = x1.numel() / B, per = chunks_per_sample(N);
+  auto dx0 = at::empty_like(x1), dx1 = at::empty_like(x1);
+  auto dt_part = at::empty({B, per}, t.options());
+  auto dt = at::empty({B}, t.options());
+  FLOWFM_DISPATCH_FLOATS(st, "fm_interpolate_backward", [&] {
+    using A = acc_t<scalar_t>;
+    backward_kernel<scalar_t>(has_dx ? dx_t.data_ptr<scalar_t>() : nullptr,
+                              has_du ? du_t.data_ptr<scalar_t>() : nullptr, x0.data_ptr<scalar_t>(),
+                              x1.data_ptr<scalar_t>(), t.data_ptr<A>(), dx0.data_ptr<scalar_t>(),
+                              dx1.data_ptr<scalar_t>(), dt_part.data_ptr<A>(), B, N, A(1) - static_cast<A>(sigma_min));
+    sum_slots<A>(dt_part.data_ptr<A>(), B, per, dt.data_ptr<A>());
+  });
+  return {dx0.to(x0_in.scalar_type()), dx1.to(x1_in.scalar_type()), dt.to(t_in.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(flowfm, CPU, m) {
+  m.impl("fm_interpolate", &fm_interpolate_cpu);
+  m.impl("fm_interpolate_backward", &fm_interpolate_backward_cpu);
+}
+
+}  // namespace flowfm::cpu

@@ -1,0 +1,85 @@
+// fm_loss: loss = mean_b w_b * mean_i (v - u)^2 with u = x1 - (1 - s) x0, never materialising u.
+// One pass reads v, x0, x1 once; with need_grad it also writes dv = 2 w_b (v - u) / (B N) in fp32
+// (float64 for float64), the gradient of the loss for an upstream gradient of 1.
+// Outputs: loss (scalar), per_sample (B,) = mean_i (v - u)^2 unweighted, dv (or an empty tensor).
+// Per-sample sums use fixed chunks (common.h), so the loss does not depend on the thread count.
+#include "common.h"
+
+namespace flowfm::cpu {
+namespace {
+
+template <typename S>
+void loss_kernel(const S* v, const S* x0, const S* x1, const acc_t<S>* w, acc_t<S>* dv, acc_t<S>* part, int64_t B,
+                 int64_t N, acc_t<S> c) {
+  using A = acc_t<S>;
+  const A inv_bn = A(2) / (A(B) * A(N));
+  for_each_chunk(B, N, [&](int64_t b, int64_t begin, int64_t end, int64_t slot) {
+    const int64_t o = b * N;
+    A acc = A(0);
+    if (dv) {
+      const A k = inv_bn * (w ? w[b] : A(1));
+#pragma omp simd reduction(+ : acc)
+      for (int64_t i = o + begin; i < o + end; ++i) {
+        const A r = static_cast<A>(v[i]) - (static_cast<A>(x1[i]) - c * static_cast<A>(x0[i]));
+        acc += r * r;
+        dv[i] = k * r;
+      }
+    } else {
+#pragma omp simd reduction(+ : acc)
+      for (int64_t i = o + begin; i < o + end; ++i) {
+        const A r = static_cast<A>(v[i]) - (static_cast<A>(x1[i]) - c * static_cast<A>(x0[i]));
+        acc += r * r;
+      }
+    }
+    part[slot] = acc;
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fm_loss_cpu(const at::Tensor& v_in, const at::Tensor& x0_in,
+                                                           const at::Tensor& x1_in,
+                                                           const c10::optional<at::Tensor>& weight_in,
+                                                           double sigma_min, bool need_grad) {
+  check_cpu_float(v_in, "v");
+  check_cpu_float(x0_in, "x0");
+  check_cpu_float(x1_in, "x1");
+  TORCH_CHECK_VALUE(x1_in.dim() >= 1 && x1_in.numel() > 0, "x1 must be a non-empty batched tensor");
+  check_shape(x0_in, x1_in.sizes(), "x0");
+  check_shape(v_in, x1_in.sizes(), "v");
+  const int64_t B = x1_in.size(0), N = x1_in.numel() / B, per = chunks_per_sample(N);
+  const bool weighted = weight_in.has_value() && weight_in->defined();
+  if (weighted) {
+    check_cpu_float(*weight_in, "weight");
+    check_shape(*weight_in, {B}, "weight");
+  }
+  const auto st = common_float({v_in, x0_in, x1_in});
+  const auto acc = acc_dtype(st);
+  auto v = v_in.to(st).contiguous(), x0 = x0_in.to(st).contiguous(), x1 = x1_in.to(st).contiguous();
+  auto w = weighted ? weight_in->to(acc).contiguous() : at::Tensor();
+  auto fopt = v.options().dtype(acc);
+  auto dv = need_grad ? at::empty(v.sizes(), fopt) : at::empty({0}, fopt);
+  auto part = at::empty({B, per}, fopt);
+  auto per_sample = at::empty({B}, fopt);
+  auto loss = at::empty({}, fopt);
+  FLOWFM_DISPATCH_FLOATS(st, "fm_loss", [&] {
+    using A = acc_t<scalar_t>;
+    loss_kernel<scalar_t>(v.data_ptr<scalar_t>(), x0.data_ptr<scalar_t>(), x1.data_ptr<scalar_t>(),
+                          weighted ? w.data_ptr<A>() : nullptr, need_grad ? dv.data_ptr<A>() : nullptr,
+                          part.data_ptr<A>(), B, N, A(1) - static_cast<A>(sigma_min));
+    A* ps = per_sample.data_ptr<A>();
+    sum_slots<A>(part.data_ptr<A>(), B, per, ps);
+    const A* wp = weighted ? w.data_ptr<A>() : nullptr;
+    A total = A(0);
+    for (int64_t b = 0; b < B; ++b) {
+      ps[b] /= A(N);
+      total += (wp ? wp[b] : A(1)) * ps[b];
+    }
+    *loss.data_ptr<A>() = total / A(B);
+  });
+  return {loss, per_sample, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(flowfm, CPU, m) { m.impl("fm_loss", &fm_loss_cpu); }
+
+}  // namespace flowfm::cpu

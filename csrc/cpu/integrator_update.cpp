@@ -1,0 +1,118 @@
+// Integrator updates, in place and allocation-free on contiguous tensors:
+//   euler_step_:  x += dt * v
+//   rk_combine:   out = x + dt * sum_i b_i k_i   (out may be x; terms with b_i = 0 are skipped;
+//                 summation order is k_0 first, as in the reference)
+// Arithmetic in fp32 (float64 for float64) with one rounding to the storage dtype at the end.
+// A non-contiguous destination is computed into a contiguous buffer and copied back.
+#include <vector>
+
+#include "common.h"
+
+namespace flowfm::cpu {
+namespace {
+
+template <typename S, typename V>
+void euler_kernel(S* x, const V* v, int64_t n, acc_t<S> dt) {
+  using A = acc_t<S>;
+  at::parallel_for(0, n, kGrainElems, [&](int64_t begin, int64_t end) {
+#pragma omp simd
+    for (int64_t i = begin; i < end; ++i) x[i] = static_cast<S>(static_cast<A>(x[i]) + dt * static_cast<A>(v[i]));
+  });
+}
+
+void euler_step_cpu(const at::Tensor& x, const at::Tensor& v_in, double dt) {
+  check_cpu_float(x, "x");
+  check_cpu_float(v_in, "v");
+  check_shape(v_in, x.sizes(), "v");
+  if (x.numel() == 0) return;
+  auto xc = x.is_contiguous() ? x : x.contiguous();
+  const bool same = v_in.scalar_type() == x.scalar_type();
+  // A v of another dtype is promoted exactly to the accumulation dtype (never rounded to x's).
+  auto v = same ? v_in.contiguous() : v_in.to(acc_dtype(x.scalar_type())).contiguous();
+  FLOWFM_DISPATCH_FLOATS(x.scalar_type(), "euler_step_", [&] {
+    using A = acc_t<scalar_t>;
+    if (same)
+      euler_kernel<scalar_t, scalar_t>(xc.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), x.numel(), static_cast<A>(dt));
+    else
+      euler_kernel<scalar_t, A>(xc.data_ptr<scalar_t>(), v.data_ptr<A>(), x.numel(), static_cast<A>(dt));
+  });
+  if (!xc.is_same(x)) x.copy_(xc);
+}
+
+// Up to kMaxStages stage tensors per call (RK4 3/8 needs 4; more stages fold in a second pass).
+constexpr int kMaxStages = 8;
+
+template <typename S>
+void combine_kernel(S* out, const S* x, const std::vector<const S*>& ks, const std::vector<acc_t<S>>& c, int64_t n) {
+  using A = acc_t<S>;
+  const int m = static_cast<int>(ks.size());
+  at::parallel_for(0, n, kGrainElems, [&](int64_t begin, int64_t end) {
+    // Stage count as a template-free loop over a small fixed array keeps the inner loop vectorised.
+    const S* kp[kMaxStages];
+    A cp[kMaxStages];
+    for (int j = 0; j < m; ++j) { kp[j] = ks[j]; cp[j] = c[j]; }
+#pragma omp simd
+    for (int64_t i = begin; i < end; ++i) {
+      A acc = static_cast<A>(x[i]);
+      for (int j = 0; j < m; ++j) acc += cp[j] * static_cast<A>(kp[j][i]);
+      out[i] = static_cast<S>(acc);
+    }
+  });
+}
+
+void rk_combine_cpu(const at::Tensor& out, const at::Tensor& x_in, at::TensorList ks_in, at::ArrayRef<double> bs,
+                    double dt) {
+  check_cpu_float(out, "out");
+  check_cpu_float(x_in, "x");
+  check_shape(x_in, out.sizes(), "x");
+  TORCH_CHECK_VALUE(ks_in.size() == bs.size() && !ks_in.empty(), "ks and bs must be non-empty and of equal length");
+  for (const auto& k : ks_in) {
+    check_cpu_float(k, "ks[i]");
+    check_shape(k, out.sizes(), "ks[i]");
+  }
+  if (out.numel() == 0) return;
+  const auto st = out.scalar_type();
+  const auto acc = acc_dtype(st);
+  // Inputs in out's dtype when they already are (the common case: no copy), else promoted exactly.
+  bool same = x_in.scalar_type() == st;
+  for (const auto& k : ks_in) same = same && k.scalar_type() == st;
+  const auto work = same ? st : acc;
+  auto x = x_in.to(work).contiguous();
+  std::vector<at::Tensor> ks;
+  std::vector<double> cs;
+  for (size_t j = 0; j < ks_in.size(); ++j)
+    if (bs[j] != 0.0) {
+      ks.push_back(ks_in[j].to(work).contiguous());
+      cs.push_back(dt * bs[j]);
+    }
+  auto dst = (out.is_contiguous() && work == st) ? out : at::empty(out.sizes(), out.options().dtype(work));
+  FLOWFM_DISPATCH_FLOATS(work, "rk_combine", [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* src = x.data_ptr<scalar_t>();
+    if (ks.empty()) {
+      if (!dst.is_same(x)) dst.copy_(x);
+      return;
+    }
+    for (size_t j0 = 0; j0 < ks.size(); j0 += kMaxStages) {
+      const size_t j1 = std::min(ks.size(), j0 + kMaxStages);
+      std::vector<const scalar_t*> kp;
+      std::vector<A> c;
+      for (size_t j = j0; j < j1; ++j) {
+        kp.push_back(ks[j].data_ptr<scalar_t>());
+        c.push_back(static_cast<A>(cs[j]));
+      }
+      combine_kernel<scalar_t>(dst.data_ptr<scalar_t>(), src, kp, c, out.numel());
+      src = dst.data_ptr<scalar_t>();  // later groups accumulate onto the partial result
+    }
+  });
+  if (!dst.is_same(out)) out.copy_(dst);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(flowfm, CPU, m) {
+  m.impl("euler_step_", &euler_step_cpu);
+  m.impl("rk_combine", &rk_combine_cpu);
+}
+
+}  // namespace flowfm::cpu

@@ -1,0 +1,123 @@
+"""The C++ CPU backend beyond value parity (which every op test checks for each backend):
+results independent of the thread count, torch.compile(fullgraph=True) through the custom ops,
+and the kernels' own checks when ``torch.ops.flowfm`` is called directly with bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flowfm_fast import ops
+from flowfm_fast.ops import _ext, use_backend
+
+pytestmark = pytest.mark.skipif(not _ext.has_kernel("norm_modulate", "cpp"),
+                                reason="flowfm_fast._C (cpp backend) is not built")
+
+
+def _leaf(*shape, dtype=torch.float32, scale=1.0):
+    return (scale * torch.randn(*shape)).to(dtype).requires_grad_(True)
+
+
+def _run_all(dtype):
+    """Forward and backward of every op on shapes big enough to be split across threads."""
+    torch.manual_seed(0)
+    B, T, D, C, L = 67, 13, 131, 16, 300
+    x = _leaf(B, T, D, dtype=dtype)
+    sh, sc, g = _leaf(B, D, scale=0.3), _leaf(B, D, scale=0.3), _leaf(B, D, scale=0.3)
+    w, b = _leaf(D), _leaf(D)
+    feat = _leaf(B, C, L, dtype=dtype)
+    gsh, gsc, gw, gb = _leaf(B, C, scale=0.3), _leaf(B, C, scale=0.3), _leaf(C), _leaf(C)
+    h = _leaf(B, T, D, dtype=dtype)
+    x0, x1, v = torch.randn(B, 3, 3001).to(dtype), torch.randn(B, 3, 3001).to(dtype), _leaf(B, 3, 3001, dtype=dtype)
+    t = torch.rand(B, requires_grad=True)
+    outs = [
+        ops.norm_modulate(x, sh, sc, "layer", w, b, act="silu"),
+        ops.norm_modulate(x, sh, sc, "rms", w, None, act="gelu_tanh"),
+        ops.norm_modulate(feat, gsh, gsc, "group", gw, gb, act="silu", num_groups=4),
+        ops.gated_residual(x, h, g),
+        *ops.gated_residual_norm_modulate(x, h, g, sh, sc, "layer", w, b),
+        *ops.fm_interpolate(x0, x1, t, 0.01),
+        ops.timestep_embedding(t * 1000, 129),
+    ]
+    fm = ops.fm_loss(v, x0, x1, t)
+    # torch's own sum may depend on the thread count; only its gradient (the ramp) reaches our kernels.
+    loss = fm + sum((o.float() * torch.linspace(-1, 1, o.shape[-1])).sum() for o in outs)
+    leaves = [x, sh, sc, g, w, b, feat, gsh, gsc, gw, gb, h, v, t]
+    grads = torch.autograd.grad(loss, leaves)
+    with torch.no_grad():
+        y = x.detach().clone()
+        ops.euler_step_(y, h.detach(), 0.1)
+        z = ops.rk_combine(y, 0.25, [h.detach(), x.detach(), y, h.detach()], [1 / 8, 3 / 8, 3 / 8, 1 / 8])
+    return [o.detach() for o in outs] + [fm.detach(), y, z] + list(grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_thread_count_does_not_change_results(dtype):
+    """Reductions use fixed blocks, never per-thread partial sums: 1 and 2 threads agree bit for bit."""
+    n = torch.get_num_threads()
+    try:
+        with use_backend("cpp"):
+            torch.set_num_threads(1)
+            one = _run_all(dtype)
+            torch.set_num_threads(2)
+            two = _run_all(dtype)
+    finally:
+        torch.set_num_threads(n)
+    assert len(one) == len(two)
+    for i, (a, b) in enumerate(zip(one, two)):
+        assert torch.equal(a, b), f"result {i} differs between 1 and 2 threads"
+
+
+def test_cpp_is_the_default_on_cpu():
+    from flowfm_fast.ops import _registry
+    x = torch.randn(2, 3, 4)
+    for op in ("norm_modulate", "gated_residual", "fm_loss", "fm_interpolate", "timestep_embedding"):
+        assert _registry.select(op, x.device, x).fn.__module__.startswith("flowfm_fast.ops"), op
+        assert "cpp" in ops.backends_for(op)
+
+
+def _block(x, c, w, b, v, x0, x1, t):
+    shift, scale, gate = c.chunk(3, dim=1)
+    h = ops.norm_modulate(x, shift, scale, "layer", w, b, act="silu")
+    res, h2 = ops.gated_residual_norm_modulate(x, h, gate, shift, scale, "rms")
+    return ops.fm_loss(v + h2.mean(), x0, x1, t) + res.square().mean()
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch.manual_seed(1)
+    B, T, D = 3, 5, 7
+    args = [torch.randn(B, T, D, requires_grad=True), torch.randn(B, 3 * D, requires_grad=True),
+            torch.randn(D, requires_grad=True), torch.randn(D, requires_grad=True),
+            torch.randn(B, T, D, requires_grad=True), torch.randn(B, T, D), torch.randn(B, T, D), torch.rand(B)]
+    with use_backend("cpp"):
+        eager = _block(*args)
+        g_eager = torch.autograd.grad(eager, [a for a in args if a.requires_grad])
+        # Dispatch happens outside the graph: the custom ops are what the compiler sees, opaquely.
+        compiled = torch.compile(_block, fullgraph=True, backend="aot_eager")
+        out = compiled(*args)
+        g_out = torch.autograd.grad(out, [a for a in args if a.requires_grad])
+    torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g_out, g_eager):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("call,exc", [
+    (lambda: torch.ops.flowfm.gated_residual(torch.randn(2, 3, 4), torch.randn(2, 3, 5), torch.randn(2, 4)),
+     ValueError),
+    (lambda: torch.ops.flowfm.norm_modulate(torch.randn(2, 6, 5), None, None, None, None, "group", 1e-5, "none", 4),
+     ValueError),
+    (lambda: torch.ops.flowfm.norm_modulate(torch.randn(2, 5), None, None, None, None, "cube", 1e-5, "none", 1),
+     ValueError),
+    (lambda: torch.ops.flowfm.norm_modulate(torch.randn(2, 5), torch.randn(2, 4), None, None, None, "layer", 1e-5,
+                                            "none", 1), ValueError),
+    (lambda: torch.ops.flowfm.fm_loss(torch.randn(2, 3), torch.randn(2, 3), torch.randn(3, 3), None, 0.0, False),
+     ValueError),
+    (lambda: torch.ops.flowfm.fm_interpolate(torch.randn(2, 3), torch.randn(2, 3), torch.rand(3), 0.0), ValueError),
+    (lambda: torch.ops.flowfm.rk_combine(torch.empty(2, 3), torch.randn(2, 3), [torch.randn(2, 4)], [1.0], 0.1),
+     ValueError),
+    (lambda: torch.ops.flowfm.euler_step_(torch.zeros(2, 3, dtype=torch.int32), torch.randn(2, 3), 0.1), TypeError),
+    (lambda: torch.ops.flowfm.timestep_embedding(torch.rand(2, 2), 8, 10000.0), ValueError),
+])
+def test_direct_calls_check_their_inputs(call, exc):
+    """Python validates first; the kernels still refuse what would read out of bounds."""
+    with pytest.raises(exc):
+        call()
