@@ -42,7 +42,9 @@ def extension_kwargs():
     with_cuda = (torch.version.cuda is not None and nvcc is not None and os.path.exists(nvcc)
                  and os.environ.get("FLOWFM_BUILD_CUDA", "1") != "0")
     if with_cuda:
-        ext = CUDAExtension("flowfm_fast._C", sources + rel("csrc/cuda/*.cu"),
+        # csrc/cuda: raw-pointer kernels (*.cu, nvcc) and their torch bindings (*_binding.cpp, host
+        # compiler), both only in this build.
+        ext = CUDAExtension("flowfm_fast._C", sources + rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp"),
                             define_macros=[("FLOWFM_WITH_CUDA", "1")],
                             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
                             extra_link_args=["-fopenmp"])

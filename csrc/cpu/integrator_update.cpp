@@ -85,7 +85,10 @@ void rk_combine_cpu(const at::Tensor& out, const at::Tensor& x_in, at::TensorLis
       ks.push_back(ks_in[j].to(work).contiguous());
       cs.push_back(dt * bs[j]);
     }
-  auto dst = (out.is_contiguous() && work == st) ? out : at::empty(out.sizes(), out.options().dtype(work));
+  // More stages than one pass takes are folded in over several passes, reading the partial result
+  // back: then out must not double as one of the stages, so the passes go to a fresh buffer.
+  const bool direct = out.is_contiguous() && work == st && ks.size() <= static_cast<size_t>(kMaxStages);
+  auto dst = direct ? out : at::empty(out.sizes(), out.options().dtype(work));
   FLOWFM_DISPATCH_FLOATS(work, "rk_combine", [&] {
     using A = acc_t<scalar_t>;
     const scalar_t* src = x.data_ptr<scalar_t>();

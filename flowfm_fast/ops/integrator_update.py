@@ -31,6 +31,9 @@ def rk_combine_reference(x, dt, ks, bs, out):
         out = torch.empty_like(x)
     if not terms:
         return out.copy_(x)
+    # out doubling as a stage read after the first write would be read already overwritten.
+    if any(k.untyped_storage().data_ptr() == out.untyped_storage().data_ptr() for k, _ in terms[1:]):
+        return out.copy_(rk_combine_reference(x, dt, ks, bs, None))
     k0, b0 = terms[0]
     torch.add(x, k0, alpha=dt * b0, out=out)
     for k, b in terms[1:]:

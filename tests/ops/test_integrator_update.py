@@ -226,3 +226,17 @@ def test_rk_combine_validation(call, exc, match):
     with pytest.raises(exc, match=match):
         call(x, ks)
     assert torch.equal(x, x_before)
+
+
+@pytest.mark.parametrize("alias", ["x", "first", "last"])
+def test_rk_combine_many_stages_with_out_aliasing_an_input(rk_backend, alias):
+    """13 stages (more than one kernel pass takes) with out being x or one of the stages."""
+    torch.manual_seed(13)
+    x = torch.randn(3, 2, 11)
+    ks = [torch.randn(3, 2, 11) for _ in range(13)]
+    bs = [0.1 * (i + 1) * (-1) ** i for i in range(13)]
+    want = x.double() + 0.3 * sum(b * k.double() for b, k in zip(bs, ks))
+    out = {"x": x, "first": ks[0], "last": ks[-1]}[alias]
+    got = rk_combine(x, 0.3, ks, bs, out=out)
+    assert got is out
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
