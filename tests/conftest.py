@@ -1,3 +1,12 @@
+"""Test setup. Triton kernels run on the CPU under its interpreter where no NVIDIA GPU is present;
+TRITON_INTERPRET must be in the environment before triton is first imported, so it is decided
+here without importing torch (which may import triton)."""
+import os
+import shutil
+
+if shutil.which("nvidia-smi") is None and not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 
