@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _ext
+from . import _ext, _triton
 from . import _validate as V
 from ._registry import register, select
 from .norm_modulate import norm_modulate_reference, validate as validate_norm_modulate
@@ -95,6 +95,98 @@ if _ext.has_kernel("gated_residual_norm_modulate", "cpp") or _ext.has_kernel("ga
         return new_res, y
 
     _ext.register_compiled(OP_FUSED, "gated_residual_norm_modulate", _grnm_compiled)
+
+
+# ---------------------------------------------------------------- triton backend
+if _triton.available():
+    from typing import Optional
+
+    from torch import Tensor
+
+    @torch.library.custom_op(f"{_triton.NAMESPACE}::gated_residual", mutates_args=())
+    def _tr_gr(res: Tensor, h: Tensor, gate: Tensor) -> Tensor:
+        from ..kernels import gated_residual as K
+        return K.gated_residual_forward(res, h, gate)
+
+    @torch.library.custom_op(f"{_triton.NAMESPACE}::gated_residual_backward", mutates_args=())
+    def _tr_gr_backward(dy: Tensor, h: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
+        from ..kernels import gated_residual as K
+        return K.gated_residual_backward(dy, h, gate)
+
+    @_tr_gr.register_fake
+    def _tr_gr_fake(res, h, gate):
+        return torch.empty_like(res, memory_format=torch.contiguous_format)
+
+    @_tr_gr_backward.register_fake
+    def _tr_gr_backward_fake(dy, h, gate):
+        return torch.empty_like(h, memory_format=torch.contiguous_format), torch.empty_like(gate)
+
+    def _tr_gr_setup(ctx, inputs, output):
+        res, h, gate = inputs
+        ctx.save_for_backward(h, gate)
+        ctx.res_dtype = res.dtype
+
+    def _tr_gr_bwd(ctx, dy):
+        h, gate = ctx.saved_tensors
+        dh, dgate = _tr_gr_backward(dy, h, gate)
+        need = ctx.needs_input_grad
+        return dy.to(ctx.res_dtype) if need[0] else None, dh if need[1] else None, dgate if need[2] else None
+
+    _tr_gr.register_autograd(_tr_gr_bwd, setup_context=_tr_gr_setup)
+    _triton.register_triton(OP, lambda res, h, gate: _tr_gr(res, h, gate))
+
+    @torch.library.custom_op(f"{_triton.NAMESPACE}::gated_residual_norm_modulate", mutates_args=())
+    def _tr_grnm(res: Tensor, h: Tensor, gate: Tensor, shift: Optional[Tensor], scale: Optional[Tensor],
+                 weight: Optional[Tensor], bias: Optional[Tensor], kind: str, eps: float, act: str
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        from ..kernels import gated_residual as K
+        return K.fused_forward(res, h, gate, shift, scale, weight, bias, kind, eps, act)
+
+    @torch.library.custom_op(f"{_triton.NAMESPACE}::gated_residual_norm_modulate_backward", mutates_args=())
+    def _tr_grnm_backward(dnew_res: Optional[Tensor], dy: Tensor, new_res: Tensor, h: Tensor, gate: Tensor,
+                          mean: Tensor, rstd: Tensor, shift: Optional[Tensor], scale: Optional[Tensor],
+                          weight: Optional[Tensor], bias: Optional[Tensor], kind: str, act: str
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        from ..kernels import gated_residual as K
+        return K.fused_backward(dnew_res, dy, new_res, h, gate, mean, rstd, shift, scale, weight, bias, kind, act)
+
+    @_tr_grnm.register_fake
+    def _tr_grnm_fake(res, h, gate, shift, scale, weight, bias, kind, eps, act):
+        acc = torch.float64 if res.dtype == torch.float64 else torch.float32
+        rows = (res.numel() // res.shape[-1],)
+        out = lambda: torch.empty_like(res, memory_format=torch.contiguous_format)  # noqa: E731
+        return out(), out(), res.new_empty(rows, dtype=acc), res.new_empty(rows, dtype=acc)
+
+    @_tr_grnm_backward.register_fake
+    def _tr_grnm_backward_fake(dnew_res, dy, new_res, h, gate, mean, rstd, shift, scale, weight, bias, kind, act):
+        like = lambda t: new_res.new_empty((0,)) if t is None else torch.empty_like(t)  # noqa: E731
+        return (torch.empty_like(new_res, memory_format=torch.contiguous_format),
+                torch.empty_like(h, memory_format=torch.contiguous_format), torch.empty_like(gate), like(shift),
+                like(scale), like(weight), like(bias))
+
+    def _tr_grnm_setup(ctx, inputs, output):
+        res, h, gate, shift, scale, weight, bias, kind, _eps, act = inputs
+        new_res, _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_backward(new_res, h, gate, mean, rstd, shift, scale, weight, bias)
+        ctx.args = (kind, act)
+
+    def _tr_grnm_bwd(ctx, dnew_res, dy, _dmean, _drstd):
+        new_res, h, gate, mean, rstd, shift, scale, weight, bias = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(new_res)
+        grads = _tr_grnm_backward(dnew_res, dy, new_res, h, gate, mean, rstd, shift, scale, weight, bias, *ctx.args)
+        need = ctx.needs_input_grad
+        return (grads[0] if need[0] else None, *(_ext.grad_or_none(g, n) for g, n in zip(grads[1:], need[1:7])),
+                None, None, None)
+
+    _tr_grnm.register_autograd(_tr_grnm_bwd, setup_context=_tr_grnm_setup)
+
+    def _grnm_triton(res, h, gate, shift, scale, kind, weight, bias, eps, act):
+        new_res, y, _, _ = _tr_grnm(res, h, gate, shift, scale, weight, bias, kind, eps, act or "none")
+        return new_res, y
+
+    _triton.register_triton(OP_FUSED, _grnm_triton)
 
 
 def _validate(res, h, gate):

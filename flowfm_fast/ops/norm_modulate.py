@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _ext
+from . import _ext, _triton
 from . import _validate as V
 from ._registry import register, select
 
@@ -98,6 +98,59 @@ if _ext.has_kernel("norm_modulate", "cpp") or _ext.has_kernel("norm_modulate", "
         return _ext.op("norm_modulate")(x, shift, scale, weight, bias, kind, eps, act or "none", groups)[0]
 
     _ext.register_compiled(OP, "norm_modulate", _norm_modulate_compiled)
+
+
+# ---------------------------------------------------------------- triton backend
+if _triton.available():
+    from typing import Optional
+
+    from torch import Tensor
+
+    @torch.library.custom_op(f"{_triton.NAMESPACE}::norm_modulate", mutates_args=())
+    def _tr_nm(x: Tensor, shift: Optional[Tensor], scale: Optional[Tensor], weight: Optional[Tensor],
+               bias: Optional[Tensor], kind: str, eps: float, act: str, num_groups: int
+               ) -> tuple[Tensor, Tensor, Tensor]:
+        from ..kernels import norm_modulate as K
+        return K.forward(x, shift, scale, weight, bias, kind, eps, act, num_groups)
+
+    @torch.library.custom_op(f"{_triton.NAMESPACE}::norm_modulate_backward", mutates_args=())
+    def _tr_nm_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, shift: Optional[Tensor],
+                        scale: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], kind: str,
+                        act: str, num_groups: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        from ..kernels import norm_modulate as K
+        return K.backward(dy, x, mean, rstd, shift, scale, weight, bias, kind, act, num_groups)
+
+    @_tr_nm.register_fake
+    def _tr_nm_fake(x, shift, scale, weight, bias, kind, eps, act, num_groups):
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        stats = _stats_shape(x, kind, num_groups)
+        return torch.empty_like(x), x.new_empty(stats, dtype=acc), x.new_empty(stats, dtype=acc)
+
+    @_tr_nm_backward.register_fake
+    def _tr_nm_backward_fake(dy, x, mean, rstd, shift, scale, weight, bias, kind, act, num_groups):
+        like = lambda t: x.new_empty((0,)) if t is None else torch.empty_like(t)  # noqa: E731
+        return torch.empty_like(x), like(shift), like(scale), like(weight), like(bias)
+
+    def _tr_nm_setup(ctx, inputs, output):
+        x, shift, scale, weight, bias, kind, _eps, act, num_groups = inputs
+        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.save_for_backward(x, output[1], output[2], shift, scale, weight, bias)
+        ctx.args = (kind, act, num_groups)
+
+    def _tr_nm_bwd(ctx, dy, _dmean, _drstd):
+        x, mean, rstd, shift, scale, weight, bias = ctx.saved_tensors
+        grads = _tr_nm_backward(dy, x, mean, rstd, shift, scale, weight, bias, *ctx.args)
+        need = ctx.needs_input_grad
+        return (grads[0] if need[0] else None, *(_ext.grad_or_none(g, n) for g, n in zip(grads[1:], need[1:5])),
+                None, None, None, None)
+
+    _tr_nm.register_autograd(_tr_nm_bwd, setup_context=_tr_nm_setup)
+
+    def _norm_modulate_triton(x, shift, scale, kind, weight, bias, eps, act, num_groups):
+        groups = num_groups if kind == "group" else 1
+        return _tr_nm(x, shift, scale, weight, bias, kind, eps, act or "none", groups)[0]
+
+    _triton.register_triton(OP, _norm_modulate_triton)
 
 
 def validate(x, shift, scale, kind, weight, bias, eps, act, num_groups, x_name="x"):

@@ -1,0 +1,256 @@
+"""Triton kernels of ``gated_residual`` and the fused ``gated_residual_norm_modulate``.
+
+``r = res + gate[b] * h``, gate (B, D) broadcast over T (rows (N, D): T = 1), in res's dtype.
+The fused chain also returns ``y = act(norm(r) * (1 + scale) + shift)`` (token kinds, the math of
+:mod:`flowfm_fast.kernels.norm_modulate`) from the same pass: res and h are read once, r and y
+written once. The norm sees r rounded to res's dtype, exactly as the unfused chain does.
+
+Backward: dh = dr * gate, dgate[b] = sum_t dr * h, where dr = dy_r (+ the norm's dx for the fused
+chain). dgate, dshift, dscale, dweight, dbias use the per-program partial sums plus one fixed-order
+reduction of :func:`norm_modulate.row_partition` (no atomics, deterministic).
+
+Layouts: res, h, dy and dnew_res are read through their strides; outputs are contiguous; gate
+and the modulation / affine vectors are made contiguous (they are small).
+
+Contract: fp32 within 1e-5 relative of the float64 formula (gradients 1e-4 after reductions);
+bf16 / fp16 within the Liger-style tolerances. ``gated_residual`` forward is one rounding of a
+fp32 multiply-add per element, so it is bit-exact against any implementation that computes
+``res + gate * h`` in fp32 without FMA contraction (close otherwise); the fused norm output and
+every reduced gradient are close, not bit-exact, versus the reference.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .norm_modulate import (ACTS, acc_dtype, device_ctx, finish_grads, load_affine, load_mod, row_dims,
+                            row_partition, row_strides, row_tiles, token_bwd_tile, token_fwd_tile)
+
+
+@triton.jit
+def _gr_fwd(RES, H, GATE, OUT, R, T, D, sr_b, sr_t, sr_d, sh_b, sh_t, sh_d,
+            ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    m2 = (rows < R)[:, None] & (cols < D)[None, :]
+    b = rows // T
+    t = rows % T
+    res = tl.load(RES + (b * sr_b + t * sr_t)[:, None] + cols[None, :] * sr_d, mask=m2, other=0.0).to(ACC)
+    h = tl.load(H + (b * sh_b + t * sh_t)[:, None] + cols[None, :] * sh_d, mask=m2, other=0.0).to(ACC)
+    g = tl.load(GATE + b[:, None] * D + cols[None, :], mask=m2, other=0.0).to(ACC)
+    tl.store(OUT + rows[:, None] * D + cols[None, :], (res + g * h).to(OUT.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _gr_bwd(DY, H, GATE, DH, DGATE, T, D, rows_per_group, chunk, nchunk, sd_b, sd_t, sd_d, sh_b, sh_t, sh_d,
+            ROW_MOD: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    g = tl.program_id(0)
+    c = tl.program_id(1)
+    start = g.to(tl.int64) * rows_per_group + c * chunk
+    end = tl.minimum(start + chunk, (g + 1).to(tl.int64) * rows_per_group)
+    cols = tl.arange(0, BLOCK_D)
+    cm = cols < D
+    dg_acc = tl.zeros([BLOCK_D], ACC)
+    for r0 in range(start, end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        m2 = (rows < end)[:, None] & cm[None, :]
+        b = rows // T
+        t = rows % T
+        dy = tl.load(DY + (b * sd_b + t * sd_t)[:, None] + cols[None, :] * sd_d, mask=m2, other=0.0).to(ACC)
+        h = tl.load(H + (b * sh_b + t * sh_t)[:, None] + cols[None, :] * sh_d, mask=m2, other=0.0).to(ACC)
+        mod_off = b[:, None] * D + cols[None, :]
+        gate = tl.load(GATE + mod_off, mask=m2, other=0.0).to(ACC)
+        tl.store(DH + rows[:, None] * D + cols[None, :], (dy * gate).to(DH.dtype.element_ty), mask=m2)
+        if ROW_MOD:
+            tl.store(DGATE + mod_off, dy * h, mask=m2)
+        else:
+            dg_acc += tl.sum(dy * h, axis=0)
+    if not ROW_MOD:
+        tl.store(DGATE + (g.to(tl.int64) * nchunk + c) * D + cols, dg_acc, mask=cm)
+
+
+@triton.jit
+def _grnm_fwd(RES, H, GATE, SHIFT, SCALE, W, BIAS, NEW_RES, Y, MEAN, RSTD, R, T, D,
+              sr_b, sr_t, sr_d, sh_b, sh_t, sh_d, eps,
+              RMS: tl.constexpr, ACT: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr,
+              HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+              BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    rm = rows < R
+    cm = cols < D
+    m2 = rm[:, None] & cm[None, :]
+    b = rows // T
+    t = rows % T
+    res = tl.load(RES + (b * sr_b + t * sr_t)[:, None] + cols[None, :] * sr_d, mask=m2, other=0.0).to(ACC)
+    h = tl.load(H + (b * sh_b + t * sh_t)[:, None] + cols[None, :] * sh_d, mask=m2, other=0.0).to(ACC)
+    mod_off = b[:, None] * D + cols[None, :]
+    gate = tl.load(GATE + mod_off, mask=m2, other=0.0).to(ACC)
+    # The norm sees the stored (rounded) residual, as the unfused chain does.
+    r = (res + gate * h).to(NEW_RES.dtype.element_ty)
+    out_off = rows[:, None] * D + cols[None, :]
+    tl.store(NEW_RES + out_off, r, mask=m2)
+    w, bias = load_affine(W, BIAS, cols, cm, HAS_W, HAS_BIAS, ACC, BLOCK_D)
+    shift, scale = load_mod(SHIFT, SCALE, mod_off, m2, HAS_SHIFT, HAS_SCALE, ACC, BLOCK_D)
+    y, mean, rstd = token_fwd_tile(tl.where(m2, r.to(ACC), 0.0), m2, D, eps, w, bias, shift, scale, RMS, ACT, ACC)
+    tl.store(Y + out_off, y.to(Y.dtype.element_ty), mask=m2)
+    tl.store(MEAN + rows, mean, mask=rm)
+    tl.store(RSTD + rows, rstd, mask=rm)
+
+
+@triton.jit
+def _grnm_bwd(DNEW_RES, DY, NEW_RES, H, GATE, MEAN, RSTD, SHIFT, SCALE, W, BIAS,
+              DRES, DH, DGATE, DSHIFT, DSCALE, DW_P, DB_P,
+              T, D, rows_per_group, chunk, nchunk, sn_b, sn_t, sn_d, sd_b, sd_t, sd_d, sh_b, sh_t, sh_d,
+              RMS: tl.constexpr, ACT: tl.constexpr, HAS_DNEW: tl.constexpr, HAS_SHIFT: tl.constexpr,
+              HAS_SCALE: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, ROW_MOD: tl.constexpr,
+              ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """NEW_RES is contiguous (our own forward output); DNEW_RES, DY and H are read by strides."""
+    g = tl.program_id(0)
+    c = tl.program_id(1)
+    start = g.to(tl.int64) * rows_per_group + c * chunk
+    end = tl.minimum(start + chunk, (g + 1).to(tl.int64) * rows_per_group)
+    cols = tl.arange(0, BLOCK_D)
+    cm = cols < D
+    w, bias = load_affine(W, BIAS, cols, cm, HAS_W, HAS_BIAS, ACC, BLOCK_D)
+    dsh_acc = tl.zeros([BLOCK_D], ACC)
+    dsc_acc = tl.zeros([BLOCK_D], ACC)
+    dw_acc = tl.zeros([BLOCK_D], ACC)
+    db_acc = tl.zeros([BLOCK_D], ACC)
+    dg_acc = tl.zeros([BLOCK_D], ACC)
+    for r0 in range(start, end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        rm = rows < end
+        m2 = rm[:, None] & cm[None, :]
+        b = rows // T
+        t = rows % T
+        out_off = rows[:, None] * D + cols[None, :]
+        x = tl.load(NEW_RES + out_off, mask=m2, other=0.0).to(ACC)
+        dy = tl.load(DY + (b * sd_b + t * sd_t)[:, None] + cols[None, :] * sd_d, mask=m2, other=0.0).to(ACC)
+        h = tl.load(H + (b * sh_b + t * sh_t)[:, None] + cols[None, :] * sh_d, mask=m2, other=0.0).to(ACC)
+        mean = tl.load(MEAN + rows, mask=rm, other=0.0).to(ACC)
+        rstd = tl.load(RSTD + rows, mask=rm, other=0.0).to(ACC)
+        mod_off = b[:, None] * D + cols[None, :]
+        shift, scale = load_mod(SHIFT, SCALE, mod_off, m2, HAS_SHIFT, HAS_SCALE, ACC, BLOCK_D)
+        gate = tl.load(GATE + mod_off, mask=m2, other=0.0).to(ACC)
+        dr, gu, a, dw_t, db_t = token_bwd_tile(x, dy, mean, rstd, w, bias, shift, scale, m2, D, RMS, ACT)
+        if HAS_DNEW:
+            dr += tl.load(DNEW_RES + (b * sn_b + t * sn_t)[:, None] + cols[None, :] * sn_d, mask=m2,
+                          other=0.0).to(ACC)
+        tl.store(DRES + out_off, dr.to(DRES.dtype.element_ty), mask=m2)
+        tl.store(DH + out_off, (dr * gate).to(DH.dtype.element_ty), mask=m2)
+        if ROW_MOD:
+            tl.store(DGATE + mod_off, dr * h, mask=m2)
+            if HAS_SHIFT:
+                tl.store(DSHIFT + mod_off, gu, mask=m2)
+            if HAS_SCALE:
+                tl.store(DSCALE + mod_off, gu * a, mask=m2)
+        else:
+            dg_acc += tl.sum(dr * h, axis=0)
+            dsh_acc += tl.sum(gu, axis=0)
+            dsc_acc += tl.sum(gu * a, axis=0)
+        dw_acc += tl.sum(dw_t, axis=0)
+        db_acc += tl.sum(db_t, axis=0)
+    slot = (g.to(tl.int64) * nchunk + c) * D + cols
+    if not ROW_MOD:
+        tl.store(DGATE + slot, dg_acc, mask=cm)
+        if HAS_SHIFT:
+            tl.store(DSHIFT + slot, dsh_acc, mask=cm)
+        if HAS_SCALE:
+            tl.store(DSCALE + slot, dsc_acc, mask=cm)
+    if HAS_W:
+        tl.store(DW_P + slot, dw_acc, mask=cm)
+    if HAS_BIAS:
+        tl.store(DB_P + slot, db_acc, mask=cm)
+
+
+# ----------------------------------------------------------------------------- launches
+
+
+def gated_residual_forward(res, h, gate):
+    tl_acc, _ = acc_dtype(res.dtype)
+    gate = gate.contiguous()
+    out = torch.empty(res.shape, dtype=res.dtype, device=res.device)
+    B, T, D = row_dims(res)
+    block_r, block_d = row_tiles(B * T, D)
+    with device_ctx(res):
+        _gr_fwd[(triton.cdiv(B * T, block_r),)](res, h, gate, out, B * T, T, D, *row_strides(res), *row_strides(h),
+                                                ACC=tl_acc, BLOCK_R=block_r, BLOCK_D=block_d)
+    return out
+
+
+def gated_residual_backward(dy, h, gate):
+    """(dh in h's dtype, dgate in gate's dtype)."""
+    tl_acc, acc = acc_dtype(h.dtype)
+    gate_c = gate.contiguous()
+    B, T, D = row_dims(h)
+    G, per_group, nchunk, chunk, block_r, block_d, row_mod = row_partition(B, T, D)
+    dh = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    dgate = torch.empty((B, D) if row_mod else (G, nchunk, D), dtype=acc, device=h.device)
+    with device_ctx(h):
+        _gr_bwd[(G, nchunk)](dy, h, gate_c, dh, dgate, T, D, per_group, chunk, nchunk, *row_strides(dy),
+                             *row_strides(h), ROW_MOD=row_mod, ACC=tl_acc, BLOCK_R=block_r, BLOCK_D=block_d)
+    if not row_mod:
+        dgate = dgate.sum(1)
+    return dh, dgate.to(gate.dtype)
+
+
+def _small(t):
+    return None if t is None else t.contiguous()
+
+
+def _flags(shift, scale, weight, bias):
+    return dict(HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None, HAS_W=weight is not None,
+                HAS_BIAS=bias is not None)
+
+
+def fused_forward(res, h, gate, shift, scale, weight, bias, kind: str, eps: float, act: str | None):
+    """(new_res, y, mean, rstd): new_res and y in res's dtype, mean / rstd (R,) in the accumulation dtype."""
+    tl_acc, acc = acc_dtype(res.dtype)
+    gate, shift, scale, weight, bias = (_small(t) for t in (gate, shift, scale, weight, bias))
+    B, T, D = row_dims(res)
+    R = B * T
+    new_res = torch.empty(res.shape, dtype=res.dtype, device=res.device)
+    y = torch.empty_like(new_res)
+    mean = torch.empty((R,), dtype=acc, device=res.device)
+    rstd = torch.empty_like(mean)
+    block_r, block_d = row_tiles(R, D)
+    with device_ctx(res):
+        _grnm_fwd[(triton.cdiv(R, block_r),)](res, h, gate, shift, scale, weight, bias, new_res, y, mean, rstd,
+                                              R, T, D, *row_strides(res), *row_strides(h), eps, RMS=kind == "rms",
+                                              ACT=ACTS[act], ACC=tl_acc, BLOCK_R=block_r, BLOCK_D=block_d,
+                                              **_flags(shift, scale, weight, bias))
+    return new_res, y, mean, rstd
+
+
+def fused_backward(dnew_res, dy, new_res, h, gate, mean, rstd, shift, scale, weight, bias, kind: str,
+                   act: str | None):
+    """(dres, dh, dgate, dshift, dscale, dweight, dbias), each in its input's dtype (dres in
+    new_res's, which is res's); an empty tensor where an optional input was None."""
+    tl_acc, acc = acc_dtype(new_res.dtype)
+    gate_c, shift, scale, weight, bias = (_small(t) for t in (gate, shift, scale, weight, bias))
+    new_res = new_res.contiguous()
+    mean, rstd = mean.to(acc).contiguous(), rstd.to(acc).contiguous()
+    B, T, D = row_dims(new_res)
+    G, per_group, nchunk, chunk, block_r, block_d, row_mod = row_partition(B, T, D)
+    new = lambda *shape: torch.empty(shape, dtype=acc, device=new_res.device)  # noqa: E731
+    mod_rows = (B, D) if row_mod else (G, nchunk, D)
+    dres = torch.empty_like(new_res)
+    dh = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    dgate = new(*mod_rows)
+    dshift = new(*mod_rows) if shift is not None else None
+    dscale = new(*mod_rows) if scale is not None else None
+    dw_p = new(G * nchunk, D) if weight is not None else None
+    db_p = new(G * nchunk, D) if bias is not None else None
+    dn = dnew_res if dnew_res is not None else dy  # a stand-in pointer, never read without HAS_DNEW
+    with device_ctx(new_res):
+        _grnm_bwd[(G, nchunk)](dn, dy, new_res, h, gate_c, mean, rstd, shift, scale, weight, bias,
+                               dres, dh, dgate, dshift, dscale, dw_p, db_p, T, D, per_group, chunk, nchunk,
+                               *row_strides(dn), *row_strides(dy), *row_strides(h), RMS=kind == "rms",
+                               ACT=ACTS[act], HAS_DNEW=dnew_res is not None, ROW_MOD=row_mod, ACC=tl_acc,
+                               BLOCK_R=block_r, BLOCK_D=block_d, **_flags(shift, scale, weight, bias))
+    mod_sum_dim = None if row_mod else 1
+    dgate = (dgate if row_mod else dgate.sum(1)).to(gate.dtype)
+    return (dres, dh, dgate, *finish_grads(new_res, dshift, dscale, dw_p, db_p, shift, scale, weight, bias,
+                                           mod_sum_dim))

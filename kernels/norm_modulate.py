@@ -1,0 +1,549 @@
+"""Triton kernels of ``norm_modulate``: ``y = act(norm(x) * (1 + scale) + shift)``.
+
+Token kinds (``layer`` / ``rms``), x viewed as R rows of D features (tokens (B, T, D): R = B * T,
+row r belongs to sample r // T; rows (N, D): T = 1)::
+
+    xhat = (x - mean) * rstd            (rms: mean = 0)
+    a    = xhat * w + bias              (the norm's own affine; ones / zeros when absent)
+    u    = a * (1 + scale[b]) + shift[b]
+    y    = act(u)
+
+GroupNorm (``group``): x (B, C, L), statistics over each of G groups of C / G channels times L,
+modulation (B, C) broadcast over L; same formula per element with w, bias, shift, scale per channel.
+
+Layouts: x and dy are read through their strides (any (B, T, D) / (N, D) / (B, C, L) view, no copy);
+y and dx are written contiguous; shift / scale / weight / bias are small and made contiguous. Each
+tensor is loaded in its own dtype and converted in registers to the accumulation dtype (fp32, or
+fp64 for fp64 x), so modulation may be of another dtype than x; mean / rstd are stored in it.
+
+Backward, without atomics: dx needs only its own row (group). The parameter gradients are sums
+over rows: each program owns a fixed range of rows of one sample (tokens) or of the row list
+(rows), accumulates dshift / dscale / dweight / dbias for its range in registers and writes them
+to its own slot of a partials buffer; a second, fixed-order reduction (``sum`` over the partials
+axis) finishes them. The partition depends only on the shape and on the device kind (GPU or the
+interpreter), so gradients are deterministic run to run.
+
+Contract: fp32 within 1e-5 relative of the float64 formula (the tests hold it to 1e-5 forward,
+1e-4 for gradients after the reductions); bf16 / fp16 within the Liger-style tolerances
+(2e-2 / 2e-3). fp64 inputs are computed in fp64. Bit-exact: the results of two runs with the same
+shapes, and a token (B, T, D) call versus the same rows run one token at a time (forward). Close,
+not bit-exact, versus the reference and the C++ backend (different summation orders).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+ACTS = {None: 0, "none": 0, "silu": 1, "gelu_tanh": 2}
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+@triton.jit
+def _tanh_gelu_inner(u):
+    # tanh(z) = 1 - 2 / (exp(2z) + 1); |z| is clamped at 40, where tanh is +-1 even in float64,
+    # so exp never overflows.
+    z = 0.7978845608028654 * (u + 0.044715 * u * u * u)
+    z = tl.minimum(tl.maximum(z, -40.0), 40.0)
+    return 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
+
+
+@triton.jit
+def act_fwd(u, ACT: tl.constexpr):
+    """act(u): 0 identity, 1 SiLU, 2 tanh-GELU (tanh written with exp: no libdevice)."""
+    if ACT == 1:
+        return u / (1.0 + tl.exp(tl.minimum(-u, 80.0)))
+    elif ACT == 2:
+        return 0.5 * u * (1.0 + _tanh_gelu_inner(u))
+    else:
+        return u
+
+
+@triton.jit
+def act_grad(u, ACT: tl.constexpr):
+    """d act / du at u."""
+    if ACT == 1:
+        s = 1.0 / (1.0 + tl.exp(tl.minimum(-u, 80.0)))
+        return s * (1.0 + u * (1.0 - s))
+    elif ACT == 2:
+        th = _tanh_gelu_inner(u)
+        return 0.5 * (1.0 + th) + 0.5 * u * (1.0 - th * th) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * u * u)
+    else:
+        return tl.full(u.shape, 1.0, u.dtype)
+
+
+@triton.jit
+def inv_sqrt(v, ACC: tl.constexpr):
+    # tl.rsqrt for fp32 (one instruction); fp64 takes the correctly rounded sqrt, as rsqrt.approx.f64
+    # would not keep the float64 contract.
+    if ACC == tl.float64:
+        return 1.0 / tl.sqrt(v)
+    else:
+        return tl.rsqrt(v)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def acc_dtype(dtype: torch.dtype):
+    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
+
+
+def device_ctx(t: torch.Tensor):
+    """Launch on ``t``'s GPU (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else _NULL
+
+
+class _Null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NULL = _Null()
+
+
+def row_strides(t: torch.Tensor):
+    """(sample, token, feature) strides of a (B, T, D) or (N, D) tensor (rows: T = 1)."""
+    if t.dim() == 3:
+        return t.stride(0), t.stride(1), t.stride(2)
+    return t.stride(0), 0, t.stride(1)
+
+
+def row_dims(t: torch.Tensor):
+    """(B, T, D); rows (N, D) are N samples of one token."""
+    return (t.shape[0], t.shape[1], t.shape[2]) if t.dim() == 3 else (t.shape[0], 1, t.shape[1])
+
+
+def _small(t: torch.Tensor | None):
+    return None if t is None else t.contiguous()
+
+
+def row_tiles(R: int, D: int):
+    """(BLOCK_R, BLOCK_D) of a forward row tile. The interpreter pays per program and per op, not
+    per element, so it takes few, large tiles; a GPU takes ~4K elements per program."""
+    block_d = triton.next_power_of_2(D)
+    budget = 1 << 16 if interpreting() else 4096
+    block_r = max(1, min(triton.next_power_of_2(R), budget // block_d))
+    return block_r, block_d
+
+
+def row_partition(B: int, T: int, D: int):
+    """How the backward splits rows into programs: (G, rows_per_group, nchunk, chunk, BLOCK_R,
+    BLOCK_D, ROW_MOD). Tokens (T > 1): one group per sample, each cut into nchunk chunks of rows,
+    so a program's rows share one shift / scale. Rows (T = 1): one group of all rows, shift /
+    scale gradients stored row by row (ROW_MOD). Depends only on the shape and device kind."""
+    block_d = triton.next_power_of_2(D)
+    row_mod = T == 1
+    groups, per_group = (1, B) if row_mod else (B, T)
+    if interpreting():
+        block_r = max(1, min(triton.next_power_of_2(per_group), (1 << 16) // block_d))
+        target = 4
+    else:
+        block_r = max(1, min(triton.next_power_of_2(per_group), 4096 // block_d))
+        target = 4 * 132
+    nchunk = max(1, min(triton.cdiv(per_group, block_r), triton.cdiv(target, groups)))
+    chunk = triton.cdiv(triton.cdiv(per_group, nchunk), block_r) * block_r
+    nchunk = triton.cdiv(per_group, chunk)
+    return groups, per_group, nchunk, chunk, block_r, block_d, row_mod
+
+
+# ----------------------------------------------------------------------------- token kinds
+
+
+@triton.jit
+def token_fwd_tile(x, m2, D, eps, w, bias, shift, scale, RMS: tl.constexpr, ACT: tl.constexpr,
+                   ACC: tl.constexpr):
+    """One tile of rows (x in the accumulation dtype, masked lanes 0): (y, mean, rstd). Shared
+    with the fused residual kernel."""
+    if RMS:
+        mean = tl.sum(tl.zeros_like(x), axis=1)
+    else:
+        mean = tl.sum(x, axis=1) / D
+    xc = tl.where(m2, x - mean[:, None], 0.0)
+    rstd = inv_sqrt(tl.sum(xc * xc, axis=1) / D + eps, ACC)
+    a = (xc * rstd[:, None]) * w + bias
+    y = act_fwd(a * (1.0 + scale) + shift, ACT)
+    return y, mean, rstd
+
+
+@triton.jit
+def load_affine(W, BIAS, cols, cm, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """The norm's weight and bias as (1, BLOCK_D) rows; ones / zeros when absent."""
+    if HAS_W:
+        w = tl.load(W + cols, mask=cm, other=0.0).to(ACC)[None, :]
+    else:
+        w = tl.full([1, BLOCK_D], 1.0, ACC)
+    if HAS_BIAS:
+        bias = tl.load(BIAS + cols, mask=cm, other=0.0).to(ACC)[None, :]
+    else:
+        bias = tl.zeros([1, BLOCK_D], ACC)
+    return w, bias
+
+
+@triton.jit
+def load_mod(SHIFT, SCALE, mod_off, m2, HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, ACC: tl.constexpr,
+             BLOCK_D: tl.constexpr):
+    """shift and scale of each row's sample; zeros when absent."""
+    if HAS_SHIFT:
+        shift = tl.load(SHIFT + mod_off, mask=m2, other=0.0).to(ACC)
+    else:
+        shift = tl.zeros([1, BLOCK_D], ACC)
+    if HAS_SCALE:
+        scale = tl.load(SCALE + mod_off, mask=m2, other=0.0).to(ACC)
+    else:
+        scale = tl.zeros([1, BLOCK_D], ACC)
+    return shift, scale
+
+
+@triton.jit
+def _token_fwd(X, Y, SHIFT, SCALE, W, BIAS, MEAN, RSTD, R, T, D, sx_b, sx_t, sx_d, eps,
+               RMS: tl.constexpr, ACT: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr,
+               HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+               BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    rm = rows < R
+    cm = cols < D
+    m2 = rm[:, None] & cm[None, :]
+    b = rows // T
+    x = tl.load(X + (b * sx_b + (rows % T) * sx_t)[:, None] + cols[None, :] * sx_d, mask=m2, other=0.0).to(ACC)
+    w, bias = load_affine(W, BIAS, cols, cm, HAS_W, HAS_BIAS, ACC, BLOCK_D)
+    shift, scale = load_mod(SHIFT, SCALE, b[:, None] * D + cols[None, :], m2, HAS_SHIFT, HAS_SCALE, ACC, BLOCK_D)
+    y, mean, rstd = token_fwd_tile(x, m2, D, eps, w, bias, shift, scale, RMS, ACT, ACC)
+    tl.store(Y + rows[:, None] * D + cols[None, :], y.to(Y.dtype.element_ty), mask=m2)
+    tl.store(MEAN + rows, mean, mask=rm)
+    tl.store(RSTD + rows, rstd, mask=rm)
+
+
+@triton.jit
+def token_bwd_tile(x, dy, mean, rstd, w, bias, shift, scale, m2, D,
+                   RMS: tl.constexpr, ACT: tl.constexpr):
+    """One tile of rows: (dx, gu, a, da * xhat, da) in the accumulation dtype; shared with the
+    fused residual kernel. x is the normalised input, dy the gradient of y; masked lanes give 0."""
+    xhat = tl.where(m2, (x - mean[:, None]) * rstd[:, None], 0.0)
+    a = xhat * w + bias
+    one_plus = 1.0 + scale
+    gu = dy
+    if ACT != 0:
+        gu = gu * act_grad(a * one_plus + shift, ACT)
+    gu = tl.where(m2, gu, 0.0)
+    da = gu * one_plus
+    dxhat = da * w
+    c2 = tl.sum(dxhat * xhat, axis=1) / D
+    if RMS:
+        dx = rstd[:, None] * (dxhat - xhat * c2[:, None])
+    else:
+        c1 = tl.sum(dxhat, axis=1) / D
+        dx = rstd[:, None] * (dxhat - c1[:, None] - xhat * c2[:, None])
+    return dx, gu, a, da * xhat, da
+
+
+@triton.jit
+def _token_bwd(DY, X, MEAN, RSTD, SHIFT, SCALE, W, BIAS, DX, DSHIFT, DSCALE, DW_P, DB_P,
+               T, D, rows_per_group, chunk, nchunk, sx_b, sx_t, sx_d, sd_b, sd_t, sd_d,
+               RMS: tl.constexpr, ACT: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr,
+               HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, ROW_MOD: tl.constexpr, ACC: tl.constexpr,
+               BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    g = tl.program_id(0)
+    c = tl.program_id(1)
+    start = g.to(tl.int64) * rows_per_group + c * chunk
+    end = tl.minimum(start + chunk, (g + 1).to(tl.int64) * rows_per_group)
+    cols = tl.arange(0, BLOCK_D)
+    cm = cols < D
+    w, bias = load_affine(W, BIAS, cols, cm, HAS_W, HAS_BIAS, ACC, BLOCK_D)
+    dsh_acc = tl.zeros([BLOCK_D], ACC)
+    dsc_acc = tl.zeros([BLOCK_D], ACC)
+    dw_acc = tl.zeros([BLOCK_D], ACC)
+    db_acc = tl.zeros([BLOCK_D], ACC)
+    for r0 in range(start, end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        rm = rows < end
+        m2 = rm[:, None] & cm[None, :]
+        b = rows // T
+        t = rows % T
+        x = tl.load(X + (b * sx_b + t * sx_t)[:, None] + cols[None, :] * sx_d, mask=m2, other=0.0).to(ACC)
+        dy = tl.load(DY + (b * sd_b + t * sd_t)[:, None] + cols[None, :] * sd_d, mask=m2, other=0.0).to(ACC)
+        mean = tl.load(MEAN + rows, mask=rm, other=0.0).to(ACC)
+        rstd = tl.load(RSTD + rows, mask=rm, other=0.0).to(ACC)
+        mod_off = b[:, None] * D + cols[None, :]
+        shift, scale = load_mod(SHIFT, SCALE, mod_off, m2, HAS_SHIFT, HAS_SCALE, ACC, BLOCK_D)
+        dx, gu, a, dw_t, db_t = token_bwd_tile(x, dy, mean, rstd, w, bias, shift, scale, m2, D, RMS, ACT)
+        tl.store(DX + rows[:, None] * D + cols[None, :], dx.to(DX.dtype.element_ty), mask=m2)
+        if ROW_MOD:
+            if HAS_SHIFT:
+                tl.store(DSHIFT + mod_off, gu, mask=m2)
+            if HAS_SCALE:
+                tl.store(DSCALE + mod_off, gu * a, mask=m2)
+        else:
+            dsh_acc += tl.sum(gu, axis=0)
+            dsc_acc += tl.sum(gu * a, axis=0)
+        dw_acc += tl.sum(dw_t, axis=0)
+        db_acc += tl.sum(db_t, axis=0)
+    slot = (g.to(tl.int64) * nchunk + c) * D + cols
+    if not ROW_MOD:
+        if HAS_SHIFT:
+            tl.store(DSHIFT + slot, dsh_acc, mask=cm)
+        if HAS_SCALE:
+            tl.store(DSCALE + slot, dsc_acc, mask=cm)
+    if HAS_W:
+        tl.store(DW_P + slot, dw_acc, mask=cm)
+    if HAS_BIAS:
+        tl.store(DB_P + slot, db_acc, mask=cm)
+
+
+# ----------------------------------------------------------------------------- GroupNorm
+
+
+@triton.jit
+def _group_fwd(X, Y, SHIFT, SCALE, W, BIAS, MEAN, RSTD, C, L, G, sx_b, sx_c, sx_l, eps,
+               ACT: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_W: tl.constexpr,
+               HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    bg = tl.program_id(0).to(tl.int64)
+    b = bg // G
+    cg = C // G
+    c_first = (bg % G) * cg
+    n = cg * L
+    ci = tl.arange(0, BLOCK_C)
+    li = tl.arange(0, BLOCK_L)
+    base = X + b * sx_b
+    # Two passes for the statistics (mean, then squared deviations), as the reference does.
+    s = tl.zeros([BLOCK_C, BLOCK_L], ACC)
+    for c0 in range(0, cg, BLOCK_C):
+        ch = c_first + c0 + ci
+        chm = (c0 + ci) < cg
+        for l0 in range(0, L, BLOCK_L):
+            m2 = chm[:, None] & ((l0 + li) < L)[None, :]
+            s += tl.load(base + ch[:, None] * sx_c + (l0 + li)[None, :] * sx_l, mask=m2, other=0.0).to(ACC)
+    mean = tl.sum(tl.sum(s, axis=1), axis=0) / n
+    s = tl.zeros([BLOCK_C, BLOCK_L], ACC)
+    for c0 in range(0, cg, BLOCK_C):
+        ch = c_first + c0 + ci
+        chm = (c0 + ci) < cg
+        for l0 in range(0, L, BLOCK_L):
+            m2 = chm[:, None] & ((l0 + li) < L)[None, :]
+            x = tl.load(base + ch[:, None] * sx_c + (l0 + li)[None, :] * sx_l, mask=m2, other=0.0).to(ACC)
+            xc = tl.where(m2, x - mean, 0.0)
+            s += xc * xc
+    rstd = inv_sqrt(tl.sum(tl.sum(s, axis=1), axis=0) / n + eps, ACC)
+    for c0 in range(0, cg, BLOCK_C):
+        ch = c_first + c0 + ci
+        chm = (c0 + ci) < cg
+        if HAS_W:
+            w = tl.load(W + ch, mask=chm, other=0.0).to(ACC)
+        else:
+            w = tl.full([BLOCK_C], 1.0, ACC)
+        if HAS_BIAS:
+            bias = tl.load(BIAS + ch, mask=chm, other=0.0).to(ACC)
+        else:
+            bias = tl.zeros([BLOCK_C], ACC)
+        if HAS_SCALE:
+            one_plus = 1.0 + tl.load(SCALE + b * C + ch, mask=chm, other=0.0).to(ACC)
+        else:
+            one_plus = tl.full([BLOCK_C], 1.0, ACC)
+        if HAS_SHIFT:
+            shift = tl.load(SHIFT + b * C + ch, mask=chm, other=0.0).to(ACC)
+        else:
+            shift = tl.zeros([BLOCK_C], ACC)
+        for l0 in range(0, L, BLOCK_L):
+            lm = (l0 + li) < L
+            m2 = chm[:, None] & lm[None, :]
+            x = tl.load(base + ch[:, None] * sx_c + (l0 + li)[None, :] * sx_l, mask=m2, other=0.0).to(ACC)
+            u = (((x - mean) * rstd) * w[:, None] + bias[:, None]) * one_plus[:, None] + shift[:, None]
+            y = act_fwd(u, ACT)
+            tl.store(Y + (b * C + ch)[:, None] * L + (l0 + li)[None, :], y.to(Y.dtype.element_ty), mask=m2)
+    tl.store(MEAN + bg, mean)
+    tl.store(RSTD + bg, rstd)
+
+
+@triton.jit
+def _group_bwd(DY, X, MEAN, RSTD, SHIFT, SCALE, W, BIAS, DX, DSHIFT, DSCALE, DW_P, DB_P, C, L, G,
+               sx_b, sx_c, sx_l, sd_b, sd_c, sd_l,
+               ACT: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_W: tl.constexpr,
+               HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    """One program per (sample, group). Per channel c: s_g = sum_l gu, s_gx = sum_l gu * xhat give
+    dshift, dscale and this sample's dweight / dbias partials (B, C); dx needs the group sums of
+    dxhat and dxhat * xhat, so gu is recomputed in a second pass instead of kept."""
+    bg = tl.program_id(0).to(tl.int64)
+    b = bg // G
+    cg = C // G
+    c_first = (bg % G) * cg
+    n = cg * L
+    ci = tl.arange(0, BLOCK_C)
+    li = tl.arange(0, BLOCK_L)
+    mean = tl.load(MEAN + bg).to(ACC)
+    rstd = tl.load(RSTD + bg).to(ACC)
+    sum1 = tl.zeros([BLOCK_C], ACC)
+    sum2 = tl.zeros([BLOCK_C], ACC)
+    for c0 in range(0, cg, BLOCK_C):
+        ch = c_first + c0 + ci
+        chm = (c0 + ci) < cg
+        if HAS_W:
+            w = tl.load(W + ch, mask=chm, other=0.0).to(ACC)
+        else:
+            w = tl.full([BLOCK_C], 1.0, ACC)
+        if HAS_BIAS:
+            bias = tl.load(BIAS + ch, mask=chm, other=0.0).to(ACC)
+        else:
+            bias = tl.zeros([BLOCK_C], ACC)
+        if HAS_SCALE:
+            one_plus = 1.0 + tl.load(SCALE + b * C + ch, mask=chm, other=0.0).to(ACC)
+        else:
+            one_plus = tl.full([BLOCK_C], 1.0, ACC)
+        if HAS_SHIFT:
+            shift = tl.load(SHIFT + b * C + ch, mask=chm, other=0.0).to(ACC)
+        else:
+            shift = tl.zeros([BLOCK_C], ACC)
+        s_g = tl.zeros([BLOCK_C], ACC)
+        s_gx = tl.zeros([BLOCK_C], ACC)
+        for l0 in range(0, L, BLOCK_L):
+            m2 = chm[:, None] & ((l0 + li) < L)[None, :]
+            x = tl.load(X + b * sx_b + ch[:, None] * sx_c + (l0 + li)[None, :] * sx_l, mask=m2, other=0.0).to(ACC)
+            gu = tl.load(DY + b * sd_b + ch[:, None] * sd_c + (l0 + li)[None, :] * sd_l, mask=m2, other=0.0).to(ACC)
+            xhat = tl.where(m2, (x - mean) * rstd, 0.0)
+            if ACT != 0:
+                gu = gu * act_grad((xhat * w[:, None] + bias[:, None]) * one_plus[:, None] + shift[:, None], ACT)
+                gu = tl.where(m2, gu, 0.0)
+            s_g += tl.sum(gu, axis=1)
+            s_gx += tl.sum(gu * xhat, axis=1)
+        if HAS_SHIFT:
+            tl.store(DSHIFT + b * C + ch, s_g, mask=chm)
+        if HAS_SCALE:
+            tl.store(DSCALE + b * C + ch, w * s_gx + bias * s_g, mask=chm)
+        if HAS_W:
+            tl.store(DW_P + b * C + ch, one_plus * s_gx, mask=chm)
+        if HAS_BIAS:
+            tl.store(DB_P + b * C + ch, one_plus * s_g, mask=chm)
+        sum1 += tl.where(chm, one_plus * w * s_g, 0.0)
+        sum2 += tl.where(chm, one_plus * w * s_gx, 0.0)
+    c1 = tl.sum(sum1, axis=0) / n
+    c2 = tl.sum(sum2, axis=0) / n
+    for c0 in range(0, cg, BLOCK_C):
+        ch = c_first + c0 + ci
+        chm = (c0 + ci) < cg
+        if HAS_W:
+            w = tl.load(W + ch, mask=chm, other=0.0).to(ACC)
+        else:
+            w = tl.full([BLOCK_C], 1.0, ACC)
+        if HAS_BIAS:
+            bias = tl.load(BIAS + ch, mask=chm, other=0.0).to(ACC)
+        else:
+            bias = tl.zeros([BLOCK_C], ACC)
+        if HAS_SCALE:
+            one_plus = 1.0 + tl.load(SCALE + b * C + ch, mask=chm, other=0.0).to(ACC)
+        else:
+            one_plus = tl.full([BLOCK_C], 1.0, ACC)
+        if HAS_SHIFT:
+            shift = tl.load(SHIFT + b * C + ch, mask=chm, other=0.0).to(ACC)
+        else:
+            shift = tl.zeros([BLOCK_C], ACC)
+        k = one_plus * w
+        for l0 in range(0, L, BLOCK_L):
+            m2 = chm[:, None] & ((l0 + li) < L)[None, :]
+            x = tl.load(X + b * sx_b + ch[:, None] * sx_c + (l0 + li)[None, :] * sx_l, mask=m2, other=0.0).to(ACC)
+            gu = tl.load(DY + b * sd_b + ch[:, None] * sd_c + (l0 + li)[None, :] * sd_l, mask=m2, other=0.0).to(ACC)
+            xhat = (x - mean) * rstd
+            if ACT != 0:
+                gu = gu * act_grad((xhat * w[:, None] + bias[:, None]) * one_plus[:, None] + shift[:, None], ACT)
+            dx = rstd * (gu * k[:, None] - c1 - xhat * c2)
+            tl.store(DX + (b * C + ch)[:, None] * L + (l0 + li)[None, :], dx.to(DX.dtype.element_ty), mask=m2)
+
+
+def _group_tiles(cg: int, L: int):
+    budget = 1 << 16 if interpreting() else 4096
+    block_l = min(triton.next_power_of_2(L), budget)
+    block_c = max(1, min(triton.next_power_of_2(cg), budget // block_l))
+    return block_c, block_l
+
+
+# ----------------------------------------------------------------------------- launches
+
+
+def _flags(shift, scale, weight, bias):
+    return dict(HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None, HAS_W=weight is not None,
+                HAS_BIAS=bias is not None)
+
+
+def forward(x, shift, scale, weight, bias, kind: str, eps: float, act: str | None, num_groups: int):
+    """(y, mean, rstd): y in x's dtype, mean / rstd in the accumulation dtype, (R,) or (B, G)."""
+    tl_acc, acc = acc_dtype(x.dtype)
+    shift, scale, weight, bias = _small(shift), _small(scale), _small(weight), _small(bias)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    flags = _flags(shift, scale, weight, bias)
+    with device_ctx(x):
+        if kind == "group":
+            B, C, L = x.shape
+            mean = torch.empty((B, num_groups), dtype=acc, device=x.device)
+            rstd = torch.empty_like(mean)
+            block_c, block_l = _group_tiles(C // num_groups, L)
+            _group_fwd[(B * num_groups,)](x, y, shift, scale, weight, bias, mean, rstd, C, L, num_groups,
+                                          *x.stride(), eps, ACT=ACTS[act], ACC=tl_acc, BLOCK_C=block_c,
+                                          BLOCK_L=block_l, **flags)
+        else:
+            B, T, D = row_dims(x)
+            R = B * T
+            mean = torch.empty((R,), dtype=acc, device=x.device)
+            rstd = torch.empty_like(mean)
+            block_r, block_d = row_tiles(R, D)
+            _token_fwd[(triton.cdiv(R, block_r),)](x, y, shift, scale, weight, bias, mean, rstd, R, T, D,
+                                                   *row_strides(x), eps, RMS=kind == "rms", ACT=ACTS[act],
+                                                   ACC=tl_acc, BLOCK_R=block_r, BLOCK_D=block_d, **flags)
+    return y, mean, rstd
+
+
+def finish_grads(like_x, dshift, dscale, dw_p, db_p, shift, scale, weight, bias, mod_sum_dim):
+    """The second, fixed-order reduction over the partials, cast to each input's dtype; an empty
+    tensor (a fresh one each: custom-op outputs must not alias) stands for absent inputs."""
+    def out(g, like, reduce):
+        if like is None:
+            return like_x.new_empty((0,))
+        return (reduce(g) if reduce else g).to(like.dtype).reshape(like.shape)
+
+    mod = (lambda g: g.sum(mod_sum_dim)) if mod_sum_dim is not None else None
+    feat = lambda g: g.reshape(-1, g.shape[-1]).sum(0)  # noqa: E731
+    return (out(dshift, shift, mod), out(dscale, scale, mod), out(dw_p, weight, feat), out(db_p, bias, feat))
+
+
+def backward(dy, x, mean, rstd, shift, scale, weight, bias, kind: str, act: str | None, num_groups: int):
+    """(dx, dshift, dscale, dweight, dbias), each in its input's dtype; an empty tensor where the
+    input was None."""
+    tl_acc, acc = acc_dtype(x.dtype)
+    shift, scale, weight, bias = _small(shift), _small(scale), _small(weight), _small(bias)
+    mean, rstd = mean.to(acc).contiguous(), rstd.to(acc).contiguous()
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    flags = _flags(shift, scale, weight, bias)
+    new = lambda *shape: torch.empty(shape, dtype=acc, device=x.device)  # noqa: E731
+    with device_ctx(x):
+        if kind == "group":
+            B, C, L = x.shape
+            dshift = new(B, C) if shift is not None else None
+            dscale = new(B, C) if scale is not None else None
+            dw_p = new(B, C) if weight is not None else None
+            db_p = new(B, C) if bias is not None else None
+            block_c, block_l = _group_tiles(C // num_groups, L)
+            _group_bwd[(B * num_groups,)](dy, x, mean, rstd, shift, scale, weight, bias, dx, dshift, dscale,
+                                          dw_p, db_p, C, L, num_groups, *x.stride(), *dy.stride(),
+                                          ACT=ACTS[act], ACC=tl_acc, BLOCK_C=block_c, BLOCK_L=block_l, **flags)
+            mod_sum_dim = None
+        else:
+            B, T, D = row_dims(x)
+            G, per_group, nchunk, chunk, block_r, block_d, row_mod = row_partition(B, T, D)
+            mod_rows = (B, D) if row_mod else (G, nchunk, D)
+            dshift = new(*mod_rows) if shift is not None else None
+            dscale = new(*mod_rows) if scale is not None else None
+            dw_p = new(G * nchunk, D) if weight is not None else None
+            db_p = new(G * nchunk, D) if bias is not None else None
+            _token_bwd[(G, nchunk)](dy, x, mean, rstd, shift, scale, weight, bias, dx, dshift, dscale, dw_p, db_p,
+                                    T, D, per_group, chunk, nchunk, *row_strides(x), *row_strides(dy),
+                                    RMS=kind == "rms", ACT=ACTS[act], ROW_MOD=row_mod, ACC=tl_acc,
+                                    BLOCK_R=block_r, BLOCK_D=block_d, **flags)
+            mod_sum_dim = None if row_mod else 1
+    return (dx, *finish_grads(x, dshift, dscale, dw_p, db_p, shift, scale, weight, bias, mod_sum_dim))
