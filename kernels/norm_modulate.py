@@ -38,6 +38,13 @@ import triton
 import triton.language as tl
 
 ACTS = {None: 0, "none": 0, "silu": 1, "gelu_tanh": 2}
+# Elements per tile. The interpreter pays per program and per op, not per element, so it takes
+# few, large tiles; a GPU takes ~4K elements (fp32: 16 KiB of registers per program).
+INTERPRETER_TILE = 1 << 16
+GPU_TILE = 4096
+# Programs a backward launch aims for: a few per SM on a GPU (132 on H100), a handful when interpreted.
+INTERPRETER_PROGRAMS = 4
+GPU_PROGRAMS = 4 * 132
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -90,6 +97,10 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _tile() -> int:
+    return INTERPRETER_TILE if interpreting() else GPU_TILE
+
+
 def acc_dtype(dtype: torch.dtype):
     return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
 
@@ -127,10 +138,9 @@ def _small(t: torch.Tensor | None):
 
 
 def row_tiles(R: int, D: int):
-    """(BLOCK_R, BLOCK_D) of a forward row tile. The interpreter pays per program and per op, not
-    per element, so it takes few, large tiles; a GPU takes ~4K elements per program."""
+    """(BLOCK_R, BLOCK_D) of a forward row tile: a whole row (D up to the tile) per tile row."""
     block_d = triton.next_power_of_2(D)
-    budget = 1 << 16 if interpreting() else 4096
+    budget = _tile()
     block_r = max(1, min(triton.next_power_of_2(R), budget // block_d))
     return block_r, block_d
 
@@ -143,12 +153,8 @@ def row_partition(B: int, T: int, D: int):
     block_d = triton.next_power_of_2(D)
     row_mod = T == 1
     groups, per_group = (1, B) if row_mod else (B, T)
-    if interpreting():
-        block_r = max(1, min(triton.next_power_of_2(per_group), (1 << 16) // block_d))
-        target = 4
-    else:
-        block_r = max(1, min(triton.next_power_of_2(per_group), 4096 // block_d))
-        target = 4 * 132
+    block_r = max(1, min(triton.next_power_of_2(per_group), _tile() // block_d))
+    target = INTERPRETER_PROGRAMS if interpreting() else GPU_PROGRAMS
     nchunk = max(1, min(triton.cdiv(per_group, block_r), triton.cdiv(target, groups)))
     chunk = triton.cdiv(triton.cdiv(per_group, nchunk), block_r) * block_r
     nchunk = triton.cdiv(per_group, chunk)
@@ -458,7 +464,7 @@ def _group_bwd(DY, X, MEAN, RSTD, SHIFT, SCALE, W, BIAS, DX, DSHIFT, DSCALE, DW_
 
 
 def _group_tiles(cg: int, L: int):
-    budget = 1 << 16 if interpreting() else 4096
+    budget = _tile()
     block_l = min(triton.next_power_of_2(L), budget)
     block_c = max(1, min(triton.next_power_of_2(cg), budget // block_l))
     return block_c, block_l
