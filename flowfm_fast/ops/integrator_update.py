@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from . import _ext
+from . import _ext, _triton
 from . import _validate as V
 from ._registry import register, select
 
@@ -79,6 +79,47 @@ if _ext.has_kernel("rk_combine", "cpp") or _ext.has_kernel("rk_combine", "cuda")
         if _ext.has_kernel("rk_combine", _b):
             register(OP_COMBINE, _b, _no_grad_inputs(_dev))(_combine_compiled)
 
+
+
+# ---------------------------------------------------------------- triton backend
+# Launches live in kernels/integrator_update.py, imported on first call so that importing the
+# package never imports triton. Like the compiled ones, only for inputs that need no gradient.
+if _triton.available():
+    @torch.library.custom_op("flowfm_triton::euler_step_", mutates_args=("x",),
+                             schema="(Tensor(a!) x, Tensor v, float dt) -> ()")
+    def _euler_triton_op(x, v, dt):
+        from ..kernels import integrator_update as K
+        K.euler_step_(x, v, dt)
+
+    @_euler_triton_op.register_fake
+    def _euler_triton_fake(x, v, dt):
+        return None
+
+    @torch.library.custom_op("flowfm_triton::rk_combine", mutates_args=("out",),
+                             schema="(Tensor(a!) out, Tensor x, Tensor[] ks, float[] bs, float dt) -> ()")
+    def _combine_triton_op(out, x, ks, bs, dt):
+        from ..kernels import integrator_update as K
+        K.rk_combine(out, x, ks, bs, dt)
+
+    @_combine_triton_op.register_fake
+    def _combine_triton_fake(out, x, ks, bs, dt):
+        return None
+
+    def _euler_triton(x, v, dt):
+        _euler_triton_op(x, v, dt)
+        return x
+
+    def _combine_triton(x, dt, ks, bs, out):
+        if out is None:
+            out = torch.empty_like(x)
+        _combine_triton_op(out, x, ks, bs, dt)
+        return out
+
+    def _triton_no_grad(*tensors):
+        return _triton.can_use(*tensors) and not any(t.requires_grad and torch.is_grad_enabled() for t in tensors)
+
+    _triton.register_triton(OP_EULER, _euler_triton, _triton_no_grad)
+    _triton.register_triton(OP_COMBINE, _combine_triton, _triton_no_grad)
 
 def _dt(dt) -> float:
     if isinstance(dt, bool) or not isinstance(dt, (int, float)):

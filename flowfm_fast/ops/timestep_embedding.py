@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from . import _ext
+from . import _ext, _triton
 from . import _validate as V
 from ._registry import register, select
 
@@ -60,6 +60,48 @@ if _ext.has_kernel("timestep_embedding", "cpp") or _ext.has_kernel("timestep_emb
             register(OP, _backend_name, lambda t, _d=_dev: t.device.type == _d and _te_can_use(t))(
                 lambda t, dim, max_period: _ext.op("timestep_embedding")(t, dim, max_period))
 
+
+
+# ---------------------------------------------------------------- triton backend
+# Launches live in kernels/timestep_embedding.py, imported on first call so that importing the
+# package never imports triton.
+if _triton.available():
+    @torch.library.custom_op("flowfm_triton::timestep_embedding", mutates_args=(),
+                             schema="(Tensor t, int dim, float max_period) -> Tensor")
+    def _te_triton(t, dim, max_period):
+        from ..kernels import timestep_embedding as K
+        return K.forward(t, dim, max_period)
+
+    @_te_triton.register_fake
+    def _te_triton_fake(t, dim, max_period):
+        return t.new_empty((t.shape[0], dim), dtype=torch.float32)
+
+    @torch.library.custom_op("flowfm_triton::timestep_embedding_backward", mutates_args=(),
+                             schema="(Tensor demb, Tensor t, int dim, float max_period) -> Tensor")
+    def _te_triton_backward(demb, t, dim, max_period):
+        from ..kernels import timestep_embedding as K
+        return K.backward(demb, t, dim, max_period)
+
+    @_te_triton_backward.register_fake
+    def _te_triton_backward_fake(demb, t, dim, max_period):
+        return t.new_empty(t.shape, dtype=t.dtype if t.is_floating_point() else torch.float32)
+
+    def _te_triton_setup(ctx, inputs, output):
+        t, dim, max_period = inputs
+        ctx.save_for_backward(t)
+        ctx.args = (dim, max_period)
+
+    def _te_triton_bwd(ctx, demb):
+        (t,) = ctx.saved_tensors
+        return (_te_triton_backward(demb, t, *ctx.args) if ctx.needs_input_grad[0] else None), None, None
+
+    _te_triton.register_autograd(_te_triton_bwd, setup_context=_te_triton_setup)
+
+    def _te_triton_can_use(t):
+        # Integer step indices are fine, as for the compiled backends.
+        return _triton._device_ok(t) and t.dtype not in (torch.bool, torch.complex64, torch.complex128)
+
+    _triton.register_triton(OP, lambda t, dim, max_period: _te_triton(t, dim, max_period), _te_triton_can_use)
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """(N,) times -> (N, dim) float32 features. ``t`` may be float or integer (DDPM steps)."""
