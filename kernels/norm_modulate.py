@@ -38,6 +38,17 @@ import triton
 import triton.language as tl
 
 ACTS = {None: 0, "none": 0, "silu": 1, "gelu_tanh": 2}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Device helpers are @triton.jit functions, inlined by the compiler. The interpreter instead
+# re-patches triton.language on every call of a jit function (~1.5 ms each, most of a small
+# kernel's time), and its kernels run as Python anyway, so there the helpers stay plain functions.
+device_fn = (lambda fn: fn) if interpreting() else triton.jit
+
 # Elements per tile. The interpreter pays per program and per op, not per element, so it takes
 # few, large tiles; a GPU takes ~4K elements (fp32: 16 KiB of registers per program).
 INTERPRETER_TILE = 1 << 16
@@ -50,7 +61,7 @@ GPU_PROGRAMS = 4 * 132
 # ----------------------------------------------------------------------------- shared helpers
 
 
-@triton.jit
+@device_fn
 def _tanh_gelu_inner(u):
     # tanh(z) = 1 - 2 / (exp(2z) + 1); |z| is clamped at 40, where tanh is +-1 even in float64,
     # so exp never overflows.
@@ -59,7 +70,7 @@ def _tanh_gelu_inner(u):
     return 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
 
 
-@triton.jit
+@device_fn
 def act_fwd(u, ACT: tl.constexpr):
     """act(u): 0 identity, 1 SiLU, 2 tanh-GELU (tanh written with exp: no libdevice)."""
     if ACT == 1:
@@ -70,7 +81,7 @@ def act_fwd(u, ACT: tl.constexpr):
         return u
 
 
-@triton.jit
+@device_fn
 def act_grad(u, ACT: tl.constexpr):
     """d act / du at u."""
     if ACT == 1:
@@ -83,7 +94,7 @@ def act_grad(u, ACT: tl.constexpr):
         return tl.full(u.shape, 1.0, u.dtype)
 
 
-@triton.jit
+@device_fn
 def inv_sqrt(v, ACC: tl.constexpr):
     # tl.rsqrt for fp32 (one instruction); fp64 takes the correctly rounded sqrt, as rsqrt.approx.f64
     # would not keep the float64 contract.
@@ -91,10 +102,6 @@ def inv_sqrt(v, ACC: tl.constexpr):
         return 1.0 / tl.sqrt(v)
     else:
         return tl.rsqrt(v)
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _tile() -> int:
@@ -164,7 +171,7 @@ def row_partition(B: int, T: int, D: int):
 # ----------------------------------------------------------------------------- token kinds
 
 
-@triton.jit
+@device_fn
 def token_fwd_tile(x, m2, D, eps, w, bias, shift, scale, RMS: tl.constexpr, ACT: tl.constexpr,
                    ACC: tl.constexpr):
     """One tile of rows (x in the accumulation dtype, masked lanes 0): (y, mean, rstd). Shared
@@ -180,7 +187,7 @@ def token_fwd_tile(x, m2, D, eps, w, bias, shift, scale, RMS: tl.constexpr, ACT:
     return y, mean, rstd
 
 
-@triton.jit
+@device_fn
 def load_affine(W, BIAS, cols, cm, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
                 BLOCK_D: tl.constexpr):
     """The norm's weight and bias as (1, BLOCK_D) rows; ones / zeros when absent."""
@@ -195,7 +202,7 @@ def load_affine(W, BIAS, cols, cm, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, 
     return w, bias
 
 
-@triton.jit
+@device_fn
 def load_mod(SHIFT, SCALE, mod_off, m2, HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, ACC: tl.constexpr,
              BLOCK_D: tl.constexpr):
     """shift and scale of each row's sample; zeros when absent."""
@@ -230,7 +237,7 @@ def _token_fwd(X, Y, SHIFT, SCALE, W, BIAS, MEAN, RSTD, R, T, D, sx_b, sx_t, sx_
     tl.store(RSTD + rows, rstd, mask=rm)
 
 
-@triton.jit
+@device_fn
 def token_bwd_tile(x, dy, mean, rstd, w, bias, shift, scale, m2, D,
                    RMS: tl.constexpr, ACT: tl.constexpr):
     """One tile of rows: (dx, gu, a, da * xhat, da) in the accumulation dtype; shared with the
@@ -463,11 +470,112 @@ def _group_bwd(DY, X, MEAN, RSTD, SHIFT, SCALE, W, BIAS, DX, DSHIFT, DSCALE, DW_
             tl.store(DX + (b * C + ch)[:, None] * L + (l0 + li)[None, :], dx.to(DX.dtype.element_ty), mask=m2)
 
 
-def _group_tiles(cg: int, L: int):
+@device_fn
+def load_group_params(W, BIAS, SHIFT, SCALE, b, ch, chm, C, HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr,
+                      HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
+    """(w, bias, 1 + scale, shift) of channels ``ch`` of samples ``b`` (any matching shapes)."""
+    if HAS_W:
+        w = tl.load(W + ch, mask=chm, other=0.0).to(ACC)
+    else:
+        w = tl.where(chm, 1.0, 0.0).to(ACC)
+    if HAS_BIAS:
+        bias = tl.load(BIAS + ch, mask=chm, other=0.0).to(ACC)
+    else:
+        bias = tl.zeros(chm.shape, ACC)
+    if HAS_SCALE:
+        one_plus = 1.0 + tl.load(SCALE + b * C + ch, mask=chm, other=0.0).to(ACC)
+    else:
+        one_plus = tl.where(chm, 1.0, 0.0).to(ACC) + tl.zeros(chm.shape, ACC)
+    if HAS_SHIFT:
+        shift = tl.load(SHIFT + b * C + ch, mask=chm, other=0.0).to(ACC)
+    else:
+        shift = tl.zeros(chm.shape, ACC)
+    return w, bias, one_plus, shift
+
+
+@triton.jit
+def _group_fwd_whole(X, Y, SHIFT, SCALE, W, BIAS, MEAN, RSTD, BG, C, L, G, sx_b, sx_c, sx_l, eps,
+                     ACT: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_W: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
+                     BLOCK_L: tl.constexpr):
+    """Groups that fit a tile: BLOCK_G whole (sample, group) pairs per program as a
+    (group, channel, position) tile, x read once."""
+    bg = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
+    cg = C // G
+    b = (bg // G)[:, None]
+    ci = tl.arange(0, BLOCK_C)[None, :]
+    ch = (bg % G)[:, None] * cg + ci
+    chm = (bg < BG)[:, None] & (ci < cg)
+    li = tl.arange(0, BLOCK_L)[None, None, :]
+    m3 = chm[:, :, None] & (li < L)
+    x = tl.load(X + (b * sx_b + ch * sx_c)[:, :, None] + li * sx_l, mask=m3, other=0.0).to(ACC)
+    n = cg * L
+    mean = tl.sum(tl.sum(x, axis=2), axis=1) / n
+    xc = tl.where(m3, x - mean[:, None, None], 0.0)
+    rstd = inv_sqrt(tl.sum(tl.sum(xc * xc, axis=2), axis=1) / n + eps, ACC)
+    w, bias, one_plus, shift = load_group_params(W, BIAS, SHIFT, SCALE, b, ch, chm, C, HAS_SHIFT, HAS_SCALE,
+                                                 HAS_W, HAS_BIAS, ACC)
+    a = (xc * rstd[:, None, None]) * w[:, :, None] + bias[:, :, None]
+    y = act_fwd(a * one_plus[:, :, None] + shift[:, :, None], ACT)
+    tl.store(Y + (b * C + ch)[:, :, None] * L + li, y.to(Y.dtype.element_ty), mask=m3)
+    tl.store(MEAN + bg, mean, mask=bg < BG)
+    tl.store(RSTD + bg, rstd, mask=bg < BG)
+
+
+@triton.jit
+def _group_bwd_whole(DY, X, MEAN, RSTD, SHIFT, SCALE, W, BIAS, DX, DSHIFT, DSCALE, DW_P, DB_P, BG, C, L, G,
+                     sx_b, sx_c, sx_l, sd_b, sd_c, sd_l,
+                     ACT: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_W: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
+                     BLOCK_L: tl.constexpr):
+    """The backward of :func:`_group_fwd_whole`, same tiles; per-channel sums over L give dshift,
+    dscale and the (B, C) dweight / dbias partials, their group sums give dx."""
+    bg = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
+    cg = C // G
+    b = (bg // G)[:, None]
+    ci = tl.arange(0, BLOCK_C)[None, :]
+    ch = (bg % G)[:, None] * cg + ci
+    chm = (bg < BG)[:, None] & (ci < cg)
+    li = tl.arange(0, BLOCK_L)[None, None, :]
+    m3 = chm[:, :, None] & (li < L)
+    x = tl.load(X + (b * sx_b + ch * sx_c)[:, :, None] + li * sx_l, mask=m3, other=0.0).to(ACC)
+    gu = tl.load(DY + (b * sd_b + ch * sd_c)[:, :, None] + li * sd_l, mask=m3, other=0.0).to(ACC)
+    mean = tl.load(MEAN + bg, mask=bg < BG, other=0.0).to(ACC)
+    rstd = tl.load(RSTD + bg, mask=bg < BG, other=0.0).to(ACC)
+    w, bias, one_plus, shift = load_group_params(W, BIAS, SHIFT, SCALE, b, ch, chm, C, HAS_SHIFT, HAS_SCALE,
+                                                 HAS_W, HAS_BIAS, ACC)
+    xhat = tl.where(m3, (x - mean[:, None, None]) * rstd[:, None, None], 0.0)
+    if ACT != 0:
+        u = (xhat * w[:, :, None] + bias[:, :, None]) * one_plus[:, :, None] + shift[:, :, None]
+        gu = tl.where(m3, gu * act_grad(u, ACT), 0.0)
+    s_g = tl.sum(gu, axis=2)
+    s_gx = tl.sum(gu * xhat, axis=2)
+    mod = b * C + ch
+    if HAS_SHIFT:
+        tl.store(DSHIFT + mod, s_g, mask=chm)
+    if HAS_SCALE:
+        tl.store(DSCALE + mod, w * s_gx + bias * s_g, mask=chm)
+    if HAS_W:
+        tl.store(DW_P + mod, one_plus * s_gx, mask=chm)
+    if HAS_BIAS:
+        tl.store(DB_P + mod, one_plus * s_g, mask=chm)
+    k = one_plus * w
+    n = cg * L
+    c1 = tl.sum(k * s_g, axis=1) / n
+    c2 = tl.sum(k * s_gx, axis=1) / n
+    dx = rstd[:, None, None] * (gu * k[:, :, None] - c1[:, None, None] - xhat * c2[:, None, None])
+    tl.store(DX + mod[:, :, None] * L + li, dx.to(DX.dtype.element_ty), mask=m3)
+
+
+def _group_tiles(B: int, G: int, cg: int, L: int):
+    """(whole, BLOCK_G, BLOCK_C, BLOCK_L): whole groups per tile when one fits, else one program
+    per group looping over channel and position blocks."""
     budget = _tile()
-    block_l = min(triton.next_power_of_2(L), budget)
-    block_c = max(1, min(triton.next_power_of_2(cg), budget // block_l))
-    return block_c, block_l
+    pc, pl = triton.next_power_of_2(cg), triton.next_power_of_2(L)
+    if pc * pl <= budget:
+        return True, max(1, min(triton.next_power_of_2(B * G), budget // (pc * pl))), pc, pl
+    block_l = min(pl, budget)
+    return False, 1, max(1, min(pc, budget // block_l)), block_l
 
 
 # ----------------------------------------------------------------------------- launches
@@ -489,10 +597,15 @@ def forward(x, shift, scale, weight, bias, kind: str, eps: float, act: str | Non
             B, C, L = x.shape
             mean = torch.empty((B, num_groups), dtype=acc, device=x.device)
             rstd = torch.empty_like(mean)
-            block_c, block_l = _group_tiles(C // num_groups, L)
-            _group_fwd[(B * num_groups,)](x, y, shift, scale, weight, bias, mean, rstd, C, L, num_groups,
-                                          *x.stride(), eps, ACT=ACTS[act], ACC=tl_acc, BLOCK_C=block_c,
-                                          BLOCK_L=block_l, **flags)
+            whole, block_g, block_c, block_l = _group_tiles(B, num_groups, C // num_groups, L)
+            if whole:
+                _group_fwd_whole[(triton.cdiv(B * num_groups, block_g),)](
+                    x, y, shift, scale, weight, bias, mean, rstd, B * num_groups, C, L, num_groups, *x.stride(),
+                    eps, ACT=ACTS[act], ACC=tl_acc, BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_L=block_l, **flags)
+            else:
+                _group_fwd[(B * num_groups,)](x, y, shift, scale, weight, bias, mean, rstd, C, L, num_groups,
+                                              *x.stride(), eps, ACT=ACTS[act], ACC=tl_acc, BLOCK_C=block_c,
+                                              BLOCK_L=block_l, **flags)
         else:
             B, T, D = row_dims(x)
             R = B * T
@@ -534,10 +647,17 @@ def backward(dy, x, mean, rstd, shift, scale, weight, bias, kind: str, act: str 
             dscale = new(B, C) if scale is not None else None
             dw_p = new(B, C) if weight is not None else None
             db_p = new(B, C) if bias is not None else None
-            block_c, block_l = _group_tiles(C // num_groups, L)
-            _group_bwd[(B * num_groups,)](dy, x, mean, rstd, shift, scale, weight, bias, dx, dshift, dscale,
-                                          dw_p, db_p, C, L, num_groups, *x.stride(), *dy.stride(),
-                                          ACT=ACTS[act], ACC=tl_acc, BLOCK_C=block_c, BLOCK_L=block_l, **flags)
+            whole, block_g, block_c, block_l = _group_tiles(B, num_groups, C // num_groups, L)
+            if whole:
+                _group_bwd_whole[(triton.cdiv(B * num_groups, block_g),)](
+                    dy, x, mean, rstd, shift, scale, weight, bias, dx, dshift, dscale, dw_p, db_p, B * num_groups,
+                    C, L, num_groups, *x.stride(), *dy.stride(), ACT=ACTS[act], ACC=tl_acc, BLOCK_G=block_g,
+                    BLOCK_C=block_c, BLOCK_L=block_l, **flags)
+            else:
+                _group_bwd[(B * num_groups,)](dy, x, mean, rstd, shift, scale, weight, bias, dx, dshift, dscale,
+                                              dw_p, db_p, C, L, num_groups, *x.stride(), *dy.stride(),
+                                              ACT=ACTS[act], ACC=tl_acc, BLOCK_C=block_c, BLOCK_L=block_l,
+                                              **flags)
             mod_sum_dim = None
         else:
             B, T, D = row_dims(x)

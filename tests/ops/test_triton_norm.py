@@ -1,0 +1,156 @@
+"""The Triton norm family (norm_modulate, gated_residual, gated_residual_norm_modulate) beyond
+value parity (which every op test checks for each backend): multi-program grids, row loops and
+partial-sum tables forced by small tiles, run-to-run identical results, and
+torch.compile(fullgraph=True) over a DiT-style block through the custom ops.
+
+On a machine without a GPU these run under TRITON_INTERPRET=1 (tests/conftest.py sets it)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flowfm_fast import ops
+from flowfm_fast.ops import _triton, use_backend
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SMALL_TILE = 32
+
+pytestmark = pytest.mark.skipif(
+    not (_triton.available() and (DEVICE == "cuda" or _triton.interpreting())),
+    reason="triton is not installed, or no GPU and TRITON_INTERPRET is not 1")
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of 32 elements: one row per tile for D = 37, several chunks per sample and several
+    rows per chunk in the backward, group loops over channel and position blocks."""
+    from flowfm_fast.kernels import norm_modulate as K
+    for name in ("INTERPRETER_TILE", "GPU_TILE"):
+        monkeypatch.setattr(K, name, SMALL_TILE)
+
+
+def _leaf(*shape, dtype=torch.float32, scale=1.0):
+    return (scale * torch.randn(*shape, device=DEVICE)).to(dtype).requires_grad_(True)
+
+
+def _run_all(dtype=torch.float32):
+    """Every op of the family, forward and backward, on shapes that cross tile boundaries."""
+    torch.manual_seed(0)
+    B, T, D, N, C, L = 3, 5, 37, 9, 12, 45
+    x, h = _leaf(B, T, D, dtype=dtype), _leaf(B, T, D, dtype=dtype)
+    sh, sc, g = _leaf(B, D, scale=0.3), _leaf(B, D, scale=0.3), _leaf(B, D, scale=0.3)
+    w, b = _leaf(D), _leaf(D)
+    rows, rsh, rsc = _leaf(N, D, dtype=dtype), _leaf(N, D, scale=0.3), _leaf(N, D, scale=0.3)
+    feat, gsh, gsc, gw, gb = _leaf(B, C, L, dtype=dtype), _leaf(B, C, scale=0.3), _leaf(B, C, scale=0.3), \
+        _leaf(C), _leaf(C)
+    outs = [
+        ops.norm_modulate(x, sh, sc, "layer", w, b, act="silu"),
+        ops.norm_modulate(rows, rsh, rsc, "rms", w, None, act="gelu_tanh"),
+        ops.norm_modulate(feat, gsh, gsc, "group", gw, gb, act="silu", num_groups=4),
+        ops.gated_residual(x, h, g),
+        ops.gated_residual(rows, rows * 0.5, rsh),
+        *ops.gated_residual_norm_modulate(x, h, g, sh, sc, "layer", w, b, act="gelu_tanh"),
+        *ops.gated_residual_norm_modulate(rows, rows * 0.5, rsh, rsc, None, "rms", w, None),
+    ]
+    loss = sum((o.float() * torch.linspace(-1, 1, o.shape[-1], device=DEVICE)).sum() for o in outs)
+    leaves = [x, h, sh, sc, g, w, b, rows, rsh, rsc, feat, gsh, gsc, gw, gb]
+    return [o.detach() for o in outs] + list(torch.autograd.grad(loss, leaves))
+
+
+def test_small_tiles_match_reference(small_tiles):
+    """Many programs, row loops and partial-sum tables give the reference's values and gradients."""
+    with use_backend("torch"):
+        want = _run_all()
+    with use_backend("triton"):
+        got = _run_all()
+    for i, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"result {i}: {m}")
+
+
+def test_small_and_large_tiles_agree():
+    with use_backend("triton"):
+        large = _run_all()
+    from flowfm_fast.kernels import norm_modulate as K
+    mp = pytest.MonkeyPatch()
+    mp.setattr(K, "INTERPRETER_TILE", SMALL_TILE)
+    mp.setattr(K, "GPU_TILE", SMALL_TILE)
+    try:
+        with use_backend("triton"):
+            small = _run_all()
+    finally:
+        mp.undo()
+    for i, (a, b) in enumerate(zip(small, large)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"result {i}: {m}")
+
+
+@pytest.mark.parametrize("dtype,tiles", [(torch.float32, "small"), (torch.bfloat16, "default")], ids=str)
+def test_deterministic(request, dtype, tiles):
+    """No atomics: two runs agree bit for bit, gradients included."""
+    if tiles == "small":
+        request.getfixturevalue("small_tiles")
+    with use_backend("triton"):
+        one, two = _run_all(dtype), _run_all(dtype)
+    for i, (a, b) in enumerate(zip(one, two)):
+        assert torch.equal(a, b), f"result {i} differs between runs"
+
+
+def test_partition_depends_only_on_shape():
+    from flowfm_fast.kernels import norm_modulate as K
+    for B, T, D in [(1, 1, 7), (123, 1, 127), (3, 7, 300), (2, 4096, 1536), (64, 1, 8)]:
+        G, per_group, nchunk, chunk, block_r, block_d, row_mod = K.row_partition(B, T, D)
+        assert row_mod == (T == 1)
+        assert G * per_group == B * T
+        assert chunk % block_r == 0 and (nchunk - 1) * chunk < per_group <= nchunk * chunk
+        assert block_d >= D
+        assert K.row_partition(B, T, D) == (G, per_group, nchunk, chunk, block_r, block_d, row_mod)
+
+
+def test_custom_op_outputs_and_grad_dtypes():
+    """Statistics in fp32 for low-precision x; each gradient in its own input's dtype."""
+    x = torch.randn(2, 3, 8, device=DEVICE, dtype=torch.bfloat16)
+    shift = torch.randn(2, 8, device=DEVICE, dtype=torch.float16)
+    scale = torch.randn(2, 8, device=DEVICE)
+    w = torch.randn(8, device=DEVICE, dtype=torch.float64)
+    y, mean, rstd = torch.ops.flowfm_triton.norm_modulate(x, shift, scale, w, None, "layer", 1e-6, "silu", 1)
+    assert y.dtype == torch.bfloat16 and mean.dtype == rstd.dtype == torch.float32 and mean.shape == (6,)
+    grads = torch.ops.flowfm_triton.norm_modulate_backward(torch.ones_like(y), x, mean, rstd, shift, scale, w, None,
+                                                           "layer", "silu", 1)
+    assert [t.dtype for t in grads[:4]] == [torch.bfloat16, torch.float16, torch.float32, torch.float64]
+    assert grads[4].numel() == 0
+
+
+def _dit_block(x, c, feat, w_mod, b_mod, w_attn, w1, w2, ln_w, gw, gb):
+    """adaLN-Zero transformer block (norm_modulate -> attention -> fused gated residual + norm ->
+    MLP -> gated residual) and a GroupNorm + FiLM + SiLU conv-net step, as in our generators."""
+    sh1, sc1, g1, sh2, sc2, g2 = F.linear(F.silu(c), w_mod, b_mod).chunk(6, dim=1)
+    h = ops.norm_modulate(x, sh1, sc1, "layer", ln_w, None, eps=1e-6)
+    q = k = v = F.linear(h, w_attn).unflatten(-1, (2, -1)).transpose(1, 2)
+    h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(-2)
+    x, h = ops.gated_residual_norm_modulate(x, h, g1, sh2, sc2, "rms", eps=1e-6)
+    h = F.linear(F.gelu(F.linear(h, w1), approximate="tanh"), w2)
+    x = ops.gated_residual(x, h, g2)
+    f = ops.norm_modulate(feat, c[:, :6], c[:, 6:12], "group", gw, gb, act="silu", num_groups=3)
+    return x.square().mean() + (f * torch.linspace(-1, 1, f.shape[-1], device=f.device)).mean()
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch.manual_seed(1)
+    B, T, D, C, L = 3, 5, 8, 6, 7
+    args = [_leaf(B, T, D), _leaf(B, 2 * D), _leaf(B, C, L), _leaf(6 * D, 2 * D, scale=0.2),
+            _leaf(6 * D, scale=0.2), _leaf(D, D, scale=0.3), _leaf(4 * D, D, scale=0.3), _leaf(D, 4 * D, scale=0.3),
+            _leaf(D), _leaf(C), _leaf(C)]
+    with use_backend("triton"):
+        eager = _dit_block(*args)
+        g_eager = torch.autograd.grad(eager, args)
+        compiled = torch.compile(_dit_block, fullgraph=True, backend="aot_eager")
+        out = compiled(*args)
+        g_out = torch.autograd.grad(out, args)
+    with use_backend("torch"):
+        ref = _dit_block(*args)
+        g_ref = torch.autograd.grad(ref, args)
+    torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b, r in zip(g_out, g_eager, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
