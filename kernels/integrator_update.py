@@ -5,9 +5,10 @@
 
 Arithmetic in fp32 (float64 when an operand is float64), one rounding to the destination dtype.
 Operands of another dtype than the destination are read as they are and converted in registers.
-Every element is read before it is written, by the same program, so ``out`` may be ``x`` or one of
-the stages. More stages than one pass takes accumulate in an fp32 buffer over several passes
-(k_0 first, the reference's order) and reach ``out`` in one final copy, so aliasing stays safe.
+Element i of ``out`` depends only on element i of the inputs, read by the same program before it
+writes, so ``out`` may be ``x`` or one of the stages. More stages than one pass takes accumulate in
+a buffer of the accumulation dtype over several passes (k_0 first, the reference's order) and reach
+``out`` in one final copy, so aliasing stays safe there too.
 """
 from __future__ import annotations
 

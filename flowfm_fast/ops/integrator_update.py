@@ -80,7 +80,6 @@ if _ext.has_kernel("rk_combine", "cpp") or _ext.has_kernel("rk_combine", "cuda")
             register(OP_COMBINE, _b, _no_grad_inputs(_dev))(_combine_compiled)
 
 
-
 # ---------------------------------------------------------------- triton backend
 # Launches live in kernels/integrator_update.py, imported on first call so that importing the
 # package never imports triton. Like the compiled ones, only for inputs that need no gradient.
@@ -120,6 +119,7 @@ if _triton.available():
 
     _triton.register_triton(OP_EULER, _euler_triton, _triton_no_grad)
     _triton.register_triton(OP_COMBINE, _combine_triton, _triton_no_grad)
+
 
 def _dt(dt) -> float:
     if isinstance(dt, bool) or not isinstance(dt, (int, float)):
