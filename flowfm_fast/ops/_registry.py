@@ -66,7 +66,6 @@ def _check_backend_name(name: str, where: str) -> str:
 # Dynamo cannot trace ContextVar.get: under torch.compile the choice is read once, when the graph is
 # traced, and baked into it (dispatch is a trace-time decision; the compiled graph holds the
 # custom op of the chosen backend). Changing the forced backend later needs a fresh compile.
-@torch.compiler.assume_constant_result
 def forced_backend() -> str | None:
     """The backend forced by the innermost :func:`use_backend`, else ``FLOWFM_BACKEND``, else None."""
     name = _forced.get()
@@ -74,6 +73,12 @@ def forced_backend() -> str | None:
         return name
     env = os.environ.get("FLOWFM_BACKEND", "").strip().lower()
     return _check_backend_name(env, "FLOWFM_BACKEND") if env else None
+
+
+# What torch.compiler.assume_constant_result sets; set directly because calling it imports
+# torch._dynamo (and triton), seconds at `import flowfm_fast` that eager users never need. The
+# compile tests (tests/ops/test_cpp_backend.py, fullgraph=True) fail if dynamo stops honouring it.
+forced_backend._dynamo_marked_constant = True
 
 
 @contextlib.contextmanager
