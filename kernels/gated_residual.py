@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .norm_modulate import (ACTS, acc_dtype, device_ctx, finish_grads, load_affine, load_mod, row_dims,
-                            row_partition, row_strides, row_tiles, token_bwd_tile, token_fwd_tile)
+                            row_partition, row_strides, row_tiles, rsum, sum01, token_bwd_tile, token_fwd_tile)
 
 
 @triton.jit
@@ -43,31 +43,29 @@ def _gr_fwd(RES, H, GATE, OUT, R, T, D, sr_b, sr_t, sr_d, sh_b, sh_t, sh_d,
 
 
 @triton.jit
-def _gr_bwd(DY, H, GATE, DH, DGATE, T, D, rows_per_group, chunk, nchunk, sd_b, sd_t, sd_d, sh_b, sh_t, sh_d,
-            ROW_MOD: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    g = tl.program_id(0)
-    c = tl.program_id(1)
-    start = g.to(tl.int64) * rows_per_group + c * chunk
-    end = tl.minimum(start + chunk, (g + 1).to(tl.int64) * rows_per_group)
-    cols = tl.arange(0, BLOCK_D)
-    cm = cols < D
-    dg_acc = tl.zeros([BLOCK_D], ACC)
-    for r0 in range(start, end, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        m2 = (rows < end)[:, None] & cm[None, :]
-        b = rows // T
-        t = rows % T
-        dy = tl.load(DY + (b * sd_b + t * sd_t)[:, None] + cols[None, :] * sd_d, mask=m2, other=0.0).to(ACC)
-        h = tl.load(H + (b * sh_b + t * sh_t)[:, None] + cols[None, :] * sh_d, mask=m2, other=0.0).to(ACC)
-        mod_off = b[:, None] * D + cols[None, :]
-        gate = tl.load(GATE + mod_off, mask=m2, other=0.0).to(ACC)
-        tl.store(DH + rows[:, None] * D + cols[None, :], (dy * gate).to(DH.dtype.element_ty), mask=m2)
-        if ROW_MOD:
-            tl.store(DGATE + mod_off, dy * h, mask=m2)
-        else:
-            dg_acc += tl.sum(dy * h, axis=0)
-    if not ROW_MOD:
-        tl.store(DGATE + (g.to(tl.int64) * nchunk + c) * D + cols, dg_acc, mask=cm)
+def _gr_bwd(DY, H, GATE, DH, DGATE_P, B, T, D, bchunk, chunk, nchunk, sd_b, sd_t, sd_d, sh_b, sh_t, sh_d,
+            ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Tiles and partials of :func:`norm_modulate.row_partition`: dgate as (B, nchunk, D) partials."""
+    p = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64)
+    b_end = tl.minimum(p * bchunk + bchunk, B)
+    t_end = tl.minimum(c * chunk + chunk, T)
+    di = tl.arange(0, BLOCK_D)[None, None, :]
+    d2 = tl.arange(0, BLOCK_D)[None, :]
+    for b0 in range(p * bchunk, b_end, BLOCK_B):
+        bi = b0 + tl.arange(0, BLOCK_B)[:, None, None]
+        mm = (bi < b_end) & (di < D)
+        gate = tl.load(GATE + bi * D + di, mask=mm, other=0.0).to(ACC)
+        dg_acc = tl.zeros([BLOCK_B, BLOCK_D], ACC)
+        for t0 in range(c * chunk, t_end, BLOCK_T):
+            ti = t0 + tl.arange(0, BLOCK_T)[None, :, None]
+            m3 = mm & (ti < t_end)
+            dy = tl.load(DY + bi * sd_b + ti * sd_t + di * sd_d, mask=m3, other=0.0).to(ACC)
+            h = tl.load(H + bi * sh_b + ti * sh_t + di * sh_d, mask=m3, other=0.0).to(ACC)
+            tl.store(DH + (bi * T + ti) * D + di, (dy * gate).to(DH.dtype.element_ty), mask=m3)
+            dg_acc += rsum(dy * h, axis=1)
+        b2 = b0 + tl.arange(0, BLOCK_B)[:, None]
+        tl.store(DGATE_P + (b2 * nchunk + c) * D + d2, dg_acc, mask=(b2 < b_end) & (d2 < D))
 
 
 @triton.jit
@@ -91,8 +89,8 @@ def _grnm_fwd(RES, H, GATE, SHIFT, SCALE, W, BIAS, NEW_RES, Y, MEAN, RSTD, R, T,
     r = (res + gate * h).to(NEW_RES.dtype.element_ty)
     out_off = rows[:, None] * D + cols[None, :]
     tl.store(NEW_RES + out_off, r, mask=m2)
-    w, bias = load_affine(W, BIAS, cols, cm, HAS_W, HAS_BIAS, ACC, BLOCK_D)
-    shift, scale = load_mod(SHIFT, SCALE, mod_off, m2, HAS_SHIFT, HAS_SCALE, ACC, BLOCK_D)
+    w, bias = load_affine(W, BIAS, cols[None, :], cm[None, :], HAS_W, HAS_BIAS, ACC)
+    shift, scale = load_mod(SHIFT, SCALE, mod_off, m2, HAS_SHIFT, HAS_SCALE, ACC)
     y, mean, rstd = token_fwd_tile(tl.where(m2, r.to(ACC), 0.0), m2, D, eps, w, bias, shift, scale, RMS, ACT, ACC)
     tl.store(Y + out_off, y.to(Y.dtype.element_ty), mask=m2)
     tl.store(MEAN + rows, mean, mask=rm)
@@ -101,68 +99,64 @@ def _grnm_fwd(RES, H, GATE, SHIFT, SCALE, W, BIAS, NEW_RES, Y, MEAN, RSTD, R, T,
 
 @triton.jit
 def _grnm_bwd(DNEW_RES, DY, NEW_RES, H, GATE, MEAN, RSTD, SHIFT, SCALE, W, BIAS,
-              DRES, DH, DGATE, DSHIFT, DSCALE, DW_P, DB_P,
-              T, D, rows_per_group, chunk, nchunk, sn_b, sn_t, sn_d, sd_b, sd_t, sd_d, sh_b, sh_t, sh_d,
+              DRES, DH, DGATE_P, DSHIFT_P, DSCALE_P, DW_P, DB_P,
+              B, T, D, bchunk, chunk, nchunk, sn_b, sn_t, sn_d, sd_b, sd_t, sd_d, sh_b, sh_t, sh_d,
               RMS: tl.constexpr, ACT: tl.constexpr, HAS_DNEW: tl.constexpr, HAS_SHIFT: tl.constexpr,
-              HAS_SCALE: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, ROW_MOD: tl.constexpr,
-              ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """NEW_RES is contiguous (our own forward output); DNEW_RES, DY and H are read by strides."""
-    g = tl.program_id(0)
-    c = tl.program_id(1)
-    start = g.to(tl.int64) * rows_per_group + c * chunk
-    end = tl.minimum(start + chunk, (g + 1).to(tl.int64) * rows_per_group)
-    cols = tl.arange(0, BLOCK_D)
-    cm = cols < D
-    w, bias = load_affine(W, BIAS, cols, cm, HAS_W, HAS_BIAS, ACC, BLOCK_D)
-    dsh_acc = tl.zeros([BLOCK_D], ACC)
-    dsc_acc = tl.zeros([BLOCK_D], ACC)
+              HAS_SCALE: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+              BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The token backward of norm_modulate on r, then dr += dnew_res; dres = dr, dh = dr * gate,
+    dgate = sum_t dr * h. NEW_RES is contiguous (our own forward output); DNEW_RES, DY and H are
+    read by strides. Partials as in :func:`norm_modulate.row_partition`."""
+    p = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64)
+    b_end = tl.minimum(p * bchunk + bchunk, B)
+    t_end = tl.minimum(c * chunk + chunk, T)
+    di = tl.arange(0, BLOCK_D)[None, None, :]
+    d2 = tl.arange(0, BLOCK_D)[None, :]
+    w, bias = load_affine(W, BIAS, di, di < D, HAS_W, HAS_BIAS, ACC)
     dw_acc = tl.zeros([BLOCK_D], ACC)
     db_acc = tl.zeros([BLOCK_D], ACC)
-    dg_acc = tl.zeros([BLOCK_D], ACC)
-    for r0 in range(start, end, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        rm = rows < end
-        m2 = rm[:, None] & cm[None, :]
-        b = rows // T
-        t = rows % T
-        out_off = rows[:, None] * D + cols[None, :]
-        x = tl.load(NEW_RES + out_off, mask=m2, other=0.0).to(ACC)
-        dy = tl.load(DY + (b * sd_b + t * sd_t)[:, None] + cols[None, :] * sd_d, mask=m2, other=0.0).to(ACC)
-        h = tl.load(H + (b * sh_b + t * sh_t)[:, None] + cols[None, :] * sh_d, mask=m2, other=0.0).to(ACC)
-        mean = tl.load(MEAN + rows, mask=rm, other=0.0).to(ACC)
-        rstd = tl.load(RSTD + rows, mask=rm, other=0.0).to(ACC)
-        mod_off = b[:, None] * D + cols[None, :]
-        shift, scale = load_mod(SHIFT, SCALE, mod_off, m2, HAS_SHIFT, HAS_SCALE, ACC, BLOCK_D)
-        gate = tl.load(GATE + mod_off, mask=m2, other=0.0).to(ACC)
-        dr, gu, a, dw_t, db_t = token_bwd_tile(x, dy, mean, rstd, w, bias, shift, scale, m2, D, RMS, ACT)
-        if HAS_DNEW:
-            dr += tl.load(DNEW_RES + (b * sn_b + t * sn_t)[:, None] + cols[None, :] * sn_d, mask=m2,
-                          other=0.0).to(ACC)
-        tl.store(DRES + out_off, dr.to(DRES.dtype.element_ty), mask=m2)
-        tl.store(DH + out_off, (dr * gate).to(DH.dtype.element_ty), mask=m2)
-        if ROW_MOD:
-            tl.store(DGATE + mod_off, dr * h, mask=m2)
-            if HAS_SHIFT:
-                tl.store(DSHIFT + mod_off, gu, mask=m2)
-            if HAS_SCALE:
-                tl.store(DSCALE + mod_off, gu * a, mask=m2)
-        else:
-            dg_acc += tl.sum(dr * h, axis=0)
-            dsh_acc += tl.sum(gu, axis=0)
-            dsc_acc += tl.sum(gu * a, axis=0)
-        dw_acc += tl.sum(dw_t, axis=0)
-        db_acc += tl.sum(db_t, axis=0)
-    slot = (g.to(tl.int64) * nchunk + c) * D + cols
-    if not ROW_MOD:
-        tl.store(DGATE + slot, dg_acc, mask=cm)
+    for b0 in range(p * bchunk, b_end, BLOCK_B):
+        bi = b0 + tl.arange(0, BLOCK_B)[:, None, None]
+        mm = (bi < b_end) & (di < D)
+        shift, scale = load_mod(SHIFT, SCALE, bi * D + di, mm, HAS_SHIFT, HAS_SCALE, ACC)
+        gate = tl.load(GATE + bi * D + di, mask=mm, other=0.0).to(ACC)
+        dsh_acc = tl.zeros([BLOCK_B, BLOCK_D], ACC)
+        dsc_acc = tl.zeros([BLOCK_B, BLOCK_D], ACC)
+        dg_acc = tl.zeros([BLOCK_B, BLOCK_D], ACC)
+        for t0 in range(c * chunk, t_end, BLOCK_T):
+            ti = t0 + tl.arange(0, BLOCK_T)[None, :, None]
+            rm = (bi < b_end) & (ti < t_end)
+            m3 = mm & (ti < t_end)
+            rows = bi * T + ti
+            x = tl.load(NEW_RES + rows * D + di, mask=m3, other=0.0).to(ACC)
+            dy = tl.load(DY + bi * sd_b + ti * sd_t + di * sd_d, mask=m3, other=0.0).to(ACC)
+            h = tl.load(H + bi * sh_b + ti * sh_t + di * sh_d, mask=m3, other=0.0).to(ACC)
+            mean = tl.load(MEAN + rows, mask=rm, other=0.0).to(ACC)
+            rstd = tl.load(RSTD + rows, mask=rm, other=0.0).to(ACC)
+            dr, gu, a, dw_t, db_t = token_bwd_tile(x, dy, mean, rstd, w, bias, shift, scale, m3, D, RMS, ACT)
+            if HAS_DNEW:
+                dr += tl.load(DNEW_RES + bi * sn_b + ti * sn_t + di * sn_d, mask=m3, other=0.0).to(ACC)
+            tl.store(DRES + rows * D + di, dr.to(DRES.dtype.element_ty), mask=m3)
+            tl.store(DH + rows * D + di, (dr * gate).to(DH.dtype.element_ty), mask=m3)
+            dg_acc += rsum(dr * h, axis=1)
+            dsh_acc += rsum(gu, axis=1)
+            dsc_acc += rsum(gu * a, axis=1)
+            dw_acc += sum01(dw_t)
+            db_acc += sum01(db_t)
+        b2 = b0 + tl.arange(0, BLOCK_B)[:, None]
+        slot = (b2 * nchunk + c) * D + d2
+        m2 = (b2 < b_end) & (d2 < D)
+        tl.store(DGATE_P + slot, dg_acc, mask=m2)
         if HAS_SHIFT:
-            tl.store(DSHIFT + slot, dsh_acc, mask=cm)
+            tl.store(DSHIFT_P + slot, dsh_acc, mask=m2)
         if HAS_SCALE:
-            tl.store(DSCALE + slot, dsc_acc, mask=cm)
+            tl.store(DSCALE_P + slot, dsc_acc, mask=m2)
+    cols = tl.arange(0, BLOCK_D)
     if HAS_W:
-        tl.store(DW_P + slot, dw_acc, mask=cm)
+        tl.store(DW_P + (p * nchunk + c) * D + cols, dw_acc, mask=cols < D)
     if HAS_BIAS:
-        tl.store(DB_P + slot, db_acc, mask=cm)
+        tl.store(DB_P + (p * nchunk + c) * D + cols, db_acc, mask=cols < D)
 
 
 # ----------------------------------------------------------------------------- launches
@@ -185,14 +179,14 @@ def gated_residual_backward(dy, h, gate):
     tl_acc, acc = acc_dtype(h.dtype)
     gate_c = gate.contiguous()
     B, T, D = row_dims(h)
-    G, per_group, nchunk, chunk, block_r, block_d, row_mod = row_partition(B, T, D)
+    P = row_partition(B, T, D)
     dh = torch.empty(h.shape, dtype=h.dtype, device=h.device)
-    dgate = torch.empty((B, D) if row_mod else (G, nchunk, D), dtype=acc, device=h.device)
+    dgate = torch.empty((B, P.nchunk, D), dtype=acc, device=h.device)
     with device_ctx(h):
-        _gr_bwd[(G, nchunk)](dy, h, gate_c, dh, dgate, T, D, per_group, chunk, nchunk, *row_strides(dy),
-                             *row_strides(h), ROW_MOD=row_mod, ACC=tl_acc, BLOCK_R=block_r, BLOCK_D=block_d)
-    if not row_mod:
-        dgate = dgate.sum(1)
+        _gr_bwd[(P.nbp, P.nchunk)](dy, h, gate_c, dh, dgate, B, T, D, P.bchunk, P.chunk, P.nchunk, *row_strides(dy),
+                                   *row_strides(h), ACC=tl_acc, BLOCK_B=P.block_b, BLOCK_T=P.block_t,
+                                   BLOCK_D=P.block_d)
+    dgate = dgate.sum(1)
     return dh, dgate.to(gate.dtype)
 
 
@@ -233,24 +227,22 @@ def fused_backward(dnew_res, dy, new_res, h, gate, mean, rstd, shift, scale, wei
     new_res = new_res.contiguous()
     mean, rstd = mean.to(acc).contiguous(), rstd.to(acc).contiguous()
     B, T, D = row_dims(new_res)
-    G, per_group, nchunk, chunk, block_r, block_d, row_mod = row_partition(B, T, D)
+    P = row_partition(B, T, D)
     new = lambda *shape: torch.empty(shape, dtype=acc, device=new_res.device)  # noqa: E731
-    mod_rows = (B, D) if row_mod else (G, nchunk, D)
     dres = torch.empty_like(new_res)
     dh = torch.empty(h.shape, dtype=h.dtype, device=h.device)
-    dgate = new(*mod_rows)
-    dshift = new(*mod_rows) if shift is not None else None
-    dscale = new(*mod_rows) if scale is not None else None
-    dw_p = new(G * nchunk, D) if weight is not None else None
-    db_p = new(G * nchunk, D) if bias is not None else None
+    dgate = new(B, P.nchunk, D)
+    dshift = new(B, P.nchunk, D) if shift is not None else None
+    dscale = new(B, P.nchunk, D) if scale is not None else None
+    dw_p = new(P.nbp * P.nchunk, D) if weight is not None else None
+    db_p = new(P.nbp * P.nchunk, D) if bias is not None else None
     dn = dnew_res if dnew_res is not None else dy  # a stand-in pointer, never read without HAS_DNEW
     with device_ctx(new_res):
-        _grnm_bwd[(G, nchunk)](dn, dy, new_res, h, gate_c, mean, rstd, shift, scale, weight, bias,
-                               dres, dh, dgate, dshift, dscale, dw_p, db_p, T, D, per_group, chunk, nchunk,
-                               *row_strides(dn), *row_strides(dy), *row_strides(h), RMS=kind == "rms",
-                               ACT=ACTS[act], HAS_DNEW=dnew_res is not None, ROW_MOD=row_mod, ACC=tl_acc,
-                               BLOCK_R=block_r, BLOCK_D=block_d, **_flags(shift, scale, weight, bias))
-    mod_sum_dim = None if row_mod else 1
-    dgate = (dgate if row_mod else dgate.sum(1)).to(gate.dtype)
-    return (dres, dh, dgate, *finish_grads(new_res, dshift, dscale, dw_p, db_p, shift, scale, weight, bias,
-                                           mod_sum_dim))
+        _grnm_bwd[(P.nbp, P.nchunk)](dn, dy, new_res, h, gate_c, mean, rstd, shift, scale, weight, bias,
+                                     dres, dh, dgate, dshift, dscale, dw_p, db_p, B, T, D, P.bchunk, P.chunk,
+                                     P.nchunk, *row_strides(dn), *row_strides(dy), *row_strides(h),
+                                     RMS=kind == "rms", ACT=ACTS[act], HAS_DNEW=dnew_res is not None, ACC=tl_acc,
+                                     BLOCK_B=P.block_b, BLOCK_T=P.block_t, BLOCK_D=P.block_d,
+                                     **_flags(shift, scale, weight, bias))
+    dgate = dgate.sum(1).to(gate.dtype)
+    return (dres, dh, dgate, *finish_grads(new_res, dshift, dscale, dw_p, db_p, shift, scale, weight, bias, 1))

@@ -32,6 +32,7 @@ not bit-exact, versus the reference and the C++ backend (different summation ord
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -48,6 +49,16 @@ def interpreting() -> bool:
 # re-patches triton.language on every call of a jit function (~1.5 ms each, most of a small
 # kernel's time), and its kernels run as Python anyway, so there the helpers stay plain functions.
 device_fn = (lambda fn: fn) if interpreting() else triton.jit
+
+if interpreting() and hasattr(tl.standard, "_sum_combine"):
+    def rsum(x, axis):
+        # tl.sum is itself a jit function (the re-patching cost again); the interpreter's reduce
+        # recognises sum's combine function and runs np.sum.
+        return tl.reduce(x, axis, tl.standard._sum_combine)
+else:
+    @triton.jit
+    def rsum(x, axis: tl.constexpr):
+        return tl.sum(x, axis=axis)
 
 # Elements per tile. The interpreter pays per program and per op, not per element, so it takes
 # few, large tiles; a GPU takes ~4K elements (fp32: 16 KiB of registers per program).
@@ -152,20 +163,35 @@ def row_tiles(R: int, D: int):
     return block_r, block_d
 
 
-def row_partition(B: int, T: int, D: int):
-    """How the backward splits rows into programs: (G, rows_per_group, nchunk, chunk, BLOCK_R,
-    BLOCK_D, ROW_MOD). Tokens (T > 1): one group per sample, each cut into nchunk chunks of rows,
-    so a program's rows share one shift / scale. Rows (T = 1): one group of all rows, shift /
-    scale gradients stored row by row (ROW_MOD). Depends only on the shape and device kind."""
+class Partition(NamedTuple):
+    """How a token backward splits (B, T, D) into programs: a (BLOCK_B, BLOCK_T, BLOCK_D) tile of
+    (samples, tokens, features); program (p, c) owns samples [p * bchunk, (p + 1) * bchunk) and
+    tokens [c * chunk, (c + 1) * chunk), looping over them tile by tile."""
+    block_b: int
+    block_t: int
+    block_d: int
+    nbp: int
+    bchunk: int
+    nchunk: int
+    chunk: int
+
+
+def row_partition(B: int, T: int, D: int) -> Partition:
+    """Depends only on the shape and the device kind, so the reductions are deterministic.
+    Per-sample sums (dshift, dscale, dgate) come out as (B, nchunk, D) partials, per-feature sums
+    (dweight, dbias) as (nbp * nchunk, D) partials; rows (N, D) are N samples of one token."""
     block_d = triton.next_power_of_2(D)
-    row_mod = T == 1
-    groups, per_group = (1, B) if row_mod else (B, T)
-    block_r = max(1, min(triton.next_power_of_2(per_group), _tile() // block_d))
+    budget = max(1, _tile() // block_d)
+    block_t = min(triton.next_power_of_2(T), budget)
+    block_b = max(1, min(triton.next_power_of_2(B), budget // block_t))
     target = INTERPRETER_PROGRAMS if interpreting() else GPU_PROGRAMS
-    nchunk = max(1, min(triton.cdiv(per_group, block_r), triton.cdiv(target, groups)))
-    chunk = triton.cdiv(triton.cdiv(per_group, nchunk), block_r) * block_r
-    nchunk = triton.cdiv(per_group, chunk)
-    return groups, per_group, nchunk, chunk, block_r, block_d, row_mod
+    nchunk = max(1, min(triton.cdiv(T, block_t), triton.cdiv(target, triton.cdiv(B, block_b))))
+    chunk = triton.cdiv(triton.cdiv(T, nchunk), block_t) * block_t
+    nchunk = triton.cdiv(T, chunk)
+    nbp = max(1, min(triton.cdiv(B, block_b), triton.cdiv(target, nchunk)))
+    bchunk = triton.cdiv(triton.cdiv(B, nbp), block_b) * block_b
+    nbp = triton.cdiv(B, bchunk)
+    return Partition(block_b, block_t, block_d, nbp, bchunk, nchunk, chunk)
 
 
 # ----------------------------------------------------------------------------- token kinds
@@ -177,43 +203,41 @@ def token_fwd_tile(x, m2, D, eps, w, bias, shift, scale, RMS: tl.constexpr, ACT:
     """One tile of rows (x in the accumulation dtype, masked lanes 0): (y, mean, rstd). Shared
     with the fused residual kernel."""
     if RMS:
-        mean = tl.sum(tl.zeros_like(x), axis=1)
+        mean = rsum(tl.zeros_like(x), axis=1)
     else:
-        mean = tl.sum(x, axis=1) / D
+        mean = rsum(x, axis=1) / D
     xc = tl.where(m2, x - mean[:, None], 0.0)
-    rstd = inv_sqrt(tl.sum(xc * xc, axis=1) / D + eps, ACC)
+    rstd = inv_sqrt(rsum(xc * xc, axis=1) / D + eps, ACC)
     a = (xc * rstd[:, None]) * w + bias
     y = act_fwd(a * (1.0 + scale) + shift, ACT)
     return y, mean, rstd
 
 
 @device_fn
-def load_affine(W, BIAS, cols, cm, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
-                BLOCK_D: tl.constexpr):
-    """The norm's weight and bias as (1, BLOCK_D) rows; ones / zeros when absent."""
+def load_affine(W, BIAS, cols, cm, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
+    """The norm's weight and bias at feature offsets ``cols`` (any shape); ones / zeros when absent."""
     if HAS_W:
-        w = tl.load(W + cols, mask=cm, other=0.0).to(ACC)[None, :]
+        w = tl.load(W + cols, mask=cm, other=0.0).to(ACC)
     else:
-        w = tl.full([1, BLOCK_D], 1.0, ACC)
+        w = tl.full(cm.shape, 1.0, ACC)
     if HAS_BIAS:
-        bias = tl.load(BIAS + cols, mask=cm, other=0.0).to(ACC)[None, :]
+        bias = tl.load(BIAS + cols, mask=cm, other=0.0).to(ACC)
     else:
-        bias = tl.zeros([1, BLOCK_D], ACC)
+        bias = tl.zeros(cm.shape, ACC)
     return w, bias
 
 
 @device_fn
-def load_mod(SHIFT, SCALE, mod_off, m2, HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, ACC: tl.constexpr,
-             BLOCK_D: tl.constexpr):
-    """shift and scale of each row's sample; zeros when absent."""
+def load_mod(SHIFT, SCALE, mod_off, mm, HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, ACC: tl.constexpr):
+    """shift and scale at offsets ``mod_off`` (sample * D + feature); zeros when absent."""
     if HAS_SHIFT:
-        shift = tl.load(SHIFT + mod_off, mask=m2, other=0.0).to(ACC)
+        shift = tl.load(SHIFT + mod_off, mask=mm, other=0.0).to(ACC)
     else:
-        shift = tl.zeros([1, BLOCK_D], ACC)
+        shift = tl.zeros(mm.shape, ACC)
     if HAS_SCALE:
-        scale = tl.load(SCALE + mod_off, mask=m2, other=0.0).to(ACC)
+        scale = tl.load(SCALE + mod_off, mask=mm, other=0.0).to(ACC)
     else:
-        scale = tl.zeros([1, BLOCK_D], ACC)
+        scale = tl.zeros(mm.shape, ACC)
     return shift, scale
 
 
@@ -229,8 +253,8 @@ def _token_fwd(X, Y, SHIFT, SCALE, W, BIAS, MEAN, RSTD, R, T, D, sx_b, sx_t, sx_
     m2 = rm[:, None] & cm[None, :]
     b = rows // T
     x = tl.load(X + (b * sx_b + (rows % T) * sx_t)[:, None] + cols[None, :] * sx_d, mask=m2, other=0.0).to(ACC)
-    w, bias = load_affine(W, BIAS, cols, cm, HAS_W, HAS_BIAS, ACC, BLOCK_D)
-    shift, scale = load_mod(SHIFT, SCALE, b[:, None] * D + cols[None, :], m2, HAS_SHIFT, HAS_SCALE, ACC, BLOCK_D)
+    w, bias = load_affine(W, BIAS, cols[None, :], cm[None, :], HAS_W, HAS_BIAS, ACC)
+    shift, scale = load_mod(SHIFT, SCALE, b[:, None] * D + cols[None, :], m2, HAS_SHIFT, HAS_SCALE, ACC)
     y, mean, rstd = token_fwd_tile(x, m2, D, eps, w, bias, shift, scale, RMS, ACT, ACC)
     tl.store(Y + rows[:, None] * D + cols[None, :], y.to(Y.dtype.element_ty), mask=m2)
     tl.store(MEAN + rows, mean, mask=rm)
@@ -238,79 +262,81 @@ def _token_fwd(X, Y, SHIFT, SCALE, W, BIAS, MEAN, RSTD, R, T, D, sx_b, sx_t, sx_
 
 
 @device_fn
-def token_bwd_tile(x, dy, mean, rstd, w, bias, shift, scale, m2, D,
-                   RMS: tl.constexpr, ACT: tl.constexpr):
-    """One tile of rows: (dx, gu, a, da * xhat, da) in the accumulation dtype; shared with the
-    fused residual kernel. x is the normalised input, dy the gradient of y; masked lanes give 0."""
-    xhat = tl.where(m2, (x - mean[:, None]) * rstd[:, None], 0.0)
+def token_bwd_tile(x, dy, mean, rstd, w, bias, shift, scale, m3, D, RMS: tl.constexpr, ACT: tl.constexpr):
+    """One (samples, tokens, features) tile: (dx, gu, a, da * xhat, da) in the accumulation dtype,
+    masked lanes 0; shared with the fused residual kernel. x is the normalised input, dy the
+    gradient of y, mean / rstd (BB, BT, 1), w / bias (1, 1, BD), shift / scale (BB, 1, BD)."""
+    xhat = tl.where(m3, (x - mean) * rstd, 0.0)
     a = xhat * w + bias
     one_plus = 1.0 + scale
     gu = dy
     if ACT != 0:
-        gu = gu * act_grad(a * one_plus + shift, ACT)
-    gu = tl.where(m2, gu, 0.0)
+        gu = tl.where(m3, gu * act_grad(a * one_plus + shift, ACT), 0.0)
     da = gu * one_plus
     dxhat = da * w
-    c2 = tl.sum(dxhat * xhat, axis=1) / D
+    c2 = rsum(dxhat * xhat, axis=2)[:, :, None] / D
     if RMS:
-        dx = rstd[:, None] * (dxhat - xhat * c2[:, None])
+        dx = rstd * (dxhat - xhat * c2)
     else:
-        c1 = tl.sum(dxhat, axis=1) / D
-        dx = rstd[:, None] * (dxhat - c1[:, None] - xhat * c2[:, None])
+        c1 = rsum(dxhat, axis=2)[:, :, None] / D
+        dx = rstd * (dxhat - c1 - xhat * c2)
     return dx, gu, a, da * xhat, da
 
 
+@device_fn
+def sum01(v):
+    return rsum(rsum(v, axis=1), axis=0)
+
+
 @triton.jit
-def _token_bwd(DY, X, MEAN, RSTD, SHIFT, SCALE, W, BIAS, DX, DSHIFT, DSCALE, DW_P, DB_P,
-               T, D, rows_per_group, chunk, nchunk, sx_b, sx_t, sx_d, sd_b, sd_t, sd_d,
+def _token_bwd(DY, X, MEAN, RSTD, SHIFT, SCALE, W, BIAS, DX, DSHIFT_P, DSCALE_P, DW_P, DB_P,
+               B, T, D, bchunk, chunk, nchunk, sx_b, sx_t, sx_d, sd_b, sd_t, sd_d,
                RMS: tl.constexpr, ACT: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr,
-               HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, ROW_MOD: tl.constexpr, ACC: tl.constexpr,
-               BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    g = tl.program_id(0)
-    c = tl.program_id(1)
-    start = g.to(tl.int64) * rows_per_group + c * chunk
-    end = tl.minimum(start + chunk, (g + 1).to(tl.int64) * rows_per_group)
-    cols = tl.arange(0, BLOCK_D)
-    cm = cols < D
-    w, bias = load_affine(W, BIAS, cols, cm, HAS_W, HAS_BIAS, ACC, BLOCK_D)
-    dsh_acc = tl.zeros([BLOCK_D], ACC)
-    dsc_acc = tl.zeros([BLOCK_D], ACC)
+               HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+               BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    p = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64)
+    b_start = p * bchunk
+    b_end = tl.minimum(b_start + bchunk, B)
+    t_start = c * chunk
+    t_end = tl.minimum(t_start + chunk, T)
+    di = tl.arange(0, BLOCK_D)[None, None, :]
+    w, bias = load_affine(W, BIAS, di, di < D, HAS_W, HAS_BIAS, ACC)
+    d2 = tl.arange(0, BLOCK_D)[None, :]
     dw_acc = tl.zeros([BLOCK_D], ACC)
     db_acc = tl.zeros([BLOCK_D], ACC)
-    for r0 in range(start, end, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        rm = rows < end
-        m2 = rm[:, None] & cm[None, :]
-        b = rows // T
-        t = rows % T
-        x = tl.load(X + (b * sx_b + t * sx_t)[:, None] + cols[None, :] * sx_d, mask=m2, other=0.0).to(ACC)
-        dy = tl.load(DY + (b * sd_b + t * sd_t)[:, None] + cols[None, :] * sd_d, mask=m2, other=0.0).to(ACC)
-        mean = tl.load(MEAN + rows, mask=rm, other=0.0).to(ACC)
-        rstd = tl.load(RSTD + rows, mask=rm, other=0.0).to(ACC)
-        mod_off = b[:, None] * D + cols[None, :]
-        shift, scale = load_mod(SHIFT, SCALE, mod_off, m2, HAS_SHIFT, HAS_SCALE, ACC, BLOCK_D)
-        dx, gu, a, dw_t, db_t = token_bwd_tile(x, dy, mean, rstd, w, bias, shift, scale, m2, D, RMS, ACT)
-        tl.store(DX + rows[:, None] * D + cols[None, :], dx.to(DX.dtype.element_ty), mask=m2)
-        if ROW_MOD:
-            if HAS_SHIFT:
-                tl.store(DSHIFT + mod_off, gu, mask=m2)
-            if HAS_SCALE:
-                tl.store(DSCALE + mod_off, gu * a, mask=m2)
-        else:
-            dsh_acc += tl.sum(gu, axis=0)
-            dsc_acc += tl.sum(gu * a, axis=0)
-        dw_acc += tl.sum(dw_t, axis=0)
-        db_acc += tl.sum(db_t, axis=0)
-    slot = (g.to(tl.int64) * nchunk + c) * D + cols
-    if not ROW_MOD:
+    for b0 in range(b_start, b_end, BLOCK_B):
+        bi = b0 + tl.arange(0, BLOCK_B)[:, None, None]
+        mm = (bi < b_end) & (di < D)
+        mod_off = bi * D + di
+        shift, scale = load_mod(SHIFT, SCALE, mod_off, mm, HAS_SHIFT, HAS_SCALE, ACC)
+        dsh_acc = tl.zeros([BLOCK_B, BLOCK_D], ACC)
+        dsc_acc = tl.zeros([BLOCK_B, BLOCK_D], ACC)
+        for t0 in range(t_start, t_end, BLOCK_T):
+            ti = t0 + tl.arange(0, BLOCK_T)[None, :, None]
+            m3 = mm & (ti < t_end)
+            rows = bi * T + ti
+            x = tl.load(X + bi * sx_b + ti * sx_t + di * sx_d, mask=m3, other=0.0).to(ACC)
+            dy = tl.load(DY + bi * sd_b + ti * sd_t + di * sd_d, mask=m3, other=0.0).to(ACC)
+            mean = tl.load(MEAN + rows, mask=(bi < b_end) & (ti < t_end), other=0.0).to(ACC)
+            rstd = tl.load(RSTD + rows, mask=(bi < b_end) & (ti < t_end), other=0.0).to(ACC)
+            dx, gu, a, dw_t, db_t = token_bwd_tile(x, dy, mean, rstd, w, bias, shift, scale, m3, D, RMS, ACT)
+            tl.store(DX + rows * D + di, dx.to(DX.dtype.element_ty), mask=m3)
+            dsh_acc += rsum(gu, axis=1)
+            dsc_acc += rsum(gu * a, axis=1)
+            dw_acc += sum01(dw_t)
+            db_acc += sum01(db_t)
+        b2 = b0 + tl.arange(0, BLOCK_B)[:, None]
+        slot = (b2 * nchunk + c) * D + d2
         if HAS_SHIFT:
-            tl.store(DSHIFT + slot, dsh_acc, mask=cm)
+            tl.store(DSHIFT_P + slot, dsh_acc, mask=(b2 < b_end) & (d2 < D))
         if HAS_SCALE:
-            tl.store(DSCALE + slot, dsc_acc, mask=cm)
+            tl.store(DSCALE_P + slot, dsc_acc, mask=(b2 < b_end) & (d2 < D))
+    slot = (p * nchunk + c) * D + tl.arange(0, BLOCK_D)
     if HAS_W:
-        tl.store(DW_P + slot, dw_acc, mask=cm)
+        tl.store(DW_P + slot, dw_acc, mask=tl.arange(0, BLOCK_D) < D)
     if HAS_BIAS:
-        tl.store(DB_P + slot, db_acc, mask=cm)
+        tl.store(DB_P + slot, db_acc, mask=tl.arange(0, BLOCK_D) < D)
 
 
 # ----------------------------------------------------------------------------- GroupNorm
@@ -336,7 +362,7 @@ def _group_fwd(X, Y, SHIFT, SCALE, W, BIAS, MEAN, RSTD, C, L, G, sx_b, sx_c, sx_
         for l0 in range(0, L, BLOCK_L):
             m2 = chm[:, None] & ((l0 + li) < L)[None, :]
             s += tl.load(base + ch[:, None] * sx_c + (l0 + li)[None, :] * sx_l, mask=m2, other=0.0).to(ACC)
-    mean = tl.sum(tl.sum(s, axis=1), axis=0) / n
+    mean = rsum(rsum(s, axis=1), axis=0) / n
     s = tl.zeros([BLOCK_C, BLOCK_L], ACC)
     for c0 in range(0, cg, BLOCK_C):
         ch = c_first + c0 + ci
@@ -346,7 +372,7 @@ def _group_fwd(X, Y, SHIFT, SCALE, W, BIAS, MEAN, RSTD, C, L, G, sx_b, sx_c, sx_
             x = tl.load(base + ch[:, None] * sx_c + (l0 + li)[None, :] * sx_l, mask=m2, other=0.0).to(ACC)
             xc = tl.where(m2, x - mean, 0.0)
             s += xc * xc
-    rstd = inv_sqrt(tl.sum(tl.sum(s, axis=1), axis=0) / n + eps, ACC)
+    rstd = inv_sqrt(rsum(rsum(s, axis=1), axis=0) / n + eps, ACC)
     for c0 in range(0, cg, BLOCK_C):
         ch = c_first + c0 + ci
         chm = (c0 + ci) < cg
@@ -425,8 +451,8 @@ def _group_bwd(DY, X, MEAN, RSTD, SHIFT, SCALE, W, BIAS, DX, DSHIFT, DSCALE, DW_
             if ACT != 0:
                 gu = gu * act_grad((xhat * w[:, None] + bias[:, None]) * one_plus[:, None] + shift[:, None], ACT)
                 gu = tl.where(m2, gu, 0.0)
-            s_g += tl.sum(gu, axis=1)
-            s_gx += tl.sum(gu * xhat, axis=1)
+            s_g += rsum(gu, axis=1)
+            s_gx += rsum(gu * xhat, axis=1)
         if HAS_SHIFT:
             tl.store(DSHIFT + b * C + ch, s_g, mask=chm)
         if HAS_SCALE:
@@ -437,8 +463,8 @@ def _group_bwd(DY, X, MEAN, RSTD, SHIFT, SCALE, W, BIAS, DX, DSHIFT, DSCALE, DW_
             tl.store(DB_P + b * C + ch, one_plus * s_g, mask=chm)
         sum1 += tl.where(chm, one_plus * w * s_g, 0.0)
         sum2 += tl.where(chm, one_plus * w * s_gx, 0.0)
-    c1 = tl.sum(sum1, axis=0) / n
-    c2 = tl.sum(sum2, axis=0) / n
+    c1 = rsum(sum1, axis=0) / n
+    c2 = rsum(sum2, axis=0) / n
     for c0 in range(0, cg, BLOCK_C):
         ch = c_first + c0 + ci
         chm = (c0 + ci) < cg
@@ -510,9 +536,9 @@ def _group_fwd_whole(X, Y, SHIFT, SCALE, W, BIAS, MEAN, RSTD, BG, C, L, G, sx_b,
     m3 = chm[:, :, None] & (li < L)
     x = tl.load(X + (b * sx_b + ch * sx_c)[:, :, None] + li * sx_l, mask=m3, other=0.0).to(ACC)
     n = cg * L
-    mean = tl.sum(tl.sum(x, axis=2), axis=1) / n
+    mean = rsum(rsum(x, axis=2), axis=1) / n
     xc = tl.where(m3, x - mean[:, None, None], 0.0)
-    rstd = inv_sqrt(tl.sum(tl.sum(xc * xc, axis=2), axis=1) / n + eps, ACC)
+    rstd = inv_sqrt(rsum(rsum(xc * xc, axis=2), axis=1) / n + eps, ACC)
     w, bias, one_plus, shift = load_group_params(W, BIAS, SHIFT, SCALE, b, ch, chm, C, HAS_SHIFT, HAS_SCALE,
                                                  HAS_W, HAS_BIAS, ACC)
     a = (xc * rstd[:, None, None]) * w[:, :, None] + bias[:, :, None]
@@ -548,8 +574,8 @@ def _group_bwd_whole(DY, X, MEAN, RSTD, SHIFT, SCALE, W, BIAS, DX, DSHIFT, DSCAL
     if ACT != 0:
         u = (xhat * w[:, :, None] + bias[:, :, None]) * one_plus[:, :, None] + shift[:, :, None]
         gu = tl.where(m3, gu * act_grad(u, ACT), 0.0)
-    s_g = tl.sum(gu, axis=2)
-    s_gx = tl.sum(gu * xhat, axis=2)
+    s_g = rsum(gu, axis=2)
+    s_gx = rsum(gu * xhat, axis=2)
     mod = b * C + ch
     if HAS_SHIFT:
         tl.store(DSHIFT + mod, s_g, mask=chm)
@@ -561,8 +587,8 @@ def _group_bwd_whole(DY, X, MEAN, RSTD, SHIFT, SCALE, W, BIAS, DX, DSHIFT, DSCAL
         tl.store(DB_P + mod, one_plus * s_g, mask=chm)
     k = one_plus * w
     n = cg * L
-    c1 = tl.sum(k * s_g, axis=1) / n
-    c2 = tl.sum(k * s_gx, axis=1) / n
+    c1 = rsum(k * s_g, axis=1) / n
+    c2 = rsum(k * s_gx, axis=1) / n
     dx = rstd[:, None, None] * (gu * k[:, :, None] - c1[:, None, None] - xhat * c2[:, None, None])
     tl.store(DX + mod[:, :, None] * L + li, dx.to(DX.dtype.element_ty), mask=m3)
 
@@ -661,15 +687,14 @@ def backward(dy, x, mean, rstd, shift, scale, weight, bias, kind: str, act: str 
             mod_sum_dim = None
         else:
             B, T, D = row_dims(x)
-            G, per_group, nchunk, chunk, block_r, block_d, row_mod = row_partition(B, T, D)
-            mod_rows = (B, D) if row_mod else (G, nchunk, D)
-            dshift = new(*mod_rows) if shift is not None else None
-            dscale = new(*mod_rows) if scale is not None else None
-            dw_p = new(G * nchunk, D) if weight is not None else None
-            db_p = new(G * nchunk, D) if bias is not None else None
-            _token_bwd[(G, nchunk)](dy, x, mean, rstd, shift, scale, weight, bias, dx, dshift, dscale, dw_p, db_p,
-                                    T, D, per_group, chunk, nchunk, *row_strides(x), *row_strides(dy),
-                                    RMS=kind == "rms", ACT=ACTS[act], ROW_MOD=row_mod, ACC=tl_acc,
-                                    BLOCK_R=block_r, BLOCK_D=block_d, **flags)
-            mod_sum_dim = None if row_mod else 1
+            P = row_partition(B, T, D)
+            dshift = new(B, P.nchunk, D) if shift is not None else None
+            dscale = new(B, P.nchunk, D) if scale is not None else None
+            dw_p = new(P.nbp * P.nchunk, D) if weight is not None else None
+            db_p = new(P.nbp * P.nchunk, D) if bias is not None else None
+            _token_bwd[(P.nbp, P.nchunk)](dy, x, mean, rstd, shift, scale, weight, bias, dx, dshift, dscale, dw_p,
+                                          db_p, B, T, D, P.bchunk, P.chunk, P.nchunk, *row_strides(x),
+                                          *row_strides(dy), RMS=kind == "rms", ACT=ACTS[act], ACC=tl_acc,
+                                          BLOCK_B=P.block_b, BLOCK_T=P.block_t, BLOCK_D=P.block_d, **flags)
+            mod_sum_dim = 1
     return (dx, *finish_grads(x, dshift, dscale, dw_p, db_p, shift, scale, weight, bias, mod_sum_dim))

@@ -95,15 +95,18 @@ def test_deterministic(request, dtype, tiles):
         assert torch.equal(a, b), f"result {i} differs between runs"
 
 
-def test_partition_depends_only_on_shape():
+@pytest.mark.parametrize("tile", [None, SMALL_TILE])
+def test_partition_covers_every_row_once(monkeypatch, tile):
     from flowfm_fast.kernels import norm_modulate as K
-    for B, T, D in [(1, 1, 7), (123, 1, 127), (3, 7, 300), (2, 4096, 1536), (64, 1, 8)]:
-        G, per_group, nchunk, chunk, block_r, block_d, row_mod = K.row_partition(B, T, D)
-        assert row_mod == (T == 1)
-        assert G * per_group == B * T
-        assert chunk % block_r == 0 and (nchunk - 1) * chunk < per_group <= nchunk * chunk
-        assert block_d >= D
-        assert K.row_partition(B, T, D) == (G, per_group, nchunk, chunk, block_r, block_d, row_mod)
+    if tile is not None:
+        monkeypatch.setattr(K, "INTERPRETER_TILE", tile)
+        monkeypatch.setattr(K, "GPU_TILE", tile)
+    for B, T, D in [(1, 1, 7), (123, 1, 127), (3, 7, 300), (2, 4096, 1536), (64, 1, 8), (3, 5, 37)]:
+        P = K.row_partition(B, T, D)
+        assert P.block_d >= D
+        assert P.chunk % P.block_t == 0 and (P.nchunk - 1) * P.chunk < T <= P.nchunk * P.chunk
+        assert P.bchunk % P.block_b == 0 and (P.nbp - 1) * P.bchunk < B <= P.nbp * P.bchunk
+        assert K.row_partition(B, T, D) == P
 
 
 def test_custom_op_outputs_and_grad_dtypes():
