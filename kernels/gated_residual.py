@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .norm_modulate import (ACTS, acc_dtype, device_ctx, finish_grads, load_affine, load_mod, row_dims,
+from .norm_modulate import (ACTS, acc_dtype, device_ctx, finish_grads, load_affine, load_mod, num_warps, row_dims,
                             row_partition, row_strides, row_tiles, rsum, sum01, token_bwd_tile, token_fwd_tile)
 
 
@@ -170,7 +170,8 @@ def gated_residual_forward(res, h, gate):
     block_r, block_d = row_tiles(B * T, D)
     with device_ctx(res):
         _gr_fwd[(triton.cdiv(B * T, block_r),)](res, h, gate, out, B * T, T, D, *row_strides(res), *row_strides(h),
-                                                ACC=tl_acc, BLOCK_R=block_r, BLOCK_D=block_d)
+                                                ACC=tl_acc, BLOCK_R=block_r, BLOCK_D=block_d,
+                                                num_warps=num_warps(block_r * block_d))
     return out
 
 
@@ -185,7 +186,7 @@ def gated_residual_backward(dy, h, gate):
     with device_ctx(h):
         _gr_bwd[(P.nbp, P.nchunk)](dy, h, gate_c, dh, dgate, B, T, D, P.bchunk, P.chunk, P.nchunk, *row_strides(dy),
                                    *row_strides(h), ACC=tl_acc, BLOCK_B=P.block_b, BLOCK_T=P.block_t,
-                                   BLOCK_D=P.block_d)
+                                   BLOCK_D=P.block_d, num_warps=num_warps(P.block_b * P.block_t * P.block_d))
     dgate = dgate.sum(1)
     return dh, dgate.to(gate.dtype)
 
@@ -214,6 +215,7 @@ def fused_forward(res, h, gate, shift, scale, weight, bias, kind: str, eps: floa
         _grnm_fwd[(triton.cdiv(R, block_r),)](res, h, gate, shift, scale, weight, bias, new_res, y, mean, rstd,
                                               R, T, D, *row_strides(res), *row_strides(h), eps, RMS=kind == "rms",
                                               ACT=ACTS[act], ACC=tl_acc, BLOCK_R=block_r, BLOCK_D=block_d,
+                                              num_warps=num_warps(block_r * block_d),
                                               **_flags(shift, scale, weight, bias))
     return new_res, y, mean, rstd
 
@@ -243,6 +245,7 @@ def fused_backward(dnew_res, dy, new_res, h, gate, mean, rstd, shift, scale, wei
                                      P.nchunk, *row_strides(dn), *row_strides(dy), *row_strides(h),
                                      RMS=kind == "rms", ACT=ACTS[act], HAS_DNEW=dnew_res is not None, ACC=tl_acc,
                                      BLOCK_B=P.block_b, BLOCK_T=P.block_t, BLOCK_D=P.block_d,
+                                     num_warps=num_warps(P.block_b * P.block_t * P.block_d),
                                      **_flags(shift, scale, weight, bias))
     dgate = dgate.sum(1).to(gate.dtype)
     return (dres, dh, dgate, *finish_grads(new_res, dshift, dscale, dw_p, db_p, shift, scale, weight, bias, 1))

@@ -17,11 +17,13 @@ tensor is loaded in its own dtype and converted in registers to the accumulation
 fp64 for fp64 x), so modulation may be of another dtype than x; mean / rstd are stored in it.
 
 Backward, without atomics: dx needs only its own row (group). The parameter gradients are sums
-over rows: each program owns a fixed range of rows of one sample (tokens) or of the row list
-(rows), accumulates dshift / dscale / dweight / dbias for its range in registers and writes them
-to its own slot of a partials buffer; a second, fixed-order reduction (``sum`` over the partials
-axis) finishes them. The partition depends only on the shape and on the device kind (GPU or the
-interpreter), so gradients are deterministic run to run.
+over rows. Token kinds: program (p, c) of :func:`row_partition` owns a block of samples and a
+chunk of their tokens, walks them in (samples, tokens, features) tiles, and writes its sums to
+its own slots: dshift / dscale as (B, nchunk, D) partials, dweight / dbias as (programs, D)
+partials. GroupNorm: one program per (sample, group) or per block of whole groups writes dshift /
+dscale directly and dweight / dbias as (B, C) partials. A second, fixed-order ``sum`` over the
+partials axis finishes them. The partition depends only on the shape and on the device kind (GPU
+or the interpreter), so gradients are deterministic run to run.
 
 Contract: fp32 within 1e-5 relative of the float64 formula (the tests hold it to 1e-5 forward,
 1e-4 for gradients after the reductions); bf16 / fp16 within the Liger-style tolerances
@@ -117,6 +119,11 @@ def inv_sqrt(v, ACC: tl.constexpr):
 
 def _tile() -> int:
     return INTERPRETER_TILE if interpreting() else GPU_TILE
+
+
+def num_warps(elements: int) -> int:
+    """Warps for a tile of ``elements`` (the interpreter ignores it): ~16 fp32 values per thread."""
+    return 4 if elements <= 4096 else 8 if elements <= 16384 else 16
 
 
 def acc_dtype(dtype: torch.dtype):
@@ -627,11 +634,12 @@ def forward(x, shift, scale, weight, bias, kind: str, eps: float, act: str | Non
             if whole:
                 _group_fwd_whole[(triton.cdiv(B * num_groups, block_g),)](
                     x, y, shift, scale, weight, bias, mean, rstd, B * num_groups, C, L, num_groups, *x.stride(),
-                    eps, ACT=ACTS[act], ACC=tl_acc, BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_L=block_l, **flags)
+                    eps, ACT=ACTS[act], ACC=tl_acc, BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_L=block_l,
+                    num_warps=num_warps(block_g * block_c * block_l), **flags)
             else:
                 _group_fwd[(B * num_groups,)](x, y, shift, scale, weight, bias, mean, rstd, C, L, num_groups,
                                               *x.stride(), eps, ACT=ACTS[act], ACC=tl_acc, BLOCK_C=block_c,
-                                              BLOCK_L=block_l, **flags)
+                                              BLOCK_L=block_l, num_warps=num_warps(block_c * block_l), **flags)
         else:
             B, T, D = row_dims(x)
             R = B * T
@@ -640,7 +648,8 @@ def forward(x, shift, scale, weight, bias, kind: str, eps: float, act: str | Non
             block_r, block_d = row_tiles(R, D)
             _token_fwd[(triton.cdiv(R, block_r),)](x, y, shift, scale, weight, bias, mean, rstd, R, T, D,
                                                    *row_strides(x), eps, RMS=kind == "rms", ACT=ACTS[act],
-                                                   ACC=tl_acc, BLOCK_R=block_r, BLOCK_D=block_d, **flags)
+                                                   ACC=tl_acc, BLOCK_R=block_r, BLOCK_D=block_d,
+                                                   num_warps=num_warps(block_r * block_d), **flags)
     return y, mean, rstd
 
 
@@ -678,12 +687,12 @@ def backward(dy, x, mean, rstd, shift, scale, weight, bias, kind: str, act: str 
                 _group_bwd_whole[(triton.cdiv(B * num_groups, block_g),)](
                     dy, x, mean, rstd, shift, scale, weight, bias, dx, dshift, dscale, dw_p, db_p, B * num_groups,
                     C, L, num_groups, *x.stride(), *dy.stride(), ACT=ACTS[act], ACC=tl_acc, BLOCK_G=block_g,
-                    BLOCK_C=block_c, BLOCK_L=block_l, **flags)
+                    BLOCK_C=block_c, BLOCK_L=block_l, num_warps=num_warps(block_g * block_c * block_l), **flags)
             else:
                 _group_bwd[(B * num_groups,)](dy, x, mean, rstd, shift, scale, weight, bias, dx, dshift, dscale,
                                               dw_p, db_p, C, L, num_groups, *x.stride(), *dy.stride(),
                                               ACT=ACTS[act], ACC=tl_acc, BLOCK_C=block_c, BLOCK_L=block_l,
-                                              **flags)
+                                              num_warps=num_warps(block_c * block_l), **flags)
             mod_sum_dim = None
         else:
             B, T, D = row_dims(x)
@@ -695,6 +704,7 @@ def backward(dy, x, mean, rstd, shift, scale, weight, bias, kind: str, act: str 
             _token_bwd[(P.nbp, P.nchunk)](dy, x, mean, rstd, shift, scale, weight, bias, dx, dshift, dscale, dw_p,
                                           db_p, B, T, D, P.bchunk, P.chunk, P.nchunk, *row_strides(x),
                                           *row_strides(dy), RMS=kind == "rms", ACT=ACTS[act], ACC=tl_acc,
-                                          BLOCK_B=P.block_b, BLOCK_T=P.block_t, BLOCK_D=P.block_d, **flags)
+                                          BLOCK_B=P.block_b, BLOCK_T=P.block_t, BLOCK_D=P.block_d,
+                                          num_warps=num_warps(P.block_b * P.block_t * P.block_d), **flags)
             mod_sum_dim = 1
     return (dx, *finish_grads(x, dshift, dscale, dw_p, db_p, shift, scale, weight, bias, mod_sum_dim))
