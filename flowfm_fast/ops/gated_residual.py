@@ -113,13 +113,17 @@ if _triton.available():
         from ..kernels import gated_residual as K
         return K.gated_residual_backward(dy, h, gate)
 
+    # The kernels write every output contiguous, whatever the inputs' strides.
+    def _contig(t):
+        return torch.empty_like(t, memory_format=torch.contiguous_format)
+
     @_tr_gr.register_fake
     def _tr_gr_fake(res, h, gate):
-        return torch.empty_like(res, memory_format=torch.contiguous_format)
+        return _contig(res)
 
     @_tr_gr_backward.register_fake
     def _tr_gr_backward_fake(dy, h, gate):
-        return torch.empty_like(h, memory_format=torch.contiguous_format), torch.empty_like(gate)
+        return _contig(h), _contig(gate)
 
     def _tr_gr_setup(ctx, inputs, output):
         res, h, gate = inputs
@@ -154,15 +158,12 @@ if _triton.available():
     def _tr_grnm_fake(res, h, gate, shift, scale, weight, bias, kind, eps, act):
         acc = torch.float64 if res.dtype == torch.float64 else torch.float32
         rows = (res.numel() // res.shape[-1],)
-        out = lambda: torch.empty_like(res, memory_format=torch.contiguous_format)  # noqa: E731
-        return out(), out(), res.new_empty(rows, dtype=acc), res.new_empty(rows, dtype=acc)
+        return _contig(res), _contig(res), res.new_empty(rows, dtype=acc), res.new_empty(rows, dtype=acc)
 
     @_tr_grnm_backward.register_fake
     def _tr_grnm_backward_fake(dnew_res, dy, new_res, h, gate, mean, rstd, shift, scale, weight, bias, kind, act):
-        like = lambda t: new_res.new_empty((0,)) if t is None else torch.empty_like(t)  # noqa: E731
-        return (torch.empty_like(new_res, memory_format=torch.contiguous_format),
-                torch.empty_like(h, memory_format=torch.contiguous_format), torch.empty_like(gate), like(shift),
-                like(scale), like(weight), like(bias))
+        like = lambda t: new_res.new_empty((0,)) if t is None else _contig(t)  # noqa: E731
+        return _contig(new_res), _contig(h), _contig(gate), like(shift), like(scale), like(weight), like(bias)
 
     def _tr_grnm_setup(ctx, inputs, output):
         res, h, gate, shift, scale, weight, bias, kind, _eps, act = inputs
