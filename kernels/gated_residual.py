@@ -13,10 +13,11 @@ Layouts: res, h, dy and dnew_res are read through their strides; outputs are con
 and the modulation / affine vectors are made contiguous (they are small).
 
 Contract: fp32 within 1e-5 relative of the float64 formula (gradients 1e-4 after reductions);
-bf16 / fp16 within the Liger-style tolerances. ``gated_residual`` forward is one rounding of a
-fp32 multiply-add per element, so it is bit-exact against any implementation that computes
-``res + gate * h`` in fp32 without FMA contraction (close otherwise); the fused norm output and
-every reduced gradient are close, not bit-exact, versus the reference.
+bf16 / fp16 within the Liger-style tolerances. ``gated_residual`` forward and dh are one fp32
+multiply(-add) per element, rounded once to the output dtype (an FMA on GPUs, where Triton
+contracts), so they differ from the reference by at most that rounding; the fused norm output and
+every reduced gradient are close, not bit-exact, versus the reference. Every result is bit-exact
+run to run for the same shapes on the same device kind (no atomics).
 """
 from __future__ import annotations
 

@@ -27,9 +27,10 @@ or the interpreter), so gradients are deterministic run to run.
 
 Contract: fp32 within 1e-5 relative of the float64 formula (the tests hold it to 1e-5 forward,
 1e-4 for gradients after the reductions); bf16 / fp16 within the Liger-style tolerances
-(2e-2 / 2e-3). fp64 inputs are computed in fp64. Bit-exact: the results of two runs with the same
-shapes, and a token (B, T, D) call versus the same rows run one token at a time (forward). Close,
-not bit-exact, versus the reference and the C++ backend (different summation orders).
+(2e-2 / 2e-3). fp64 inputs are computed in fp64. Bit-exact: two runs with the same shapes on the
+same device kind, forward and backward (no atomics, fixed partition). Close, not bit-exact,
+versus the reference, the C++ backend, or the same rows under another shape (summation orders
+follow the tiles).
 """
 from __future__ import annotations
 
