@@ -63,8 +63,13 @@ def _run_all(dtype=torch.float32):
     return [o.detach() for o in outs] + list(torch.autograd.grad(loss, leaves))
 
 
-def test_small_tiles_match_reference(small_tiles):
-    """Many programs, row loops and partial-sum tables give the reference's values and gradients."""
+@pytest.mark.parametrize("tile", [SMALL_TILE, 256])
+def test_small_tiles_match_reference(monkeypatch, tile):
+    """Many programs, row loops and partial-sum tables give the reference's values and gradients
+    (tile 32: GroupNorm loops over channel and position blocks; 256: one whole group per program)."""
+    from flowfm_fast.kernels import norm_modulate as K
+    monkeypatch.setattr(K, "INTERPRETER_TILE", tile)
+    monkeypatch.setattr(K, "GPU_TILE", tile)
     with use_backend("torch"):
         want = _run_all()
     with use_backend("triton"):
