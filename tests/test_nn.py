@@ -193,3 +193,19 @@ def test_timestep_embedder_loads_dit_weights_and_matches():
     t = torch.rand(7)
     # Flow time t in [0, 1] is DiT's 1000 * t.
     torch.testing.assert_close(ours(t), dit(t * 1000), rtol=1e-4, atol=1e-4)
+
+
+def test_adaln_modulation_loads_dit_weights_and_matches():
+    """DiT's adaLN_modulation is nn.Sequential(SiLU, Linear): its state_dict loads into ours."""
+    torch.manual_seed(5)
+    dit = nn.Sequential(nn.SiLU(), nn.Linear(16, 6 * 8))
+    ours = fnn.AdaLNModulation(16, 8, 6)
+    ours.load_state_dict(dit.state_dict(), strict=True)
+    c = torch.randn(3, 16)
+    for a, b in zip(ours(c), dit(c).chunk(6, dim=1)):
+        torch.testing.assert_close(a, b)
+    # and inside a parent module, under a prefix
+    parent_dit, parent = nn.ModuleDict({"adaLN_modulation": dit}), nn.ModuleDict({"adaLN_modulation": ours})
+    parent.load_state_dict(parent_dit.state_dict(), strict=True)
+    # its own keys still round-trip
+    fnn.AdaLNModulation(16, 8, 6).load_state_dict(ours.state_dict(), strict=True)

@@ -45,6 +45,15 @@ class AdaLNModulation(nn.Module):
     def forward(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.linear(nn.functional.silu(c)).chunk(self.n_chunks, dim=-1)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # DiT spells this layer nn.Sequential(nn.SiLU(), nn.Linear(...)): its keys "1.weight" /
+        # "1.bias" load here as "linear.weight" / "linear.bias".
+        for name in ("weight", "bias"):
+            dit_key = f"{prefix}1.{name}"
+            if dit_key in state_dict and f"{prefix}linear.{name}" not in state_dict:
+                state_dict[f"{prefix}linear.{name}"] = state_dict.pop(dit_key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 
 class NormModulate(nn.Module):
     """``y = act(norm(x) * (1 + scale) + shift)``, norm = LayerNorm, RMSNorm or GroupNorm.
