@@ -220,3 +220,28 @@ def test_training_step_matches_reference_backend(velocity):
     for name in grads_ref:
         torch.testing.assert_close(grads_tr[name], grads_ref[name], rtol=1e-4, atol=1e-5,
                                    msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_gradients_match_reference(dtype):
+    """bf16 / fp16 x and modulation: every gradient in its input's dtype, within a relative 1e-2
+    (Frobenius) of the reference backend's (which computes in fp32 and rounds the same way)."""
+    results = {}
+    for backend in ("torch", "triton"):
+        torch.manual_seed(7)
+        x, h = _leaf(3, 9, 40, dtype=dtype), _leaf(3, 9, 40, dtype=dtype)
+        sh, sc, g = (_leaf(3, 40, dtype=dtype, scale=0.3) for _ in range(3))
+        w, b = _leaf(40, dtype=dtype), _leaf(40, dtype=dtype)
+        feat, gsh, gsc = _leaf(3, 6, 20, dtype=dtype), _leaf(3, 6, dtype=dtype, scale=0.3), \
+            _leaf(3, 6, dtype=dtype, scale=0.3)
+        with use_backend(backend):
+            outs = [ops.norm_modulate(x, sh, sc, "layer", w, b, act="gelu_tanh"),
+                    ops.norm_modulate(feat, gsh, gsc, "group", None, None, act="silu", num_groups=2),
+                    *ops.gated_residual_norm_modulate(x, h, g, sh, sc, "rms", w, None, act="silu")]
+            loss = sum((o.float() * torch.linspace(-1, 1, o.shape[-1], device=DEVICE)).sum() for o in outs)
+            leaves = [x, h, sh, sc, g, w, b, feat, gsh, gsc]
+            results[backend] = torch.autograd.grad(loss, leaves)
+    for i, (a, r) in enumerate(zip(results["triton"], results["torch"])):
+        assert a.dtype == r.dtype == dtype, i
+        err = (a.double() - r.double()).norm() / r.double().norm().clamp_min(1e-6)
+        assert err < 1e-2, f"gradient {i}: relative error {err:.2e}"
