@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <bit>
 #include <cstring>
 #include <string_view>
 #include <initializer_list>
@@ -29,11 +30,15 @@ constexpr int64_t kGrainElems = 1 << 14;
 inline int64_t grain_rows(int64_t row_len) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, row_len)); }
 
 // Cephes-style expf: range reduction to [-ln2/2, ln2/2], degree-6 polynomial, exponent by bit shift.
-// Max relative error ~2 ulp over the clamped range; no branches, so `omp simd` loops vectorise it.
-inline float exp_fast(float x) {
-  x = std::fmin(std::fmax(x, -87.3f), 88.7f);
-  float fx = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
+// Max relative error ~2 ulp over the clamped range. Written so that GCC vectorises it inside
+// `omp simd` loops: std::min/max (not fmin/fmax) and round-to-nearest by adding and subtracting
+// 1.5 * 2^23 (not std::floor); with either of those the loop stays scalar and SiLU runs ~15x slower.
+#define FLOWFM_INLINE inline __attribute__((always_inline))
+FLOWFM_INLINE float exp_fast(float x) {
+  x = std::min(std::max(x, -87.3f), 88.7f);
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
+  const float fx = (x * 1.44269504088896341f + kRound) - kRound;
+  const float r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
@@ -41,12 +46,10 @@ inline float exp_fast(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  int32_t e = (static_cast<int32_t>(fx) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &e, sizeof(scale));
-  return p * scale;
+  const int32_t e = (static_cast<int32_t>(fx) + 127) << 23;
+  return p * std::bit_cast<float>(e);
 }
-inline double exp_fast(double x) { return std::exp(x); }
+FLOWFM_INLINE double exp_fast(double x) { return std::exp(x); }
 
 enum class Act { None, Silu, GeluTanh };
 enum class Kind { Layer, Rms, Group };
@@ -64,7 +67,7 @@ inline Kind parse_kind(c10::string_view s) {
   TORCH_CHECK_VALUE(false, "kind must be 'layer', 'rms' or 'group', got '", std::string(s), "'");
 }
 
-template <typename A> inline A act_fwd(Act act, A u) {
+template <typename A> FLOWFM_INLINE A act_fwd(Act act, A u) {
   if (act == Act::Silu) return u / (A(1) + exp_fast(-u));
   if (act == Act::GeluTanh) {
     const A k = A(0.7978845608028654), c = A(0.044715);
@@ -74,7 +77,7 @@ template <typename A> inline A act_fwd(Act act, A u) {
   return u;
 }
 // d act / du at u.
-template <typename A> inline A act_grad(Act act, A u) {
+template <typename A> FLOWFM_INLINE A act_grad(Act act, A u) {
   if (act == Act::Silu) {
     A s = A(1) / (A(1) + exp_fast(-u));
     return s * (A(1) + u * (A(1) - s));
