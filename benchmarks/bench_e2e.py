@@ -1,18 +1,70 @@
-"""End to end: a joint training step and 8-step Euler sampling of the ``small`` config, eager vs
-torch.compile of the same model, in one run; plus the machine's copy bandwidth (the roofline).
+"""End to end: a joint training step and 8-step Euler sampling of the ``small`` config, in one run:
+
+- ``eager``: every op on the plain-PyTorch reference (``use_backend("torch")``);
+- ``compile``: torch.compile of the same reference model, with every op module's ``select``
+  swapped for a trace-friendly "always the reference" (:func:`_reference_dispatch`), so the
+  baseline is the strongest compile of the model whether or not the registry's ContextVar
+  dispatch traces (when it did not, every op call broke the graph); ``extra_info`` records the
+  graphs and breaks;
+- ``cpp`` (CPU) / ``auto`` (GPU): the default dispatch with the fused backends.
 
 Each benchmark's ``group`` is the case; ``extra_info["impl"]`` names the implementation, and
-report.py prints every implementation as a ratio against eager in the same group.
+report.py prints every implementation as a ratio against eager and compile in the same group.
+The copy bandwidth (the roofline) is bench_copy.py's and the session's (conftest.py).
 """
 from __future__ import annotations
+
+import contextlib
+import sys
 
 import pytest
 import torch
 
+from _common import graph_stats
 from conftest import sync
+from flowfm_fast import ops
 from flowfm_fast.models import FlowFM, get_config
+from flowfm_fast.ops import _registry, use_backend
 
 BATCH = 64
+FUSED = "auto" if torch.cuda.is_available() else "cpp"
+IMPLS = ["eager", "compile", FUSED]
+
+
+def _fused_available(device) -> bool:
+    wanted = ("triton", "cuda") if device.type == "cuda" else ("cpp",)
+    return any(b in wanted for op in _registry._IMPLS for b in ops.backends_for(op))
+
+
+@contextlib.contextmanager
+def _reference_dispatch():
+    """Every op module's ``select`` returns the ``torch`` reference without reading the ContextVar."""
+    def select_reference(op, device, *tensors):
+        return _registry._IMPLS[op]["torch"]
+
+    patched = [m for name, m in list(sys.modules.items())
+               if name.startswith("flowfm_fast.ops.") and getattr(m, "select", None) is _registry.select]
+    for m in patched:
+        m.select = select_reference
+    try:
+        yield
+    finally:
+        for m in patched:
+            m.select = _registry.select
+
+
+def _impl_context(impl, device):
+    """The dispatch an implementation runs under (entered around warm-up and timing)."""
+    if impl == "eager":
+        return use_backend("torch")
+    if impl == "compile":
+        stack = contextlib.ExitStack()
+        stack.enter_context(use_backend("torch"))
+        stack.enter_context(_reference_dispatch())
+        return stack
+    if not _fused_available(device):
+        pytest.skip(f"no fused backend on {device.type}")
+    return contextlib.nullcontext()
 
 
 def _model(device, velocity):
@@ -25,12 +77,13 @@ def _model(device, velocity):
     return model
 
 
-@pytest.mark.parametrize("impl", ["eager", "compile"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("velocity", ["dit", "resnet"])
 def test_train_step(benchmark, device, impl, velocity):
+    torch._dynamo.reset()
     model = _model(device, velocity)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    loss_fn = model.loss if impl == "eager" else torch.compile(model.loss)
+    loss_fn = torch.compile(model.loss) if impl == "compile" else model.loss
     x1 = torch.randn(BATCH, 3, 300, device=device)
 
     def step():
@@ -40,16 +93,22 @@ def test_train_step(benchmark, device, impl, velocity):
         opt.step()
         sync(device)
 
-    for _ in range(3):  # compile and warm up outside the timing
-        step()
-    benchmark.group = f"train_step small/{velocity} B={BATCH}"
-    benchmark.extra_info.update(impl=impl, op="train_step", shape=f"B={BATCH},C=3,L=300")
-    benchmark.pedantic(step, rounds=10, iterations=1, warmup_rounds=1)
+    with _impl_context(impl, device):
+        before = graph_stats()
+        for _ in range(3):  # compile and warm up outside the timing
+            step()
+        benchmark.group = f"train_step small/{velocity} B={BATCH}"
+        benchmark.extra_info.update(impl=impl, op="train_step", shape=f"B={BATCH},C=3,L=300", device=device.type)
+        if impl == "compile":
+            benchmark.extra_info.update(compile_graphs=graph_stats()[0] - before[0],
+                                        compile_breaks=graph_stats()[1] - before[1])
+        benchmark.pedantic(step, rounds=10, iterations=1, warmup_rounds=1)
 
 
-@pytest.mark.parametrize("impl", ["eager", "compile"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("batch", [1, 64])
 def test_sample_8_euler(benchmark, device, impl, batch):
+    torch._dynamo.reset()
     model = _model(device, "dit").eval()
     z = torch.randn(batch, model.cfg.encoder.z_dim, device=device)
     if impl == "compile":
@@ -60,23 +119,14 @@ def test_sample_8_euler(benchmark, device, impl, batch):
             model.sample(z, steps=8, method="euler", generator=torch.Generator(device).manual_seed(0))
         sync(device)
 
-    for _ in range(2):
-        run()
-    benchmark.group = f"sample euler K=8 small/dit B={batch}"
-    benchmark.extra_info.update(impl=impl, op="sample", shape=f"B={batch},K=8")
-    benchmark.pedantic(run, rounds=10, iterations=1, warmup_rounds=1)
+    with _impl_context(impl, device):
+        before = graph_stats()
+        for _ in range(2):
+            run()
+        benchmark.group = f"sample euler K=8 small/dit B={batch}"
+        benchmark.extra_info.update(impl=impl, op="sample", shape=f"B={batch},K=8", device=device.type)
+        if impl == "compile":
+            benchmark.extra_info.update(compile_graphs=graph_stats()[0] - before[0],
+                                        compile_breaks=graph_stats()[1] - before[1])
+        benchmark.pedantic(run, rounds=10, iterations=1, warmup_rounds=1)
 
-
-def test_copy_bandwidth(benchmark, device):
-    """Roofline reference: bytes moved by a large copy (read + write)."""
-    n = 16 * 2 ** 20  # 64 MiB of fp32
-    src = torch.randn(n, device=device)
-    dst = torch.empty_like(src)
-
-    def run():
-        dst.copy_(src)
-        sync(device)
-
-    benchmark.group = "copy bandwidth"
-    benchmark.extra_info.update(impl="copy", op="copy", bytes=2 * 4 * n)
-    benchmark.pedantic(run, rounds=20, iterations=1, warmup_rounds=2)

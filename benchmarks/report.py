@@ -1,5 +1,11 @@
-"""Turn a pytest-benchmark JSON into a markdown table: per group, each implementation's median
-time and its speedup against eager PyTorch and torch.compile measured in the same run.
+"""Turn a pytest-benchmark JSON into a markdown table: per group (case), each implementation's
+median time, its speedup against eager PyTorch and torch.compile measured in the same run, the
+achieved bandwidth (``extra_info["bytes"]`` that must move / median) as GB/s and as % of the copy
+bandwidth measured in the same run, and, for the ``cpp`` rows of a CPU run, pass/fail against
+the bar:
+
+- per op: >= 3x eager, >= 1.3x torch.compile, >= 60% of copy bandwidth;
+- end to end (training step): >= 1.5x eager, >= 1.1x torch.compile.
 
     python benchmarks/report.py benchmarks/results/cpu.json > table.md
 """
@@ -7,7 +13,45 @@ from __future__ import annotations
 
 import json
 import sys
-from collections import defaultdict
+
+OP_BAR = {"eager": 3.0, "compile": 1.3, "copy_pct": 60.0}
+E2E_BAR = {"train_step": {"eager": 1.5, "compile": 1.1}}
+IMPL_ORDER = ("eager", "compile", "cpp", "triton", "cuda", "auto")
+
+
+def copy_bandwidth(data: dict) -> tuple[float | None, str]:
+    """Best copy bandwidth (GB/s) of the run, and where each measurement came from."""
+    found = []
+    for b in data["benchmarks"]:
+        if b.get("extra_info", {}).get("impl") == "copy":
+            found.append(("benchmark", b["extra_info"]["bytes"] / b["stats"]["median"] / 1e9))
+    session = data.get("machine_info", {}).get("copy_bandwidth") or {}
+    for when in ("start", "end"):
+        if isinstance(session.get(when), dict):
+            found.append((f"session {when}", session[when]["gbps"]))
+    if not found:
+        return None, ""
+    return max(g for _, g in found), ", ".join(f"{name} {g:.1f}" for name, g in found)
+
+
+def _bar(impl: str, info: dict, device: str, r_e: float | None, r_c: float | None, pct: float | None) -> str:
+    if impl != "cpp" or device != "cpu":
+        return ""
+    op = info.get("op")
+    if op in E2E_BAR:
+        need = E2E_BAR[op]
+    elif "bytes" in info and op not in ("sample", "copy"):
+        need = OP_BAR
+    else:
+        return ""
+    misses = []
+    if r_e is None or r_e < need["eager"]:
+        misses.append(f"eager {r_e:.2f}x<{need['eager']}x" if r_e else "no eager")
+    if r_c is None or r_c < need["compile"]:
+        misses.append(f"compile {r_c:.2f}x<{need['compile']}x" if r_c else "no compile")
+    if "copy_pct" in need and (pct is None or pct < need["copy_pct"]):
+        misses.append(f"BW {pct:.0f}%<{need['copy_pct']:.0f}%" if pct is not None else "no copy BW")
+    return "pass" if not misses else "FAIL: " + ", ".join(misses)
 
 
 def table(data: dict) -> str:
@@ -17,24 +61,60 @@ def table(data: dict) -> str:
             f"{mi.get('torch_threads', '?')} threads{', GPU ' + mi['gpu'] if mi.get('gpu') else ''}; "
             f"torch {mi.get('torch', '?')}, triton {mi.get('triton', '-')}; commit {str(ci.get('id', '?'))[:10]}"
             f"{' (dirty)' if ci.get('dirty') else ''}; {data.get('datetime', '')[:10]}")
-    groups = defaultdict(dict)
-    copy_gbps = None
+    copy_gbps, copy_src = copy_bandwidth(data)
+    run_device = "cuda" if mi.get("gpu") else "cpu"
+    if any("bytes" in b.get("extra_info", {}) and b["extra_info"].get("impl") != "copy" for b in data["benchmarks"]):
+        cold = any(b.get("extra_info", {}).get("cold_cache") for b in data["benchmarks"])
+        head += ("; op suites timed with cold caches (--cold-cache)" if cold else
+                 "; op suites timed with hot caches (working sets under the LLC can beat the DRAM copy)")
+
+    groups: dict[str, dict[str, tuple[float, dict]]] = {}
     for b in data["benchmarks"]:
-        impl = b.get("extra_info", {}).get("impl", b["name"])
-        med = b["stats"]["median"]
+        info = b.get("extra_info", {})
+        impl = info.get("impl", b["name"])
         if impl == "copy":
-            copy_gbps = b["extra_info"]["bytes"] / med / 1e9
             continue
-        groups[b["group"]][impl] = med
-    lines = [head, "", "| case | impl | median ms | vs eager | vs compile |", "|---|---|---|---|---|"]
+        groups.setdefault(b["group"], {})[impl] = (b["stats"]["median"], info)
+
+    lines = [head, "",
+             "| case | impl | median ms | vs eager | vs compile | GB/s | % copy BW | bar |",
+             "|---|---|---|---|---|---|---|---|"]
+    notes, passed, judged = [], 0, 0
     for g, impls in groups.items():
-        eager, comp = impls.get("eager"), impls.get("compile")
-        for impl, med in sorted(impls.items(), key=lambda kv: -kv[1]):
-            r_e = f"{eager / med:.2f}x" if eager else "-"
-            r_c = f"{comp / med:.2f}x" if comp else "-"
-            lines.append(f"| {g} | {impl} | {med * 1e3:.2f} | {r_e} | {r_c} |")
+        eager = impls.get("eager", (None,))[0]
+        comp = impls.get("compile", (None,))[0]
+        order = sorted(impls, key=lambda i: (IMPL_ORDER.index(i) if i in IMPL_ORDER else len(IMPL_ORDER), i))
+        for impl in order:
+            med, info = impls[impl]
+            r_e = eager / med if eager else None
+            r_c = comp / med if comp else None
+            gbps = info["bytes"] / med / 1e9 if info.get("bytes") else None
+            pct = 100.0 * gbps / copy_gbps if (gbps is not None and copy_gbps) else None
+            bar = _bar(impl, info, info.get("device", run_device), r_e, r_c, pct)
+            if bar:
+                judged += 1
+                passed += bar == "pass"
+            fragmented = impl == "compile" and (info.get("compile_graphs", 1) != 1 or info.get("compile_breaks", 0))
+            mark = "*" if fragmented else ""
+            lines.append(f"| {g} | {impl}{mark} | {med * 1e3:.3f} | {f'{r_e:.2f}x' if r_e else '-'} | "
+                         f"{f'{r_c:.2f}x' if r_c else '-'} | {f'{gbps:.1f}' if gbps is not None else '-'} | "
+                         f"{f'{pct:.0f}%' if pct is not None else '-'} | {bar} |")
+            if fragmented:
+                graphs = info.get("compile_graphs")
+                fallback = " (Dynamo fell back to eager: not a compiled baseline)" if graphs == 0 else ""
+                notes.append(f"- compile* {g}: ran as {graphs} graph(s) with {info.get('compile_breaks')} "
+                             f"graph break(s){fallback}")
+            err = info.get("max_abs_err")
+            if err is not None and err > (1e-3 if info.get("dtype") == "fp32" else 5e-2):
+                notes.append(f"- {g}: {impl} differs from eager by up to {err:.3g}")
     if copy_gbps is not None:
-        lines += ["", f"Copy bandwidth (roofline) in the same run: {copy_gbps:.1f} GB/s."]
+        lines += ["", f"Copy bandwidth (roofline) in the same run: {copy_gbps:.1f} GB/s (best of: {copy_src})."]
+    if judged:
+        lines += ["", f"Bar (cpp rows on CPU; ops: >= {OP_BAR['eager']}x eager, >= {OP_BAR['compile']}x compile, "
+                      f">= {OP_BAR['copy_pct']:.0f}% copy BW; train step: >= {E2E_BAR['train_step']['eager']}x eager, "
+                      f">= {E2E_BAR['train_step']['compile']}x compile): {passed} of {judged} pass."]
+    if notes:
+        lines += ["", "Notes:", *notes]
     return "\n".join(lines)
 
 

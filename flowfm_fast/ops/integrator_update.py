@@ -32,7 +32,10 @@ def rk_combine_reference(x, dt, ks, bs, out):
     if not terms:
         return out.copy_(x)
     # out doubling as a stage read after the first write would be read already overwritten.
-    if any(k.untyped_storage().data_ptr() == out.untyped_storage().data_ptr() for k, _ in terms[1:]):
+    # Skipped while torch.compile traces (it cannot read storage pointers): compiled callers must not
+    # pass an out that is also a later stage.
+    if not torch.compiler.is_compiling() and any(
+            k.untyped_storage().data_ptr() == out.untyped_storage().data_ptr() for k, _ in terms[1:]):
         return out.copy_(rk_combine_reference(x, dt, ks, bs, None))
     k0, b0 = terms[0]
     torch.add(x, k0, alpha=dt * b0, out=out)

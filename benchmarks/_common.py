@@ -1,0 +1,182 @@
+"""What every op suite shares: which implementations to time, how to time one case, its bytes.
+
+Implementations, all timed in the same run through the public op (same validation and dispatch):
+
+- ``eager``: the ``torch`` reference, forced with ``use_backend("torch")``;
+- ``compile``: the same call, but the registry's ``torch`` entry is swapped for
+  ``torch.compile(reference)`` for the duration of the case: validation and dispatch stay the
+  same eager Python as in the other rows, and the reference compiles into one graph whatever the
+  dispatch's traceability (before ``forced_backend`` was made ``assume_constant_result`` and the
+  fm ops skipped their ``t`` value check while tracing, compiling the public op broke the graph
+  at every call). Dynamo is reset per case and compiles with ``dynamic=False``, so every shape
+  gets its own static graph and no case hits the recompile limit; compilation happens in the
+  warm-up, and ``extra_info`` records the graphs and breaks it produced;
+- every fused backend registered for the op (``cpp``, ``triton``, ``cuda``) that the device can
+  use, each forced with ``use_backend``; found at collection time, so new kernels join by
+  registering themselves.
+
+Modes: ``fwd`` (inputs without grad), and ``fwd+bwd``: forward, then ``torch.autograd.grad`` of
+every output against a precomputed random grad_output, w.r.t. the inputs the model trains
+(no ``.grad`` accumulation, which would add a read and a write per input).
+
+``bytes`` in ``extra_info`` is what must move: inputs read once and outputs written once (fwd),
+plus, for fwd+bwd, the backward's unavoidable reads and writes (stated per op in its suite).
+report.py turns it into GB/s and % of the copy bandwidth measured in the same run. By default the
+timed loop runs with hot caches: working sets under the last-level cache (32 MiB L3 on the 2-core
+CPU) then move at cache speed and can beat the DRAM copy; ``--cold-cache`` evicts the cache
+before every timed call (pedantic rounds) for a like-for-like comparison with the copy.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Sequence
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import conftest
+from conftest import sync
+from flowfm_fast.ops import _registry, backends_for, use_backend
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+MODES = ("fwd", "fwd+bwd")
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def fused_backends(op: str, device: torch.device = DEVICE) -> list[str]:
+    """The fused backends registered for ``op`` that ``device``'s dispatch would consider."""
+    registered = backends_for(op)
+    return [b for b in _registry.DEVICE_PREFERENCE.get(device.type, ()) if b != "torch" and b in registered]
+
+
+def impls(*op_names: str) -> list[str]:
+    """``eager``, ``compile`` and every fused backend any of ``op_names`` has on this device."""
+    fused = []
+    for op in op_names:
+        fused += [b for b in fused_backends(op) if b not in fused]
+    return ["eager", "compile", *fused]
+
+
+def nbytes(*tensors) -> int:
+    """Bytes of the given tensors (None skipped; lists flattened)."""
+    total = 0
+    for t in tensors:
+        if isinstance(t, (list, tuple)):
+            total += nbytes(*t)
+        elif t is not None:
+            total += t.numel() * t.element_size()
+    return total
+
+
+def shape_str(**dims) -> str:
+    return ",".join(f"{k}={v}" for k, v in dims.items())
+
+
+@contextlib.contextmanager
+def compiled_reference(op: str) -> Iterator[Callable]:
+    """Swap the registry's ``torch`` implementation of ``op`` for ``torch.compile`` of it."""
+    impls_ = _registry._IMPLS[op]
+    original = impls_["torch"]
+    compiled = torch.compile(original.fn, dynamic=False)
+    impls_["torch"] = _registry.Impl(compiled, original.can_use)
+    try:
+        yield compiled
+    finally:
+        impls_["torch"] = original
+
+
+def _clone(v):
+    if isinstance(v, torch.Tensor):
+        return v.detach().clone()
+    if isinstance(v, list):
+        return [_clone(t) for t in v]
+    return v
+
+
+def _as_tuple(out) -> tuple:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def graph_stats() -> tuple[int, int]:
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+
+def run_op(benchmark, device: torch.device, *, op: str, impl: str, mode: str, case: str, shape: str,
+           fn: Callable, inputs: dict, diff: Sequence[str] = (), fwd_bytes: int, bwd_bytes: int = 0,
+           warmup: int = 3) -> None:
+    """Time ``fn(**inputs)`` (a call of public op ``op``) as ``impl`` in ``mode``.
+
+    ``diff``: names of the inputs the model trains (their gradients are computed in fwd+bwd).
+    """
+    if mode not in MODES:
+        raise ValueError(mode)
+    if mode == "fwd+bwd" and not diff:
+        raise ValueError(f"{case}: fwd+bwd needs the inputs to differentiate")
+    backend = "torch" if impl in ("eager", "compile") else impl
+    x0 = next(v for v in inputs.values() if isinstance(v, torch.Tensor))
+    dtype = DTYPE_NAMES.get(x0.dtype, str(x0.dtype))
+
+    # The fused backend must take these inputs (the registry raises rather than falling back).
+    if backend != "torch":
+        with use_backend(backend):
+            try:
+                fn(**_clone(inputs))
+            except RuntimeError as exc:
+                if "is forced but" in str(exc):
+                    pytest.skip(str(exc))
+                raise
+
+    ref = None
+    if mode == "fwd":  # eager oracle for a sanity check of the timed implementation, on copies
+        with use_backend("torch"):
+            ref = _as_tuple(fn(**_clone(inputs)))
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(use_backend(backend))
+        if impl == "compile":
+            torch._dynamo.reset()
+            stack.enter_context(compiled_reference(op))
+        graphs0, breaks0 = graph_stats()
+
+        max_err = None
+        if mode == "fwd":
+            got = _as_tuple(fn(**_clone(inputs)))
+            max_err = max(float((g.float() - r.float()).abs().max()) for g, r in zip(got, ref))
+            step_inputs = inputs
+        else:
+            step_inputs = {k: (v.detach().clone().requires_grad_(True) if k in diff else v) for k, v in inputs.items()}
+            wrt = [step_inputs[k] for k in diff]
+            outs = _as_tuple(fn(**step_inputs))
+            grad_outs = [torch.ones_like(o) if o.dim() == 0 else torch.randn_like(o) for o in outs]
+            del outs
+
+        if mode == "fwd":
+            def step():
+                fn(**step_inputs)
+                sync(device)
+        else:
+            def step():
+                outs = _as_tuple(fn(**step_inputs))
+                torch.autograd.grad(outs, wrt, grad_outs)
+                sync(device)
+
+        for _ in range(warmup):  # compile (both graphs in fwd+bwd) and warm caches, outside the timing
+            step()
+        graphs1, breaks1 = graph_stats()
+
+        benchmark.group = f"{case} {mode} {shape} {dtype}"
+        info = dict(impl=impl, op=op, case=case, mode=mode, shape=shape, dtype=dtype, device=device.type,
+                    bytes=fwd_bytes + (bwd_bytes if mode == "fwd+bwd" else 0))
+        if max_err is not None:
+            info["max_abs_err"] = max_err
+        if impl == "compile":
+            info.update(compile_graphs=graphs1 - graphs0, compile_breaks=breaks1 - breaks0)
+        if conftest.cold_cache():
+            info["cold_cache"] = True
+            benchmark.extra_info.update(info)
+            benchmark.pedantic(step, setup=conftest.cache_flusher(device), rounds=conftest.cold_rounds(), iterations=1)
+        else:
+            benchmark.extra_info.update(info)
+            benchmark(step)
+
