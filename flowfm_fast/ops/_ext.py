@@ -54,3 +54,9 @@ def register_compiled(op_name: str, kernel: str, fn: Callable) -> None:
 def grad_or_none(g: torch.Tensor, needed: bool):
     """A kernel's gradient output, or None where the input was absent or needs no gradient."""
     return g if needed and g.numel() > 0 else None
+
+
+def empty(like: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor of ``like``'s shape, dtype and device: what the kernels return (fake
+    kernels must say so; ``empty_like`` would keep a transposed input's strides)."""
+    return torch.empty(like.shape, dtype=like.dtype, device=like.device)

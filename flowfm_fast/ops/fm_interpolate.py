@@ -34,11 +34,11 @@ def fm_interpolate_reference(x0, x1, t, sigma_min):
 if _ext.has_kernel("fm_interpolate", "cpp") or _ext.has_kernel("fm_interpolate", "cuda"):
     @torch.library.register_fake("flowfm::fm_interpolate")
     def _fi_fake(x0, x1, t, sigma_min):
-        return torch.empty_like(x1), torch.empty_like(x1)
+        return _ext.empty(x1), _ext.empty(x1)
 
     @torch.library.register_fake("flowfm::fm_interpolate_backward")
     def _fi_backward_fake(dx_t, du_t, x0, x1, t, sigma_min):
-        return torch.empty_like(x0), torch.empty_like(x1), torch.empty_like(t)
+        return _ext.empty(x0), _ext.empty(x1), _ext.empty(t)
 
     def _fi_setup(ctx, inputs, output):
         x0, x1, t, sigma_min = inputs

@@ -34,11 +34,11 @@ def gated_residual_norm_modulate_reference(res, h, gate, shift, scale, kind, wei
 if _ext.has_kernel("gated_residual", "cpp") or _ext.has_kernel("gated_residual", "cuda"):
     @torch.library.register_fake("flowfm::gated_residual")
     def _gated_residual_fake(res, h, gate):
-        return torch.empty_like(res)
+        return _ext.empty(res)
 
     @torch.library.register_fake("flowfm::gated_residual_backward")
     def _gated_residual_backward_fake(dy, h, gate):
-        return torch.empty_like(h), torch.empty_like(gate)
+        return _ext.empty(h), _ext.empty(gate)
 
     def _gr_setup(ctx, inputs, output):
         res, h, gate = inputs
@@ -59,13 +59,13 @@ if _ext.has_kernel("gated_residual_norm_modulate", "cpp") or _ext.has_kernel("ga
     def _grnm_fake(res, h, gate, shift, scale, weight, bias, kind, eps, act):
         acc = torch.float64 if res.dtype == torch.float64 else torch.float32
         rows = (res.numel() // res.shape[-1],)
-        return (torch.empty_like(res), torch.empty_like(res), res.new_empty(rows, dtype=acc),
+        return (_ext.empty(res), _ext.empty(res), res.new_empty(rows, dtype=acc),
                 res.new_empty(rows, dtype=acc))
 
     @torch.library.register_fake("flowfm::gated_residual_norm_modulate_backward")
     def _grnm_backward_fake(dnew_res, dy, new_res, h, gate, mean, rstd, shift, scale, weight, bias, kind, act):
-        like = lambda t: new_res.new_empty((0,)) if t is None else torch.empty_like(t)  # noqa: E731
-        return (torch.empty_like(new_res), torch.empty_like(h), torch.empty_like(gate), like(shift), like(scale),
+        like = lambda t: new_res.new_empty((0,)) if t is None else _ext.empty(t)  # noqa: E731
+        return (_ext.empty(new_res), _ext.empty(h), _ext.empty(gate), like(shift), like(scale),
                 like(weight), like(bias))
 
     def _grnm_setup(ctx, inputs, output):
@@ -115,7 +115,7 @@ if _triton.available():
 
     # The kernels write every output contiguous, whatever the inputs' strides.
     def _contig(t):
-        return torch.empty_like(t, memory_format=torch.contiguous_format)
+        return _ext.empty(t)
 
     @_tr_gr.register_fake
     def _tr_gr_fake(res, h, gate):

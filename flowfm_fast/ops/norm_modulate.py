@@ -71,12 +71,12 @@ if _ext.has_kernel("norm_modulate", "cpp") or _ext.has_kernel("norm_modulate", "
     def _nm_fake(x, shift, scale, weight, bias, kind, eps, act, num_groups):
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         stats = _stats_shape(x, kind, num_groups)
-        return torch.empty_like(x), x.new_empty(stats, dtype=acc), x.new_empty(stats, dtype=acc)
+        return _ext.empty(x), x.new_empty(stats, dtype=acc), x.new_empty(stats, dtype=acc)
 
     @torch.library.register_fake("flowfm::norm_modulate_backward")
     def _nm_backward_fake(dy, x, mean, rstd, shift, scale, weight, bias, kind, act, num_groups):
-        like = lambda t: x.new_empty((0,)) if t is None else torch.empty_like(t)  # noqa: E731
-        return torch.empty_like(x), like(shift), like(scale), like(weight), like(bias)
+        like = lambda t: x.new_empty((0,)) if t is None else _ext.empty(t)  # noqa: E731
+        return _ext.empty(x), like(shift), like(scale), like(weight), like(bias)
 
     def _nm_setup(ctx, inputs, output):
         x, shift, scale, weight, bias, kind, _eps, act, num_groups = inputs
@@ -122,7 +122,7 @@ if _triton.available():
 
     # The kernels write every output contiguous, whatever the inputs' strides.
     def _contig(t):
-        return torch.empty_like(t, memory_format=torch.contiguous_format)
+        return _ext.empty(t)
 
     @_tr_nm.register_fake
     def _tr_nm_fake(x, shift, scale, weight, bias, kind, eps, act, num_groups):
