@@ -169,6 +169,78 @@ def test_finetune_trains_an_encoder_whose_weights_were_frozen():
     assert any(not torch.equal(p0, p1) for p0, p1 in zip(enc.parameters(), res["encoder"].parameters()))
 
 
+def _probe_pipeline_predictions(enc, x_train, y_train, x_test):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=3000))
+    clf.fit(encode_windows(enc, x_train), y_train)
+    return clf.predict(encode_windows(enc, x_test)), clf.decision_function(encode_windows(enc, x_test))
+
+
+@pytest.mark.parametrize("classes", [(0, 1, 2, 3), (0, 2)])
+def test_probe_head_is_the_linear_probe(classes):
+    """The LP-FT head holds the logistic-regression probe (scaler folded in): same predictions, and
+    classes absent from the training labels are never predicted."""
+    from flowfm_fast.eval.finetune import probe_head
+    tr = make_synthetic(256, length=60, seed=1)
+    te = make_synthetic(128, length=60, seed=2)
+    std = Standardizer.fit(tr.x)
+    keep = np.isin(tr.y, classes)
+    xtr, ytr, xte = std.apply(tr.x)[keep], tr.y[keep], std.apply(te.x)
+    enc = _tiny_encoder()
+    head = probe_head(enc, xtr, ytr, num_classes=4)
+    assert head.weight.shape == (4, enc.z_dim)
+    ref_pred, ref_dec = _probe_pipeline_predictions(enc, xtr, ytr, xte)
+    pred = predict(enc, head, xte)
+    np.testing.assert_array_equal(pred, ref_pred)
+    assert set(np.unique(pred)) <= set(classes)
+    with torch.no_grad():
+        enc.eval()
+        logits = head(enc(torch.from_numpy(xte))).double().numpy()
+    if len(classes) == 2:   # binary: sklearn's decision is logit[c1] - logit[c0]
+        np.testing.assert_allclose(logits[:, classes[1]] - logits[:, classes[0]], ref_dec, rtol=1e-3, atol=1e-3)
+    else:
+        np.testing.assert_allclose(logits - logits.mean(1, keepdims=True), ref_dec - ref_dec.mean(1, keepdims=True),
+                                   rtol=1e-3, atol=1e-3)
+
+
+def test_finetune_lpft_linear_probe_phase():
+    """head_init="probe", steps=0: the frozen phase alone. The encoder (weights and BatchNorm
+    statistics) is unchanged and the head already predicts far above chance, unlike a random head."""
+    tr = make_synthetic(256, length=60, seed=1)
+    te = make_synthetic(128, length=60, seed=2)
+    std = Standardizer.fit(tr.x)
+    enc = _tiny_encoder()
+    kw = dict(num_classes=4, mean=std.mean, std=std.std, steps=0, seed=0)
+    lp = finetune(enc, std.apply(tr.x), tr.y, std.apply(te.x), te.y, head_init="probe", **kw)
+    rand = finetune(enc, std.apply(tr.x), tr.y, std.apply(te.x), te.y, **kw)
+    for (k, v), v_lp in zip(enc.state_dict().items(), lp["encoder"].state_dict().values()):
+        assert torch.equal(v, v_lp), k
+    ref = linear_probe(encode_windows(enc, std.apply(tr.x)), tr.y, encode_windows(enc, std.apply(te.x)), te.y)
+    assert lp["macro_f1"] == pytest.approx(ref["macro_f1"])
+    assert lp["macro_f1"] > 0.6, lp          # chance is ~0.25 for 4 balanced classes
+    assert rand["macro_f1"] < lp["macro_f1"] - 0.2, (rand["macro_f1"], lp["macro_f1"])
+
+
+def test_finetune_lpft_then_trains_everything():
+    tr = make_synthetic(256, length=60, seed=1)
+    te = make_synthetic(128, length=60, seed=2)
+    std = Standardizer.fit(tr.x)
+    enc = _tiny_encoder()
+    res = finetune(enc, std.apply(tr.x), tr.y, std.apply(te.x), te.y, num_classes=4, mean=std.mean, std=std.std,
+                   steps=20, batch_size=32, lr=3e-3, encoder_lr=3e-4, seed=0, head_init="probe")
+    assert res["macro_f1"] > 0.6, res
+    assert any(not torch.equal(p0, p1) for p0, p1 in zip(enc.parameters(), res["encoder"].parameters()))
+
+
+@pytest.mark.parametrize("bad", [dict(head_init="lp"), dict(steps=-1)])
+def test_finetune_rejects_bad_options(bad):
+    tr = make_synthetic(16, length=60, seed=1)
+    with pytest.raises(ValueError):
+        finetune(_tiny_encoder(), tr.x, tr.y, tr.x, tr.y, num_classes=4, mean=np.zeros(3), std=np.ones(3), **bad)
+
+
 def test_predict_shape():
     enc = _tiny_encoder()
     head = torch.nn.Linear(enc.z_dim, 5)
