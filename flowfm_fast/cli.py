@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ._malloc import tune_cpu_allocator
 from .data import DataError
 from .train import CheckpointError
 
@@ -149,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # The CLI owns its process: let the heap keep activation memory (see flowfm_fast._malloc).
+    tune_cpu_allocator()
     try:
         return args.fn(args)
     except USER_ERRORS as exc:
