@@ -42,15 +42,19 @@ def _reference_dispatch():
     def select_reference(op, device, *tensors):
         return _registry._IMPLS[op]["torch"]
 
+    original = _registry.select
+    # The op modules' own `select` names only: patching _registry.select itself would make the
+    # restore below write the patched function back everywhere.
     patched = [m for name, m in list(sys.modules.items())
-               if name.startswith("flowfm_fast.ops.") and getattr(m, "select", None) is _registry.select]
+               if name.startswith("flowfm_fast.ops.") and m is not _registry
+               and getattr(m, "select", None) is original]
     for m in patched:
         m.select = select_reference
     try:
         yield
     finally:
         for m in patched:
-            m.select = _registry.select
+            m.select = original
 
 
 def _impl_context(impl, device):
