@@ -7,23 +7,48 @@
 namespace flowfm::cpu {
 namespace {
 
+// Kernels take restrict-qualified pointers as arguments (not lambda captures, through which GCC
+// vectorises with gathers): each inner loop covers one sample's span of one chunk.
+template <typename S>
+void path_span(const S* __restrict x0, const S* __restrict x1, S* __restrict x_t, S* __restrict u_t, int64_t n,
+               acc_t<S> tb, acc_t<S> c) {
+  using A = acc_t<S>;
+  const A a0 = A(1) - c * tb;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const A v0 = static_cast<A>(x0[i]), v1 = static_cast<A>(x1[i]);
+    x_t[i] = static_cast<S>(a0 * v0 + tb * v1);
+    u_t[i] = static_cast<S>(v1 - c * v0);
+  }
+}
+
 template <typename S>
 void forward_kernel(const S* x0, const S* x1, const acc_t<S>* t, S* x_t, S* u_t, int64_t B, int64_t N, acc_t<S> c) {
-  using A = acc_t<S>;
   at::parallel_for(0, B * N, kGrainElems, [&](int64_t begin, int64_t end) {
-    // Walk sample by sample inside the range so t_b is a loop constant of the SIMD loop.
     for (int64_t i0 = begin; i0 < end;) {
       const int64_t b = i0 / N, i1 = std::min(end, (b + 1) * N);
-      const A tb = t[b], a0 = A(1) - c * tb;
-#pragma omp simd
-      for (int64_t i = i0; i < i1; ++i) {
-        const A v0 = static_cast<A>(x0[i]), v1 = static_cast<A>(x1[i]);
-        x_t[i] = static_cast<S>(a0 * v0 + tb * v1);
-        u_t[i] = static_cast<S>(v1 - c * v0);
-      }
+      path_span<S>(x0 + i0, x1 + i0, x_t + i0, u_t + i0, i1 - i0, t[b], c);
       i0 = i1;
     }
   });
+}
+
+template <typename S, bool DX, bool DU>
+acc_t<S> path_grad_span(const S* __restrict dx_t, const S* __restrict du_t, const S* __restrict x0,
+                        const S* __restrict x1, S* __restrict dx0, S* __restrict dx1, int64_t n, acc_t<S> tb,
+                        acc_t<S> c) {
+  using A = acc_t<S>;
+  const A a0 = A(1) - c * tb;
+  A acc = A(0);
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) {
+    const A gx = DX ? static_cast<A>(dx_t[i]) : A(0);
+    const A gu = DU ? static_cast<A>(du_t[i]) : A(0);
+    dx0[i] = static_cast<S>(a0 * gx - c * gu);
+    dx1[i] = static_cast<S>(tb * gx + gu);
+    acc += gx * (static_cast<A>(x1[i]) - c * static_cast<A>(x0[i]));
+  }
+  return acc;
 }
 
 template <typename S>
@@ -31,18 +56,14 @@ void backward_kernel(const S* dx_t, const S* du_t, const S* x0, const S* x1, con
                      acc_t<S>* dt_part, int64_t B, int64_t N, acc_t<S> c) {
   using A = acc_t<S>;
   for_each_chunk(B, N, [&](int64_t b, int64_t begin, int64_t end, int64_t slot) {
-    const A tb = t[b], a0 = A(1) - c * tb;
-    const int64_t o = b * N;
-    A acc = A(0);
-#pragma omp simd reduction(+ : acc)
-    for (int64_t i = o + begin; i < o + end; ++i) {
-      const A gx = dx_t ? static_cast<A>(dx_t[i]) : A(0);
-      const A gu = du_t ? static_cast<A>(du_t[i]) : A(0);
-      dx0[i] = static_cast<S>(a0 * gx - c * gu);
-      dx1[i] = static_cast<S>(tb * gx + gu);
-      acc += gx * (static_cast<A>(x1[i]) - c * static_cast<A>(x0[i]));
-    }
-    dt_part[slot] = acc;
+    const int64_t o = b * N + begin, n = end - begin;
+    const S *gx = dx_t ? dx_t + o : nullptr, *gu = du_t ? du_t + o : nullptr;
+    A part;
+    if (gx && gu) part = path_grad_span<S, true, true>(gx, gu, x0 + o, x1 + o, dx0 + o, dx1 + o, n, t[b], c);
+    else if (gx) part = path_grad_span<S, true, false>(gx, gu, x0 + o, x1 + o, dx0 + o, dx1 + o, n, t[b], c);
+    else if (gu) part = path_grad_span<S, false, true>(gx, gu, x0 + o, x1 + o, dx0 + o, dx1 + o, n, t[b], c);
+    else part = path_grad_span<S, false, false>(gx, gu, x0 + o, x1 + o, dx0 + o, dx1 + o, n, t[b], c);
+    dt_part[slot] = part;
   });
 }
 

@@ -8,30 +8,32 @@
 namespace flowfm::cpu {
 namespace {
 
+// One chunk [0, n) of one sample; returns the sum of squared residuals. Pointers arrive as
+// restrict-qualified arguments: read through a lambda's by-reference captures instead, GCC emits
+// gathers and a reduction through memory (measured 14x slower).
+template <typename S, bool GRAD>
+acc_t<S> loss_chunk(const S* __restrict v, const S* __restrict x0, const S* __restrict x1, acc_t<S>* __restrict dv,
+                    int64_t n, acc_t<S> c, acc_t<S> k) {
+  using A = acc_t<S>;
+  A acc = A(0);
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) {
+    const A r = static_cast<A>(v[i]) - (static_cast<A>(x1[i]) - c * static_cast<A>(x0[i]));
+    acc += r * r;
+    if constexpr (GRAD) dv[i] = k * r;
+  }
+  return acc;
+}
+
 template <typename S>
 void loss_kernel(const S* v, const S* x0, const S* x1, const acc_t<S>* w, acc_t<S>* dv, acc_t<S>* part, int64_t B,
                  int64_t N, acc_t<S> c) {
   using A = acc_t<S>;
   const A inv_bn = A(2) / (A(B) * A(N));
   for_each_chunk(B, N, [&](int64_t b, int64_t begin, int64_t end, int64_t slot) {
-    const int64_t o = b * N;
-    A acc = A(0);
-    if (dv) {
-      const A k = inv_bn * (w ? w[b] : A(1));
-#pragma omp simd reduction(+ : acc)
-      for (int64_t i = o + begin; i < o + end; ++i) {
-        const A r = static_cast<A>(v[i]) - (static_cast<A>(x1[i]) - c * static_cast<A>(x0[i]));
-        acc += r * r;
-        dv[i] = k * r;
-      }
-    } else {
-#pragma omp simd reduction(+ : acc)
-      for (int64_t i = o + begin; i < o + end; ++i) {
-        const A r = static_cast<A>(v[i]) - (static_cast<A>(x1[i]) - c * static_cast<A>(x0[i]));
-        acc += r * r;
-      }
-    }
-    part[slot] = acc;
+    const int64_t o = b * N + begin, n = end - begin;
+    part[slot] = dv ? loss_chunk<S, true>(v + o, x0 + o, x1 + o, dv + o, n, c, inv_bn * (w ? w[b] : A(1)))
+                    : loss_chunk<S, false>(v + o, x0 + o, x1 + o, nullptr, n, c, A(0));
   });
 }
 

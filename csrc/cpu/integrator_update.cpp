@@ -11,12 +11,18 @@
 namespace flowfm::cpu {
 namespace {
 
+// Spans take restrict-qualified pointer arguments (lambda captures make GCC vectorise with gathers).
+template <typename S, typename V>
+void euler_span(S* __restrict x, const V* __restrict v, int64_t n, acc_t<S> dt) {
+  using A = acc_t<S>;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) x[i] = static_cast<S>(static_cast<A>(x[i]) + dt * static_cast<A>(v[i]));
+}
+
 template <typename S, typename V>
 void euler_kernel(S* x, const V* v, int64_t n, acc_t<S> dt) {
-  using A = acc_t<S>;
   at::parallel_for(0, n, kGrainElems, [&](int64_t begin, int64_t end) {
-#pragma omp simd
-    for (int64_t i = begin; i < end; ++i) x[i] = static_cast<S>(static_cast<A>(x[i]) + dt * static_cast<A>(v[i]));
+    euler_span<S, V>(x + begin, v + begin, end - begin, dt);
   });
 }
 
@@ -42,20 +48,36 @@ void euler_step_cpu(const at::Tensor& x, const at::Tensor& v_in, double dt) {
 // Up to kMaxStages stage tensors per call (RK4 3/8 needs 4; more stages fold in a second pass).
 constexpr int kMaxStages = 8;
 
+// out = x + sum_j c_j k_j over one span, the stage count M a compile-time constant so the stage
+// loop unrolls and the element loop vectorises. out may alias x or a stage: each element is read
+// before it is written.
+template <typename S, int M>
+void combine_span(S* out, const S* x, const S* const* ks, const acc_t<S>* c, int64_t begin, int64_t end) {
+  using A = acc_t<S>;
+  const S* k[M];
+  A cj[M];
+  for (int j = 0; j < M; ++j) { k[j] = ks[j]; cj[j] = c[j]; }
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    A acc = static_cast<A>(x[i]);
+    for (int j = 0; j < M; ++j) acc += cj[j] * static_cast<A>(k[j][i]);
+    out[i] = static_cast<S>(acc);
+  }
+}
+
 template <typename S>
 void combine_kernel(S* out, const S* x, const std::vector<const S*>& ks, const std::vector<acc_t<S>>& c, int64_t n) {
-  using A = acc_t<S>;
   const int m = static_cast<int>(ks.size());
   at::parallel_for(0, n, kGrainElems, [&](int64_t begin, int64_t end) {
-    // Stage count as a template-free loop over a small fixed array keeps the inner loop vectorised.
-    const S* kp[kMaxStages];
-    A cp[kMaxStages];
-    for (int j = 0; j < m; ++j) { kp[j] = ks[j]; cp[j] = c[j]; }
-#pragma omp simd
-    for (int64_t i = begin; i < end; ++i) {
-      A acc = static_cast<A>(x[i]);
-      for (int j = 0; j < m; ++j) acc += cp[j] * static_cast<A>(kp[j][i]);
-      out[i] = static_cast<S>(acc);
+    switch (m) {
+      case 1: combine_span<S, 1>(out, x, ks.data(), c.data(), begin, end); break;
+      case 2: combine_span<S, 2>(out, x, ks.data(), c.data(), begin, end); break;
+      case 3: combine_span<S, 3>(out, x, ks.data(), c.data(), begin, end); break;
+      case 4: combine_span<S, 4>(out, x, ks.data(), c.data(), begin, end); break;
+      case 5: combine_span<S, 5>(out, x, ks.data(), c.data(), begin, end); break;
+      case 6: combine_span<S, 6>(out, x, ks.data(), c.data(), begin, end); break;
+      case 7: combine_span<S, 7>(out, x, ks.data(), c.data(), begin, end); break;
+      default: combine_span<S, kMaxStages>(out, x, ks.data(), c.data(), begin, end); break;
     }
   });
 }
