@@ -133,6 +133,21 @@ void fused_forward(const S* res, const S* h, const acc_t<S>* gate, S* new_res, S
   });
 }
 
+// Residual part of one row's backward: dres = dr (+ dnew_res), dh = dres * gate, dgate += dres * h.
+template <typename S, bool HAS_DNEW>
+void residual_row_grad(const acc_t<S>* __restrict dr, const S* __restrict dnew, const S* __restrict h,
+                       const acc_t<S>* __restrict g, S* __restrict dres, S* __restrict dh, acc_t<S>* __restrict dg,
+                       int64_t D) {
+  using A = acc_t<S>;
+#pragma omp simd
+  for (int64_t i = 0; i < D; ++i) {
+    const A drv = dr[i] + (HAS_DNEW ? static_cast<A>(dnew[i]) : A(0));
+    dres[i] = static_cast<S>(drv);
+    dh[i] = static_cast<S>(drv * g[i]);
+    dg[i] += drv * static_cast<A>(h[i]);
+  }
+}
+
 template <typename S, Act ACT>
 void fused_backward(const S* dnew_res, const S* dy, const S* new_res, const S* h, const acc_t<S>* gate,
                     const acc_t<S>* mean, const acc_t<S>* rstd, S* dres, S* dh, acc_t<S>* dgate, Dims d, bool rms,
@@ -143,35 +158,31 @@ void fused_backward(const S* dnew_res, const S* dy, const S* new_res, const S* h
   w = def.or_ones(w);
   bi = def.or_zeros(bi);
   at::parallel_for(0, nblk, 1, [&](int64_t blk_begin, int64_t blk_end) {
-    std::vector<A> rf(d.D), dr(d.D), dsh_scratch(d.D), dsc_scratch(d.D);
+    std::vector<A> scratch(d.D), dr(d.D), s0(d.D), s1(d.D), dsh_scratch(d.D), dsc_scratch(d.D);
     for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
       A* dwp = dw_part + blk * d.D;
       A* dbp = db_part + blk * d.D;
       std::fill(dwp, dwp + d.D, A(0));
       std::fill(dbp, dbp + d.D, A(0));
       for (int64_t b = block_begin(blk, nblk, d.B); b < block_begin(blk + 1, nblk, d.B); ++b) {
-        A* dshb = dshift ? dshift + b * d.D : dsh_scratch.data();
-        A* dscb = dscale ? dscale + b * d.D : dsc_scratch.data();
         A* dgb = dgate + b * d.D;
-        std::fill(dshb, dshb + d.D, A(0));
-        std::fill(dscb, dscb + d.D, A(0));
         std::fill(dgb, dgb + d.D, A(0));
+        std::fill(s0.begin(), s0.end(), A(0));
+        std::fill(s1.begin(), s1.end(), A(0));
         const A* g = gate + b * d.D;
         RowParams<A> p{sh ? sh + b * d.D : def.zeros.data(), sc ? sc + b * d.D : def.zeros.data(), w, bi};
-        RowGrads<A> rg{dshb, dscb, dwp, dbp};
+        const RowSums<A> rs{s0.data(), s1.data()};
         for (int64_t t = 0; t < d.T; ++t) {
           const int64_t row = b * d.T + t, o = row * d.D;
-#pragma omp simd
-          for (int64_t i = 0; i < d.D; ++i) rf[i] = static_cast<A>(new_res[o + i]);
-          row_backward<ACT, A, S>(rf.data(), dy + o, dr.data(), d.D, rms, mean[row], rstd[row], p, rg);
-#pragma omp simd
-          for (int64_t i = 0; i < d.D; ++i) {
-            const A drv = dr[i] + (dnew_res ? static_cast<A>(dnew_res[o + i]) : A(0));
-            dres[o + i] = static_cast<S>(drv);
-            dh[o + i] = static_cast<S>(drv * g[i]);
-            dgb[i] += drv * static_cast<A>(h[o + i]);
-          }
+          row_backward<ACT, A, S, S, A>(new_res + o, dy + o, scratch.data(), dr.data(), d.D, rms, mean[row],
+                                         rstd[row], p, rs);
+          if (dnew_res)
+            residual_row_grad<S, true>(dr.data(), dnew_res + o, h + o, g, dres + o, dh + o, dgb, d.D);
+          else
+            residual_row_grad<S, false>(dr.data(), nullptr, h + o, g, dres + o, dh + o, dgb, d.D);
         }
+        finish_sample<A>(s0.data(), s1.data(), p, dshift ? dshift + b * d.D : dsh_scratch.data(),
+                         dscale ? dscale + b * d.D : dsc_scratch.data(), dwp, dbp, d.D);
       }
     }
   });

@@ -57,29 +57,24 @@ void token_backward(const S* dy, const S* x, const acc_t<S>* mean, const acc_t<S
   const A* w = def.or_ones(ptr_or_null<A>(m.w));
   const A* bi = def.or_zeros(ptr_or_null<A>(m.bias));
   at::parallel_for(0, nblk, 1, [&](int64_t blk_begin, int64_t blk_end) {
-    std::vector<A> xf(s.D), dxf(s.D), dsh_scratch(s.D), dsc_scratch(s.D);
+    std::vector<A> scratch(s.D), s0(s.D), s1(s.D), dsh_scratch(s.D), dsc_scratch(s.D);
     for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
       A* dwp = dw_part + blk * s.D;
       A* dbp = db_part + blk * s.D;
       std::fill(dwp, dwp + s.D, A(0));
       std::fill(dbp, dbp + s.D, A(0));
       for (int64_t b = block_begin(blk, nblk, s.B); b < block_begin(blk + 1, nblk, s.B); ++b) {
-        A* dshb = dshift ? dshift + b * s.D : dsh_scratch.data();
-        A* dscb = dscale ? dscale + b * s.D : dsc_scratch.data();
-        std::fill(dshb, dshb + s.D, A(0));
-        std::fill(dscb, dscb + s.D, A(0));
+        std::fill(s0.begin(), s0.end(), A(0));
+        std::fill(s1.begin(), s1.end(), A(0));
         RowParams<A> p{sh ? sh + b * s.D : def.zeros.data(), sc ? sc + b * s.D : def.zeros.data(), w, bi};
-        RowGrads<A> g{dshb, dscb, dwp, dbp};
+        const RowSums<A> g{s0.data(), s1.data()};
         for (int64_t t = 0; t < s.T; ++t) {
-          const int64_t row = b * s.T + t;
-          const S* xr = x + row * s.D;
-#pragma omp simd
-          for (int64_t i = 0; i < s.D; ++i) xf[i] = static_cast<A>(xr[i]);
-          row_backward<ACT, A, S>(xf.data(), dy + row * s.D, dxf.data(), s.D, rms, mean[row], rstd[row], p, g);
-          S* dxr = dx + row * s.D;
-#pragma omp simd
-          for (int64_t i = 0; i < s.D; ++i) dxr[i] = static_cast<S>(dxf[i]);
+          const int64_t o = (b * s.T + t) * s.D;
+          row_backward<ACT, A, S, S, S>(x + o, dy + o, scratch.data(), dx + o, s.D, rms, mean[b * s.T + t],
+                                         rstd[b * s.T + t], p, g);
         }
+        finish_sample<A>(s0.data(), s1.data(), p, dshift ? dshift + b * s.D : dsh_scratch.data(),
+                         dscale ? dscale + b * s.D : dsc_scratch.data(), dwp, dbp, s.D);
       }
     }
   });

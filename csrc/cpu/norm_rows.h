@@ -54,33 +54,38 @@ inline void row_forward(const A* x, S* y, int64_t D, A mean, A rstd, const RowPa
   }
 }
 
-// Gradient accumulators of one row: dshift/dscale of its sample, dw/db partials of its block.
-template <typename A> struct RowGrads {
-  A* dshift;
-  A* dscale;
-  A* dw;
-  A* db;
+// Per-sample sums over the rows of one sample: s0 = sum_t gu, s1 = sum_t gu * xhat, with
+// gu = dL/du. Every parameter gradient follows from them once per sample (finish_sample), so the
+// per-element loop updates two accumulators instead of four (dshift, dscale, dw, db).
+template <typename A> struct RowSums {
+  A* s0;
+  A* s1;
 };
 
-// dx (fp32, into `dx`) of one row given dy; accumulates the parameter gradients.
-template <Act ACT, typename A, typename S>
-inline void row_backward(const A* x, const S* dy, A* dx, int64_t D, bool rms, A mean, A rstd,
-                         const RowParams<A>& p, const RowGrads<A>& g) {
+// dx of one row given dy, accumulating s0/s1. x is read as X (the storage dtype, or an fp32
+// scratch row), dx written as DX; dxhat waits in an fp32 scratch row (L1-resident) between the
+// two passes. Pointers are restrict-qualified arguments so the loops vectorise with plain loads
+// and stores.
+template <Act ACT, typename A, typename X, typename S, typename DX>
+inline void row_backward(const X* __restrict x, const S* __restrict dy, A* __restrict scratch, DX* __restrict dx,
+                         int64_t D, bool rms, A mean, A rstd, const RowParams<A>& p, const RowSums<A>& g) {
+  const A* __restrict w = p.w;
+  const A* __restrict bias = p.bias;
+  const A* __restrict scale = p.scale;
+  const A* __restrict shift = p.shift;
+  A* __restrict s0 = g.s0;
+  A* __restrict s1 = g.s1;
   A sum_dxhat = A(0), sum_dxhat_xhat = A(0);
 #pragma omp simd reduction(+ : sum_dxhat, sum_dxhat_xhat)
   for (int64_t i = 0; i < D; ++i) {
-    const A xhat = (x[i] - mean) * rstd;
-    const A a = xhat * p.w[i] + p.bias[i];
-    const A one_plus = A(1) + p.scale[i];
+    const A xhat = (static_cast<A>(x[i]) - mean) * rstd;
+    const A one_plus = A(1) + scale[i];
     A gu = static_cast<A>(dy[i]);
-    if constexpr (ACT != Act::None) gu *= act_grad<A>(ACT, a * one_plus + p.shift[i]);
-    g.dshift[i] += gu;
-    g.dscale[i] += gu * a;
-    const A da = gu * one_plus;
-    g.dw[i] += da * xhat;
-    g.db[i] += da;
-    const A dxhat = da * p.w[i];
-    dx[i] = dxhat;
+    if constexpr (ACT != Act::None) gu *= act_grad<A>(ACT, (xhat * w[i] + bias[i]) * one_plus + shift[i]);
+    s0[i] += gu;
+    s1[i] += gu * xhat;
+    const A dxhat = gu * one_plus * w[i];
+    scratch[i] = dxhat;
     sum_dxhat += dxhat;
     sum_dxhat_xhat += dxhat * xhat;
   }
@@ -88,8 +93,23 @@ inline void row_backward(const A* x, const S* dy, A* dx, int64_t D, bool rms, A 
   const A c2 = sum_dxhat_xhat / A(D);
 #pragma omp simd
   for (int64_t i = 0; i < D; ++i) {
-    const A xhat = (x[i] - mean) * rstd;
-    dx[i] = rstd * (dx[i] - c1 - xhat * c2);
+    const A xhat = (static_cast<A>(x[i]) - mean) * rstd;
+    dx[i] = static_cast<DX>(rstd * (scratch[i] - c1 - xhat * c2));
+  }
+}
+
+// Parameter gradients of one sample from its row sums: a = xhat * w + bias, u = a (1 + scale) + shift,
+// so dshift = s0, dscale = w s1 + bias s0, and (1 + scale) s1, (1 + scale) s0 add to dw, db.
+template <typename A>
+inline void finish_sample(const A* __restrict s0, const A* __restrict s1, const RowParams<A>& p,
+                          A* __restrict dshift, A* __restrict dscale, A* __restrict dw, A* __restrict db, int64_t D) {
+#pragma omp simd
+  for (int64_t i = 0; i < D; ++i) {
+    const A one_plus = A(1) + p.scale[i];
+    dshift[i] = s0[i];
+    dscale[i] = p.w[i] * s1[i] + p.bias[i] * s0[i];
+    dw[i] += one_plus * s1[i];
+    db[i] += one_plus * s0[i];
   }
 }
 
