@@ -116,19 +116,14 @@ void fused_forward(const S* res, const S* h, const acc_t<S>* gate, S* new_res, S
   w = def.or_ones(w);
   bi = def.or_zeros(bi);
   at::parallel_for(0, d.B * d.T, grain_rows(d.D), [&](int64_t begin, int64_t end) {
-    std::vector<A> rf(d.D);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / d.T, o = row * d.D;
       const A* g = gate + b * d.D;
-#pragma omp simd
-      for (int64_t i = 0; i < d.D; ++i) {
-        const S r = static_cast<S>(static_cast<A>(res[o + i]) + g[i] * static_cast<A>(h[o + i]));
-        new_res[o + i] = r;
-        rf[i] = static_cast<A>(r);
-      }
-      row_stats<A>(rf.data(), d.D, rms, eps, mean[row], rstd[row]);
+      // The norm sees r rounded to the residual's dtype, as the unfused chain does.
+      gated_row<S>(res + o, h + o, g, new_res + o, d.D);
+      row_stats<A, S>(new_res + o, d.D, rms, eps, mean[row], rstd[row]);
       RowParams<A> p{sh ? sh + b * d.D : def.zeros.data(), sc ? sc + b * d.D : def.zeros.data(), w, bi};
-      row_forward<ACT, A, S>(rf.data(), y + o, d.D, mean[row], rstd[row], p);
+      row_forward<ACT, A, S, S>(new_res + o, y + o, d.D, mean[row], rstd[row], p);
     }
   });
 }

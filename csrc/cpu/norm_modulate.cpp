@@ -33,15 +33,14 @@ void token_forward(const S* x, S* y, acc_t<S>* mean, acc_t<S>* rstd, Shape s, bo
   const A* w = def.or_ones(ptr_or_null<A>(m.w));
   const A* bi = def.or_zeros(ptr_or_null<A>(m.bias));
   at::parallel_for(0, s.B * s.T, grain_rows(s.D), [&](int64_t begin, int64_t end) {
-    std::vector<A> xf(s.D);
+    // Rows are read in place (converted per element); a row of D values stays in L1 for the
+    // three passes (mean, variance, output).
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / s.T;
       const S* xr = x + row * s.D;
-#pragma omp simd
-      for (int64_t i = 0; i < s.D; ++i) xf[i] = static_cast<A>(xr[i]);
-      row_stats<A>(xf.data(), s.D, rms, eps, mean[row], rstd[row]);
+      row_stats<A, S>(xr, s.D, rms, eps, mean[row], rstd[row]);
       RowParams<A> p{sh ? sh + b * s.D : def.zeros.data(), sc ? sc + b * s.D : def.zeros.data(), w, bi};
-      row_forward<ACT, A, S>(xf.data(), y + row * s.D, s.D, mean[row], rstd[row], p);
+      row_forward<ACT, A, S, S>(xr, y + row * s.D, s.D, mean[row], rstd[row], p);
     }
   });
 }

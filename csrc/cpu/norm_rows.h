@@ -31,26 +31,35 @@ template <typename A> struct Defaults {
   const A* or_zeros(const A* p) const { return p ? p : zeros.data(); }
 };
 
-template <typename A> inline void row_stats(const A* x, int64_t D, bool rms, A eps, A& mean, A& rstd) {
+// Row statistics; x is read as X (the storage dtype or an fp32 scratch row).
+template <typename A, typename X>
+inline void row_stats(const X* __restrict x, int64_t D, bool rms, A eps, A& mean, A& rstd) {
   A m = A(0);
   if (!rms) {
 #pragma omp simd reduction(+ : m)
-    for (int64_t i = 0; i < D; ++i) m += x[i];
+    for (int64_t i = 0; i < D; ++i) m += static_cast<A>(x[i]);
     m /= A(D);
   }
   A v = A(0);
 #pragma omp simd reduction(+ : v)
-  for (int64_t i = 0; i < D; ++i) v += (x[i] - m) * (x[i] - m);
+  for (int64_t i = 0; i < D; ++i) {
+    const A c = static_cast<A>(x[i]) - m;
+    v += c * c;
+  }
   mean = m;
   rstd = A(1) / std::sqrt(v / A(D) + eps);
 }
 
-template <Act ACT, typename A, typename S>
-inline void row_forward(const A* x, S* y, int64_t D, A mean, A rstd, const RowParams<A>& p) {
+template <Act ACT, typename A, typename X, typename S>
+inline void row_forward(const X* __restrict x, S* __restrict y, int64_t D, A mean, A rstd, const RowParams<A>& p) {
+  const A* __restrict w = p.w;
+  const A* __restrict bias = p.bias;
+  const A* __restrict scale = p.scale;
+  const A* __restrict shift = p.shift;
 #pragma omp simd
   for (int64_t i = 0; i < D; ++i) {
-    const A a = (x[i] - mean) * rstd * p.w[i] + p.bias[i];
-    y[i] = static_cast<S>(act_fwd<A>(ACT, a * (A(1) + p.scale[i]) + p.shift[i]));
+    const A a = (static_cast<A>(x[i]) - mean) * rstd * w[i] + bias[i];
+    y[i] = static_cast<S>(act_fwd<A>(ACT, a * (A(1) + scale[i]) + shift[i]));
   }
 }
 
