@@ -83,7 +83,7 @@ def cmd_sample(a) -> int:
     dev = _device(a.device)
     model, std, _ = load_trained(a.ckpt, dev)
     b = load_bundle(a.data, a.test_data, a.gyro, standardizer=std, length=model.cfg.length)
-    print(json.dumps(sample_and_plot(model, b, Path(a.out), a.n, a.steps, a.method, a.seed, dev)))
+    print(json.dumps(sample_and_plot(model, b, Path(a.out), a.n, a.steps, a.method, a.seed, dev, graph=a.graph)))
     return 0
 
 
@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", default="runs/samples/samples.npz")
     q.add_argument("--device", default="auto")
+    q.add_argument("--graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay the K-step solve as one CUDA graph (default: on for CUDA; no effect on CPU)")
     q.set_defaults(fn=cmd_sample)
 
     q = sub.add_parser("demo", help="the main job: pretrain on HAPT, evaluate against baselines, sample, report")

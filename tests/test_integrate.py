@@ -2,12 +2,13 @@
 torchdiffeq parity, trajectories, the velocity contract and input validation."""
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
 import torch
 
-from flowfm_fast.integrate import METHODS, FixedStepSolver, make_grid, sample
+from flowfm_fast.integrate import METHODS, FixedStepSolver, make_grid, sample, solvers
 from flowfm_fast.models import FlowFM, get_config
 
 ORDERS = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "rk4_38": 4}
@@ -364,3 +365,281 @@ def test_bad_x0():
         sample(_zero, [[0.0, 1.0]], 2, "euler")
     with pytest.raises(ValueError, match="x0"):
         sample(_zero, torch.zeros(0, 3), 2, "euler")
+
+
+# ---- torchdiffeq parity: classic RK4 and a tiny FlowFM -----------------------------------------
+
+def _tde_solvers(monkeypatch):
+    """torchdiffeq's fixed-grid solvers, plus classic RK4 built from its own ``rk4_step_func``
+    (torchdiffeq's "rk4" is the 3/8 rule; the classic tableau is there but not exposed by name)."""
+    pytest.importorskip("torchdiffeq")
+    from torchdiffeq._impl.odeint import SOLVERS
+    from torchdiffeq._impl.rk_common import rk4_step_func
+    from torchdiffeq._impl.solvers import FixedGridODESolver
+
+    class RK4Classic(FixedGridODESolver):
+        order = 4
+
+        def _step_func(self, func, t0, dt, t1, y0):
+            f0 = func(t0, y0)
+            return rk4_step_func(func, t0, dt, t1, y0, f0=f0), f0
+
+    monkeypatch.setitem(SOLVERS, "rk4_classic", RK4Classic)
+    return {**TDE_METHOD, "rk4": "rk4_classic"}
+
+
+@pytest.mark.parametrize("method", sorted(ORDERS))
+def test_torchdiffeq_parity_every_method(method, monkeypatch):
+    import torchdiffeq
+    tde = _tde_solvers(monkeypatch)[method]
+    x0 = torch.randn(3, 2, 5, generator=torch.Generator().manual_seed(5))
+
+    def field(x, t):
+        return torch.tanh(x) * torch.cos(2.0 * _tcol(t, x)) - 0.2 * x
+
+    for grid in (torch.linspace(0.0, 1.0, 7), torch.tensor(NONUNIFORM)):
+        ref = torchdiffeq.odeint(lambda t, y: field(y, t), x0, grid, method=tde)
+        got, traj = sample(field, x0, None, method, grid=grid.tolist(), return_trajectory=True)
+        assert float((got - ref[-1]).abs().max()) <= 1e-5, method
+        assert float((traj - ref).abs().max()) <= 1e-5, method
+
+
+@pytest.mark.parametrize("velocity", ["dit", "resnet"])
+@pytest.mark.parametrize("method", sorted(ORDERS))
+def test_torchdiffeq_parity_tiny_flowfm(method, velocity, monkeypatch):
+    """The model's own sampler (prepared conditioning, fused updates) against torchdiffeq's odeint
+    of the plain ``v(x, t, z)``, fp32."""
+    import torchdiffeq
+    tde = _tde_solvers(monkeypatch)[method]
+    model = _perturbed_flowfm(velocity)
+    g = torch.Generator().manual_seed(6)
+    x0 = torch.randn(3, 3, 60, generator=g)
+    z = torch.randn(3, model.cfg.encoder.z_dim, generator=g)
+    net = model.velocity
+    with torch.no_grad():
+        ref = torchdiffeq.odeint(lambda t, y: net(y, t.expand(y.shape[0]), z), x0,
+                                 torch.linspace(0.0, 1.0, 5), method=tde)
+        got = model.sample(z, steps=4, method=method, x0=x0)
+    assert not torch.allclose(got, x0, atol=1e-3)
+    assert float((got - ref[-1]).abs().max()) <= 1e-5
+
+
+# ---- no allocation inside the loop ----------------------------------------------------------------
+
+class _PtrRecorder:
+    """A velocity field recording which buffers it is evaluated at (and where its outputs live)."""
+
+    def __init__(self):
+        self.inputs, self.outputs = [], []
+
+    def __call__(self, x, t):
+        self.inputs.append(x.data_ptr())
+        v = torch.sin(x) + _tcol(t, x)
+        self.outputs.append(v.data_ptr())
+        return v
+
+
+@pytest.mark.parametrize("method", sorted(ORDERS))
+def test_stage_inputs_reuse_preallocated_buffers(method):
+    S = len(FixedStepSolver(method).tableau.c)
+    rec = _PtrRecorder()
+    x0 = torch.randn(4, 3, 16, generator=torch.Generator().manual_seed(7))
+    x = sample(rec, x0, 6, method)
+    stage = [rec.inputs[i::S] for i in range(S)]
+    assert len(set(stage[0])) == 1, "stage 0 must read the state buffer at every step"
+    assert stage[0][0] == x.data_ptr(), "the state is updated in place and returned"
+    assert x.data_ptr() != x0.data_ptr()
+    if S > 1:
+        later = {p for s in stage[1:] for p in s}
+        assert len(later) == 1, "every later stage input is the one preallocated stage buffer"
+        assert later.isdisjoint(stage[0]) and later.isdisjoint(rec.outputs)
+
+
+def _count_solver_allocations(method, steps, velocity_factory, return_trajectory=False):
+    """Tensors the solver's own code creates (new storage), with the network's calls excluded."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    inside = [False]
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not inside[0]:
+                ins = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                       if isinstance(a, torch.Tensor)}
+                for o in torch.utils._pytree.tree_leaves(out):
+                    if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in ins:
+                        self.n += 1
+            return out
+
+    net = velocity_factory()
+
+    def velocity(x, t):
+        inside[0] = True
+        try:
+            return net(x, t)
+        finally:
+            inside[0] = False
+
+    x0 = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(8))
+    with Count() as c:
+        sample(velocity, x0, steps, method, return_trajectory=return_trajectory)
+    return c.n
+
+
+@pytest.mark.parametrize("traj", [False, True], ids=["x", "trajectory"])
+@pytest.mark.parametrize("method", sorted(ORDERS))
+def test_solver_allocations_do_not_grow_with_steps(method, traj):
+    def factory():
+        return lambda x, t: torch.cos(x) * _tcol(t, x)
+    few = _count_solver_allocations(method, 2, factory, traj)
+    many = _count_solver_allocations(method, 16, factory, traj)
+    assert few == many, f"{method}: the solver allocated {many - few} more tensors for 14 more steps"
+    assert few <= 12, few   # setup only: grid, stage times, state, stage buffer
+
+
+def test_prepared_path_stage_inputs_reuse_buffers():
+    model = _perturbed_flowfm("dit")
+    net = model.velocity
+    seen = []
+    original = net.forward_modulated
+
+    def recording(x, mods):
+        seen.append(x.data_ptr())
+        return original(x, mods)
+
+    net.forward_modulated = recording
+    try:
+        z = torch.randn(2, model.cfg.encoder.z_dim)
+        with torch.no_grad():
+            x = sample(net, torch.randn(2, 3, 60), 5, "rk4", z=z)
+    finally:
+        del net.forward_modulated
+    assert len(seen) == 20
+    assert set(seen[0::4]) == {x.data_ptr()}
+    assert len(set(seen[1::4]) | set(seen[2::4]) | set(seen[3::4])) == 1
+
+
+# ---- graph argument (CPU: accepted and ignored) ---------------------------------------------------
+
+def test_graph_ignored_on_cpu():
+    from flowfm_fast.integrate import clear_graph_cache, graph_cache_info
+    clear_graph_cache()
+    model = _perturbed_flowfm("dit")
+    z = torch.randn(2, model.cfg.encoder.z_dim)
+    x0 = torch.randn(2, 3, 60)
+    a = model.sample(z, steps=3, method="heun", x0=x0, graph=True)
+    b = model.sample(z, steps=3, method="heun", x0=x0, graph=False)
+    c = model.reconstruct(torch.randn(2, 3, 60), steps=2, graph=True)
+    assert torch.equal(a, b) and c.shape == (2, 3, 60)
+    assert graph_cache_info() == {"captures": 0, "replays": 0, "cached": 0}
+
+
+def test_bad_graph_argument():
+    with pytest.raises(TypeError, match="graph"):
+        sample(_zero, torch.zeros(2, 3), 2, "euler", graph="yes")
+
+
+# ---- graph cache logic on CPU, with an eager stand-in for the CUDA graph -------------------------
+
+class _EagerGraphed(solvers._Graphed):
+    """Same static buffers, key and output contract as a captured graph; "replay" reruns the plan
+    on the static inputs (the velocity held weakly, as the real graph holds no Python reference)."""
+
+    def _capture(self, velocity):
+        import weakref
+        self._velocity = weakref.ref(velocity.__self__) if inspect.ismethod(velocity) else weakref.ref(velocity)
+        self._func = velocity.__func__ if inspect.ismethod(velocity) else None
+        self._replay()
+
+    def _replay(self):
+        v = self._velocity()
+        v = self._func.__get__(v) if self._func is not None else v
+        self.plan.run(v, self.static_x0, self.static_z, self.static_cond)
+
+
+@pytest.fixture
+def cpu_graphs(monkeypatch):
+    monkeypatch.setattr(solvers, "_GRAPH_DEVICES", ("cpu",))
+    monkeypatch.setattr(solvers, "_GRAPHED", _EagerGraphed)
+    solvers.clear_graph_cache()
+    yield
+    solvers.clear_graph_cache()
+
+
+def test_graph_cache_logic(cpu_graphs):
+    model = _perturbed_flowfm("dit")
+    g = torch.Generator().manual_seed(9)
+    x0, z = torch.randn(3, 3, 60, generator=g), torch.randn(3, model.cfg.encoder.z_dim, generator=g)
+    eager = model.sample(z, steps=4, x0=x0, graph=False)
+    a = model.sample(z, steps=4, x0=x0)                               # default: graphed on a graph device
+    assert torch.equal(a, eager)
+    assert solvers.graph_cache_info() == {"captures": 1, "replays": 1, "cached": 1}
+    a_keep = a.clone()
+    x0b = torch.randn(3, 3, 60, generator=g)
+    b, traj = model.sample(z, steps=4, x0=x0b, return_trajectory=True)
+    c = model.sample(z, steps=4, x0=x0b)
+    assert torch.equal(a, a_keep), "a later call overwrote an earlier result"
+    (entries,) = list(solvers._GRAPHS.values())
+    statics = {e.plan.x.data_ptr() for e in entries.values()}
+    assert statics.isdisjoint({a.data_ptr(), b.data_ptr(), c.data_ptr()})
+    assert solvers.graph_cache_info()["captures"] == 2                # the trajectory is its own graph
+    assert torch.equal(traj[-1], b) and torch.equal(b, c)
+    model.sample(z[:2], steps=4, x0=x0[:2])                           # new batch: captured anew
+    model.sample(z, steps=4, method="rk4", x0=x0)                     # new method
+    model.sample(z, x0=x0, grid=[0.0, 0.5, 1.0])                      # new grid
+    assert solvers.graph_cache_info()["captures"] == 5
+    model.sample(z, steps=4, x0=x0)
+    assert solvers.graph_cache_info() == {"captures": 5, "replays": 7, "cached": 5}
+    with torch.inference_mode():                                     # captured in inference mode ...
+        first = model.sample(z, steps=3, x0=x0)
+    torch.testing.assert_close(model.sample(z, steps=3, x0=x0), first)   # ... replayed outside it
+    assert solvers.graph_cache_info()["captures"] == 6
+    # parameters updated in place: same graph; moved to new storage: captured anew
+    with torch.no_grad():
+        next(model.velocity.parameters()).mul_(1.5)
+    model.sample(z, steps=4, x0=x0)
+    assert solvers.graph_cache_info()["captures"] == 6
+    p = next(model.velocity.parameters())
+    p.data = p.data.clone()
+    torch.testing.assert_close(model.sample(z, steps=4, x0=x0), model.sample(z, steps=4, x0=x0, graph=False))
+    assert solvers.graph_cache_info()["captures"] == 7
+    # the cache holds the model weakly
+    del model, entries
+    import gc
+    gc.collect()
+    assert solvers.graph_cache_info()["cached"] == 0
+
+
+def test_graph_cache_lru_and_plain_fns(cpu_graphs, monkeypatch):
+    monkeypatch.setattr(solvers, "GRAPH_CACHE_SIZE", 2)
+    x0 = torch.randn(2, 3)
+    for steps in (1, 2, 3, 1):
+        torch.testing.assert_close(sample(f_cos, x0, steps, graph=True), sample(f_cos, x0, steps, graph=False))
+    info = solvers.graph_cache_info()
+    assert info["cached"] == 2 and info["captures"] == 4              # steps=1 was evicted by steps=3
+    # tensor conditioning is copied into static buffers: new values replay the same graph
+    zs = [torch.randn(2, 3) for _ in range(2)]
+    def fn(x, t, z, k):
+        return x * (k[0] if isinstance(k, list) else k) + z
+    for z in zs:
+        torch.testing.assert_close(sample(fn, x0, 3, "heun", z=z, k=0.5, graph=True),
+                                   sample(fn, x0, 3, "heun", z=z, k=0.5, graph=False))
+    assert solvers.graph_cache_info()["captures"] == 5
+    sample(fn, x0, 3, "heun", z=zs[0], k=2.0)                         # another non-tensor value: new graph
+    assert solvers.graph_cache_info()["captures"] == 6
+    sample(fn, x0, 3, "heun", z=zs[0], k=[2.0])                        # unhashable: solved eagerly
+    assert solvers.graph_cache_info()["captures"] == 6
+
+
+def test_graph_needs_no_grad(cpu_graphs):
+    model = _perturbed_flowfm("dit")
+    z = torch.randn(2, model.cfg.encoder.z_dim)
+    with pytest.raises(ValueError, match="graph=True"):
+        sample(model.velocity, torch.randn(2, 3, 60), 2, z=z, graph=True)
+    out = sample(model.velocity, torch.randn(2, 3, 60), 2, z=z)        # default: eager, differentiable
+    assert out.requires_grad and solvers.graph_cache_info()["captures"] == 0

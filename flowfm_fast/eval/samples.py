@@ -27,17 +27,18 @@ def spread_indices(y, n: int, total: int) -> np.ndarray:
     return np.asarray(picks[:n])
 
 
-def sample_and_plot(model, bundle, out_npz: Path, n: int, steps: int, method: str, seed: int, device="cpu") -> dict:
+def sample_and_plot(model, bundle, out_npz: Path, n: int, steps: int, method: str, seed: int, device="cpu",
+                    graph: bool | None = None) -> dict:
     src = bundle.test if bundle.test is not None else bundle.pretrain
     x_real = src.x[spread_indices(src.y, n, len(src))]
     gen = torch.Generator(device=device).manual_seed(seed)
     xr = torch.from_numpy(x_real).to(device)
     t0 = time.perf_counter()
-    recon = model.reconstruct(xr, steps, method, generator=gen).cpu().numpy()
+    recon = model.reconstruct(xr, steps, method, generator=gen, graph=graph).cpu().numpy()
     t_recon = time.perf_counter() - t0
     z_pool = encode_windows(model.encoder, bundle.pretrain.x[:2048], device=device)
     z_new = torch.from_numpy(gaussian_z(z_pool, n, seed)).to(device)
-    generated = model.sample(z_new, steps, method, generator=gen).cpu().numpy()
+    generated = model.sample(z_new, steps, method, generator=gen, graph=graph).cpu().numpy()
     std = bundle.standardizer
     real_u, recon_u, gen_u = std.invert(x_real), std.invert(recon), std.invert(generated)
     out_npz = Path(out_npz)

@@ -5,8 +5,22 @@ Networks derived from :class:`~flowfm_fast.models.velocity.ConditionedVelocity` 
 when ``z`` is given, the conditioning of every stage time of the grid is computed in one batched
 call before the loop (:meth:`prepare`), so the loop runs only the network's blocks.
 
-Stage buffers are allocated once per solve; updates go through ``ops.euler_step_`` /
-``ops.rk_combine`` so fused backends take them over.
+No allocation inside the loop: the state, the one stage-input buffer and the trajectory are
+allocated once per solve, and the updates are the in-place ``ops.euler_step_`` /
+``ops.rk_combine`` (fused backends take them over). Only the velocity network allocates (its
+output, one per stage).
+
+CUDA graphs (``graph=None`` means on for CUDA inputs when no gradient is needed; ignored on
+other devices): the whole K-step solve, conditioning included, is captured in one CUDA graph
+over static input buffers (x0, z and any tensor ``cond``), after running it once on a side stream
+so every kernel variant is compiled and autotuned first. Graphs are cached per velocity object
+(weakly: a collected model frees its graphs) and per (shape, dtype, device, steps, method,
+grid, trajectory, conditioning keys, forced backend, autocast, training flag), up to
+:data:`GRAPH_CACHE_SIZE` per velocity, and re-captured when a parameter's storage moved.
+Output contract: every call returns fresh tensors copied out of the graph's static output, so a
+later call never overwrites an earlier result. The graph reads parameters in place: updating
+weights in place is seen by the next replay. A new callable (a fresh lambda) captures anew:
+pass the same object to reuse its graph.
 
 Example::
 
@@ -15,12 +29,18 @@ Example::
 """
 from __future__ import annotations
 
+import collections
+import contextlib
+import inspect
+import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from .. import ops
+from ..ops import _registry
 
 
 @dataclass(frozen=True)
@@ -64,6 +84,145 @@ def make_grid(steps: int | None = None, grid=None, device=None) -> torch.Tensor:
     return g.to(device) if device is not None else g
 
 
+GRAPH_CACHE_SIZE = 16   # graphs kept per velocity object (LRU); each holds its own memory pool
+_GRAPH_DEVICES = ("cuda",)
+
+
+class _Plan:
+    """One solve's static part: grid-derived tensors and the buffers the loop writes into.
+
+    Built outside any graph capture (it copies the grid to the device); :meth:`run` only launches
+    device work, so it can be captured.
+    """
+
+    def __init__(self, tableau: Tableau, times: torch.Tensor, dts: list[float], x0: torch.Tensor,
+                 prepared_ok: bool, return_trajectory: bool):
+        self.tab, self.dts, self.prepared_ok = tableau, dts, prepared_ok
+        B = x0.shape[0]
+        self.times32 = times.to(device=x0.device, dtype=torch.float32)
+        # A plain velocity fn sees t in x0's precision (the network path embeds t in fp32 anyway).
+        t_rows = times.to(device=x0.device, dtype=x0.dtype)[:, None].expand(-1, B)
+        self.t_rows = [t_rows[j] for j in range(t_rows.shape[0])]
+        self.x = torch.empty_like(x0)
+        self.stage_x = torch.empty_like(x0) if len(tableau.c) > 1 else None
+        self.traj = x0.new_empty((len(dts) + 1, *x0.shape)) if return_trajectory else None
+
+    def run(self, velocity: Callable, x0: torch.Tensor, z: torch.Tensor | None, cond: dict) -> None:
+        tab, S = self.tab, len(self.tab.c)
+        prepared = None
+        if z is not None and self.prepared_ok:
+            prepared = velocity.prepare(self.times32, z)
+        elif z is not None:
+            cond = {**cond, "z": z}
+        t_rows = self.t_rows
+
+        def f(j, xs):
+            if prepared is not None:
+                return velocity.forward_modulated(xs, prepared[j])
+            return velocity(xs, t_rows[j], **cond)
+
+        x, stage_x, traj = self.x, self.stage_x, self.traj
+        x.copy_(x0)
+        if traj is not None:
+            traj[0].copy_(x0)
+        for n, dt in enumerate(self.dts):
+            ks = []
+            for i in range(S):
+                xi = x if i == 0 else ops.rk_combine(x, dt, ks, tab.a[i], out=stage_x)
+                ks.append(f(n * S + i, xi))
+            if S == 1:
+                ops.euler_step_(x, ks[0], dt)
+            else:
+                ops.rk_combine(x, dt, ks, tab.b, out=x)
+            if traj is not None:
+                traj[n + 1].copy_(x)
+
+
+class _Graphed:
+    """A captured solve: static inputs, the graph, its static outputs, and what it must outlive."""
+
+    def __init__(self, plan: _Plan, velocity, x0, z, cond, param_ptrs):
+        self.static_x0 = x0.detach().clone()
+        self.static_z = z.detach().clone() if z is not None else None
+        self.static_cond = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in cond.items()}
+        self.plan = plan
+        self.param_ptrs = param_ptrs
+        self.replays = 0
+        with torch.no_grad():
+            self._capture(velocity)
+
+    def _capture(self, velocity) -> None:
+        plan, dev = self.plan, self.static_x0.device
+        # Warm-up on a side stream (as torch.cuda.graph's docs ask): compiles and autotunes every
+        # Triton / cuBLAS variant the loop uses, so nothing is compiled or synchronised in capture.
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                plan.run(velocity, self.static_x0, self.static_z, self.static_cond)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with contextlib.ExitStack() as stack:
+            if torch.is_autocast_enabled("cuda"):
+                # Autocast's weight-cast cache must not hand captured memory to later eager code.
+                stack.enter_context(torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                                                  cache_enabled=False))
+            stack.enter_context(torch.cuda.graph(self.graph))
+            plan.run(velocity, self.static_x0, self.static_z, self.static_cond)
+
+    def _replay(self) -> None:
+        self.graph.replay()
+
+    def __call__(self, x0, z, cond):
+        self.static_x0.copy_(x0)
+        if z is not None:
+            self.static_z.copy_(z)
+        for k, v in cond.items():
+            if isinstance(v, torch.Tensor):
+                self.static_cond[k].copy_(v)
+        self._replay()
+        self.replays += 1
+        # Copy out: the static buffers are overwritten by the next replay.
+        x = self.plan.x.clone()
+        return x, (self.plan.traj.clone() if self.plan.traj is not None else None)
+
+
+_GRAPHED = _Graphed   # tests swap in an eager stand-in to check the cache logic without a GPU
+
+# velocity (weakly) -> OrderedDict[key -> _Graphed]; bound methods are keyed on their object.
+_GRAPHS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_STATS = {"captures": 0, "replays": 0}
+
+
+def graph_cache_info() -> dict:
+    """Counts since the last :func:`clear_graph_cache`: ``captures``, ``replays``, ``cached`` graphs."""
+    return dict(_STATS, cached=sum(len(d) for d in _GRAPHS.values()))
+
+
+def clear_graph_cache() -> None:
+    """Drop every cached CUDA graph (and its memory pool) and reset the counts."""
+    _GRAPHS.clear()
+    _STATS.update(captures=0, replays=0)
+
+
+def _owner(velocity):
+    """(object the cache is keyed on weakly, extra identity) of a velocity callable."""
+    if inspect.ismethod(velocity):
+        return velocity.__self__, velocity.__func__
+    return velocity, None
+
+
+def _param_ptrs(velocity) -> tuple:
+    mod = velocity.__self__ if inspect.ismethod(velocity) else velocity
+    if isinstance(mod, torch.nn.Module):
+        return tuple(t.data_ptr() for t in (*mod.parameters(), *mod.buffers()))
+    return ()
+
+
+def _tensor_sig(t: torch.Tensor) -> tuple:
+    return tuple(t.shape), t.dtype, t.device
+
+
 class FixedStepSolver:
     """Fixed-grid explicit RK solver (``method`` in :data:`METHODS`)."""
 
@@ -80,56 +239,103 @@ class FixedStepSolver:
         return (t0 + c * dt).reshape(-1)
 
     def solve(self, velocity: Callable, x0: torch.Tensor, steps: int | None = None, grid=None,
-              z: torch.Tensor | None = None, return_trajectory: bool = False, **cond):
+              z: torch.Tensor | None = None, return_trajectory: bool = False, graph: bool | None = None,
+              **cond):
         """Integrate from x0 at grid[0] to grid[-1]; returns x (and the (K+1, ...) trajectory).
 
         ``steps`` uniform steps on [0, 1] (8 when neither steps nor grid is given), or ``grid``.
+        ``graph``: replay a cached CUDA graph of the whole solve (CUDA inputs only; ignored
+        elsewhere). None (default) uses it on CUDA when no gradient is needed; True with a
+        gradient needed raises. Results are fresh tensors either way (never a graph's buffer).
         """
         if not isinstance(x0, torch.Tensor) or not x0.is_floating_point():
             raise TypeError("x0 must be a floating-point torch.Tensor")
         if x0.dim() < 1 or x0.shape[0] == 0:
             raise ValueError(f"x0 must be batched and non-empty, got shape {tuple(x0.shape)}")
-        if z is not None and (z.dim() != 2 or z.shape[0] != x0.shape[0]):
+        if z is not None and (not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[0] != x0.shape[0]):
             raise ValueError(f"z must have shape (B, z_dim) with B = {x0.shape[0]} (x0's batch), "
-                             f"got {tuple(z.shape)}")
+                             f"got {tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+        if graph not in (None, True, False):
+            raise TypeError(f"graph must be None, True or False, got {graph!r}")
         g = make_grid(8 if steps is None and grid is None else steps, grid)
-        tab = self.tableau
-        S = len(tab.c)
-        times = self.stage_times(g)
-        dts = (g[1:] - g[:-1]).tolist()
-        B = x0.shape[0]
+        prepared_ok = z is not None and hasattr(velocity, "prepare") and not cond
 
-        prepared = None
-        if z is not None and hasattr(velocity, "prepare") and not cond:
-            prepared = velocity.prepare(times.to(device=x0.device, dtype=torch.float32), z)
-        elif z is not None:
-            cond = {**cond, "z": z}
-        # A plain velocity fn sees t in x0's precision (the network path embeds t in fp32 anyway).
-        t_rows = times.to(device=x0.device, dtype=x0.dtype)[:, None].expand(-1, B)
+        if self._use_graph(graph, velocity, x0, z, cond):
+            out = self._solve_graphed(velocity, x0, g, z, cond, return_trajectory, prepared_ok)
+            if out is not None:
+                x, traj = out
+                return (x, traj) if return_trajectory else x
+        plan = _Plan(self.tableau, self.stage_times(g), (g[1:] - g[:-1]).tolist(), x0, prepared_ok,
+                     return_trajectory)
+        plan.run(velocity, x0, z, cond)
+        return (plan.x, plan.traj) if return_trajectory else plan.x
 
-        def f(j, xs):
-            if prepared is not None:
-                return velocity.forward_modulated(xs, prepared[j])
-            return velocity(xs, t_rows[j], **cond)
+    # ---------------------------------------------------------------- CUDA graph path
+    @staticmethod
+    def _use_graph(graph, velocity, x0, z, cond) -> bool:
+        if graph is False or x0.device.type not in _GRAPH_DEVICES:
+            return False
+        if torch.is_grad_enabled():
+            tensors = [x0, *([z] if z is not None else []), *(v for v in cond.values() if isinstance(v, torch.Tensor))]
+            mod = velocity.__self__ if inspect.ismethod(velocity) else velocity
+            params = list(mod.parameters()) if isinstance(mod, torch.nn.Module) else []
+            if any(t.requires_grad for t in (*tensors, *params)):
+                if graph is True:
+                    raise ValueError("graph=True gives results without autograd history, but gradients are "
+                                     "enabled for these inputs/parameters: call under torch.no_grad() "
+                                     "or pass graph=False")
+                return False
+        return True
 
-        x = x0.clone()
-        stage_x = torch.empty_like(x) if S > 1 else None
-        traj = [x0.clone()] if return_trajectory else None
-        for n, dt in enumerate(dts):
-            ks = []
-            for i in range(S):
-                xi = x if i == 0 else ops.rk_combine(x, dt, ks, tab.a[i], out=stage_x)
-                ks.append(f(n * S + i, xi))
-            if S == 1:
-                ops.euler_step_(x, ks[0], dt)
+    def _solve_graphed(self, velocity, x0, g, z, cond, return_trajectory, prepared_ok):
+        owner, extra = _owner(velocity)
+        cond_key = []
+        for k in sorted(cond):
+            v = cond[k]
+            if isinstance(v, torch.Tensor):
+                cond_key.append((k, _tensor_sig(v)))
             else:
-                ops.rk_combine(x, dt, ks, tab.b, out=x)
-            if traj is not None:
-                traj.append(x.clone())
-        return (x, torch.stack(traj)) if return_trajectory else x
+                try:
+                    hash(v)
+                except TypeError:
+                    return None   # an unhashable non-tensor argument cannot key a graph: run eagerly
+                cond_key.append((k, v))
+        mod = owner if isinstance(owner, torch.nn.Module) else None
+        key = (extra, self.method, tuple(g.tolist()), _tensor_sig(x0),
+               _tensor_sig(z) if z is not None else None, tuple(cond_key), bool(return_trajectory),
+               prepared_ok, _registry.forced_backend(), torch.is_autocast_enabled("cuda"),
+               torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None,
+               mod.training if mod is not None else None)
+        try:
+            per_owner = _GRAPHS.get(owner)
+            if per_owner is None:
+                per_owner = _GRAPHS[owner] = collections.OrderedDict()
+        except TypeError:
+            warnings.warn(f"{type(owner).__name__} cannot be weakly referenced, so its CUDA graph cannot be "
+                          "cached; solving eagerly", RuntimeWarning, stacklevel=3)
+            return None
+        ptrs = _param_ptrs(velocity)
+        entry = per_owner.get(key)
+        if entry is None or entry.param_ptrs != ptrs:
+            per_owner.pop(key, None)
+            # Static buffers are normal tensors even when the first call runs under inference_mode,
+            # so that a later call outside it can still copy its inputs in.
+            with torch.inference_mode(False):
+                plan = _Plan(self.tableau, self.stage_times(g), (g[1:] - g[:-1]).tolist(), x0, prepared_ok,
+                             return_trajectory)
+                entry = _GRAPHED(plan, velocity, x0, z, cond, ptrs)
+            _STATS["captures"] += 1
+            per_owner[key] = entry
+            while len(per_owner) > GRAPH_CACHE_SIZE:
+                per_owner.popitem(last=False)
+        else:
+            per_owner.move_to_end(key)
+        _STATS["replays"] += 1
+        with torch.no_grad():
+            return entry(x0, z, cond)
 
 
 def sample(velocity: Callable, x0: torch.Tensor, steps: int | None = None, method: str = "euler", grid=None,
-           z: torch.Tensor | None = None, return_trajectory: bool = False, **cond):
+           z: torch.Tensor | None = None, return_trajectory: bool = False, graph: bool | None = None, **cond):
     """Functional form of :meth:`FixedStepSolver.solve`."""
-    return FixedStepSolver(method).solve(velocity, x0, steps, grid, z, return_trajectory, **cond)
+    return FixedStepSolver(method).solve(velocity, x0, steps, grid, z, return_trajectory, graph, **cond)

@@ -58,20 +58,23 @@ class FlowFM(nn.Module):
 
     @torch.no_grad()
     def sample(self, z: torch.Tensor, steps: int | None = None, method: str = "euler", x0: torch.Tensor | None = None,
-               generator=None, grid=None, return_trajectory: bool = False):
+               generator=None, grid=None, return_trajectory: bool = False, graph: bool | None = None):
         """Integrate noise x0 ~ N(0, I) to data along v(., t, z): ``steps`` uniform steps (8 by
-        default) or the increasing ``grid``."""
+        default) or the increasing ``grid``. ``graph``: CUDA-graph replay of the whole solve (None:
+        on for CUDA; see :mod:`flowfm_fast.integrate.solvers`); the result is always a fresh tensor."""
         if z.dim() != 2:
             raise ValueError(f"z must have shape (B, z_dim), got {tuple(z.shape)}")
         if x0 is None:
             x0 = torch.randn(z.shape[0], self.cfg.channels, self.cfg.length, device=z.device,
                              dtype=z.dtype, generator=generator)
-        return ode_sample(self.velocity, x0, steps, method, grid, z=z, return_trajectory=return_trajectory)
+        return ode_sample(self.velocity, x0, steps, method, grid, z=z, return_trajectory=return_trajectory,
+                          graph=graph)
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor, steps: int = 8, method: str = "euler", generator=None):
+    def reconstruct(self, x: torch.Tensor, steps: int = 8, method: str = "euler", generator=None,
+                    graph: bool | None = None):
         """x -> z = E(x) -> K-step sample."""
-        return self.sample(self.encode(x), steps, method, generator=generator)
+        return self.sample(self.encode(x), steps, method, generator=generator, graph=graph)
 
     def _check_windows(self, x, name):
         if not isinstance(x, torch.Tensor):
