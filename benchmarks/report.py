@@ -5,7 +5,9 @@ bandwidth measured in the same run, and, for the ``cpp`` rows of a CPU run, pass
 the bar:
 
 - per op: >= 3x eager, >= 1.3x torch.compile, >= 60% of copy bandwidth;
-- end to end (training step): >= 1.5x eager, >= 1.1x torch.compile.
+- end to end (training step): >= 1.5x eager, >= 1.1x torch.compile;
+- sampling (bench_sample.py, ``ours`` rows of 8-step Euler on CPU): >= 2x the eager loop at
+  batch 1, >= 1.5x at batch 64, and never slower than torchdiffeq.
 
     python benchmarks/report.py benchmarks/results/cpu.json > table.md
 """
@@ -16,7 +18,8 @@ import sys
 
 OP_BAR = {"eager": 3.0, "compile": 1.3, "copy_pct": 60.0}
 E2E_BAR = {"train_step": {"eager": 1.5, "compile": 1.1}}
-IMPL_ORDER = ("eager", "compile", "cpp", "triton", "cuda", "auto")
+SOLVE_BAR = {"steps": 8, "eager": {1: 2.0, 64: 1.5}, "torchdiffeq": 1.0}
+IMPL_ORDER = ("eager", "compile", "cpp", "triton", "cuda", "auto", "torchdiffeq", "ours", "ours_graph")
 
 
 def copy_bandwidth(data: dict) -> tuple[float | None, str]:
@@ -34,7 +37,22 @@ def copy_bandwidth(data: dict) -> tuple[float | None, str]:
     return max(g for _, g in found), ", ".join(f"{name} {g:.1f}" for name, g in found)
 
 
-def _bar(impl: str, info: dict, device: str, r_e: float | None, r_c: float | None, pct: float | None) -> str:
+def _solve_bar(info: dict, r_e: float | None, r_tde: float | None) -> str:
+    need_e = SOLVE_BAR["eager"].get(info.get("batch"))
+    if info.get("steps") != SOLVE_BAR["steps"] or info.get("method") != "euler" or need_e is None:
+        return ""
+    misses = []
+    if r_e is None or r_e < need_e:
+        misses.append(f"eager {r_e:.2f}x<{need_e}x" if r_e else "no eager")
+    if r_tde is None or r_tde < SOLVE_BAR["torchdiffeq"]:
+        misses.append(f"torchdiffeq {r_tde:.2f}x<{SOLVE_BAR['torchdiffeq']}x" if r_tde else "no torchdiffeq")
+    return "pass" if not misses else "FAIL: " + ", ".join(misses)
+
+
+def _bar(impl: str, info: dict, device: str, r_e: float | None, r_c: float | None, pct: float | None,
+         r_tde: float | None = None) -> str:
+    if info.get("op") == "solve":
+        return _solve_bar(info, r_e, r_tde) if impl == "ours" and device == "cpu" else ""
     if impl != "cpp" or device != "cpu":
         return ""
     op = info.get("op")
@@ -83,6 +101,7 @@ def table(data: dict) -> str:
     for g, impls in groups.items():
         eager = impls.get("eager", (None,))[0]
         comp = impls.get("compile", (None,))[0]
+        tde = impls.get("torchdiffeq", (None,))[0]
         order = sorted(impls, key=lambda i: (IMPL_ORDER.index(i) if i in IMPL_ORDER else len(IMPL_ORDER), i))
         for impl in order:
             med, info = impls[impl]
@@ -90,7 +109,7 @@ def table(data: dict) -> str:
             r_c = comp / med if comp else None
             gbps = info["bytes"] / med / 1e9 if info.get("bytes") else None
             pct = 100.0 * gbps / copy_gbps if (gbps is not None and copy_gbps) else None
-            bar = _bar(impl, info, info.get("device", run_device), r_e, r_c, pct)
+            bar = _bar(impl, info, info.get("device", run_device), r_e, r_c, pct, tde / med if tde else None)
             if bar:
                 judged += 1
                 passed += bar == "pass"
@@ -112,7 +131,9 @@ def table(data: dict) -> str:
     if judged:
         lines += ["", f"Bar (cpp rows on CPU; ops: >= {OP_BAR['eager']}x eager, >= {OP_BAR['compile']}x compile, "
                       f">= {OP_BAR['copy_pct']:.0f}% copy BW; train step: >= {E2E_BAR['train_step']['eager']}x eager, "
-                      f">= {E2E_BAR['train_step']['compile']}x compile): {passed} of {judged} pass."]
+                      f">= {E2E_BAR['train_step']['compile']}x compile; 8-step Euler sampling: >= "
+                      f"{SOLVE_BAR['eager'][1]}x / {SOLVE_BAR['eager'][64]}x the eager loop at batch 1 / 64 and "
+                      f">= torchdiffeq): {passed} of {judged} pass."]
     if notes:
         lines += ["", "Notes:", *notes]
     return "\n".join(lines)
