@@ -630,9 +630,10 @@ def test_graph_cache_lru_and_plain_fns(cpu_graphs, monkeypatch):
         torch.testing.assert_close(sample(fn, x0, 3, "heun", z=z, k=0.5, graph=True),
                                    sample(fn, x0, 3, "heun", z=z, k=0.5, graph=False))
     assert solvers.graph_cache_info()["captures"] == 5
-    sample(fn, x0, 3, "heun", z=zs[0], k=2.0)                         # another non-tensor value: new graph
+    sample(fn, x0, 3, "heun", z=zs[0], k=2.0, graph=True)             # another non-tensor value: new graph
     assert solvers.graph_cache_info()["captures"] == 6
-    sample(fn, x0, 3, "heun", z=zs[0], k=[2.0])                        # unhashable: solved eagerly
+    sample(fn, x0, 3, "heun", z=zs[0], k=[2.0], graph=True)           # unhashable: solved eagerly
+    sample(fn, x0, 3, "heun", z=zs[0], k=2.0)                         # default: plain callables run eagerly
     assert solvers.graph_cache_info()["captures"] == 6
 
 

@@ -10,8 +10,8 @@ allocated once per solve, and the updates are the in-place ``ops.euler_step_`` /
 ``ops.rk_combine`` (fused backends take them over). Only the velocity network allocates (its
 output, one per stage).
 
-CUDA graphs (``graph=None`` means on for CUDA inputs when no gradient is needed; ignored on
-other devices): the whole K-step solve, conditioning included, is captured in one CUDA graph
+CUDA graphs (``graph=None`` means on for CUDA inputs and an ``nn.Module`` velocity when no
+gradient is needed, ``graph=True`` for any callable; ignored on other devices): the whole K-step solve, conditioning included, is captured in one CUDA graph
 over static input buffers (x0, z and any tensor ``cond``), after running it once on a side stream
 so every kernel variant is compiled and autotuned first. Graphs are cached per velocity object
 (weakly: a collected model frees its graphs) and per (shape, dtype, device, steps, method,
@@ -245,8 +245,9 @@ class FixedStepSolver:
 
         ``steps`` uniform steps on [0, 1] (8 when neither steps nor grid is given), or ``grid``.
         ``graph``: replay a cached CUDA graph of the whole solve (CUDA inputs only; ignored
-        elsewhere). None (default) uses it on CUDA when no gradient is needed; True with a
-        gradient needed raises. Results are fresh tensors either way (never a graph's buffer).
+        elsewhere). None (default) uses it on CUDA for an ``nn.Module`` velocity (or a method of
+        one) when no gradient is needed; True also for plain callables, and raises when a gradient
+        is needed. Results are fresh tensors either way (never a graph's buffer).
         """
         if not isinstance(x0, torch.Tensor) or not x0.is_floating_point():
             raise TypeError("x0 must be a floating-point torch.Tensor")
@@ -275,9 +276,13 @@ class FixedStepSolver:
     def _use_graph(graph, velocity, x0, z, cond) -> bool:
         if graph is False or x0.device.type not in _GRAPH_DEVICES:
             return False
+        mod = velocity.__self__ if inspect.ismethod(velocity) else velocity
+        if graph is None and not isinstance(mod, torch.nn.Module):
+            # Plain functions only on request: a fresh lambda per call would pay a capture per call,
+            # and a closure's captured tensors are invisible to the cache key.
+            return False
         if torch.is_grad_enabled():
             tensors = [x0, *([z] if z is not None else []), *(v for v in cond.values() if isinstance(v, torch.Tensor))]
-            mod = velocity.__self__ if inspect.ismethod(velocity) else velocity
             params = list(mod.parameters()) if isinstance(mod, torch.nn.Module) else []
             if any(t.requires_grad for t in (*tensors, *params)):
                 if graph is True:
