@@ -17,8 +17,8 @@ void path_span(const S* __restrict x0, const S* __restrict x1, S* __restrict x_t
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const A v0 = static_cast<A>(x0[i]), v1 = static_cast<A>(x1[i]);
-    x_t[i] = static_cast<S>(a0 * v0 + tb * v1);
-    u_t[i] = static_cast<S>(v1 - c * v0);
+    x_t[i] = to_storage<S>(a0 * v0 + tb * v1);
+    u_t[i] = to_storage<S>(v1 - c * v0);
   }
 }
 
@@ -44,8 +44,8 @@ acc_t<S> path_grad_span(const S* __restrict dx_t, const S* __restrict du_t, cons
   for (int64_t i = 0; i < n; ++i) {
     const A gx = DX ? static_cast<A>(dx_t[i]) : A(0);
     const A gu = DU ? static_cast<A>(du_t[i]) : A(0);
-    dx0[i] = static_cast<S>(a0 * gx - c * gu);
-    dx1[i] = static_cast<S>(tb * gx + gu);
+    dx0[i] = to_storage<S>(a0 * gx - c * gu);
+    dx1[i] = to_storage<S>(tb * gx + gu);
     acc += gx * (static_cast<A>(x1[i]) - c * static_cast<A>(x0[i]));
   }
   return acc;

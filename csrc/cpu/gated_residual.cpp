@@ -17,7 +17,7 @@ void gated_row(const S* __restrict r, const S* __restrict h, const acc_t<S>* __r
                int64_t D) {
   using A = acc_t<S>;
 #pragma omp simd
-  for (int64_t i = 0; i < D; ++i) y[i] = static_cast<S>(static_cast<A>(r[i]) + g[i] * static_cast<A>(h[i]));
+  for (int64_t i = 0; i < D; ++i) y[i] = to_storage<S>(static_cast<A>(r[i]) + g[i] * static_cast<A>(h[i]));
 }
 
 template <typename S>
@@ -27,7 +27,7 @@ void gated_row_grad(const S* __restrict dy, const S* __restrict h, const acc_t<S
 #pragma omp simd
   for (int64_t i = 0; i < D; ++i) {
     const A dyv = static_cast<A>(dy[i]);
-    dh[i] = static_cast<S>(dyv * g[i]);
+    dh[i] = to_storage<S>(dyv * g[i]);
     dg[i] += dyv * static_cast<A>(h[i]);
   }
 }
@@ -137,8 +137,8 @@ void residual_row_grad(const acc_t<S>* __restrict dr, const S* __restrict dnew, 
 #pragma omp simd
   for (int64_t i = 0; i < D; ++i) {
     const A drv = dr[i] + (HAS_DNEW ? static_cast<A>(dnew[i]) : A(0));
-    dres[i] = static_cast<S>(drv);
-    dh[i] = static_cast<S>(drv * g[i]);
+    dres[i] = to_storage<S>(drv);
+    dh[i] = to_storage<S>(drv * g[i]);
     dg[i] += drv * static_cast<A>(h[i]);
   }
 }

@@ -16,7 +16,7 @@ template <typename S, typename V>
 void euler_span(S* __restrict x, const V* __restrict v, int64_t n, acc_t<S> dt) {
   using A = acc_t<S>;
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) x[i] = static_cast<S>(static_cast<A>(x[i]) + dt * static_cast<A>(v[i]));
+  for (int64_t i = 0; i < n; ++i) x[i] = to_storage<S>(static_cast<A>(x[i]) + dt * static_cast<A>(v[i]));
 }
 
 template <typename S, typename V>
@@ -61,7 +61,7 @@ void combine_span(S* out, const S* x, const S* const* ks, const acc_t<S>* c, int
   for (int64_t i = begin; i < end; ++i) {
     A acc = static_cast<A>(x[i]);
     for (int j = 0; j < M; ++j) acc += cj[j] * static_cast<A>(k[j][i]);
-    out[i] = static_cast<S>(acc);
+    out[i] = to_storage<S>(acc);
   }
 }
 

@@ -114,7 +114,7 @@ void group_forward(const S* x, S* y, acc_t<S>* mean, acc_t<S>* rstd, Shape s, in
         const S* xc = xg + cl * L;
         S* yc = y + bg * n + cl * L;
 #pragma omp simd
-        for (int64_t l = 0; l < L; ++l) yc[l] = static_cast<S>(act_fwd<A>(ACT, static_cast<A>(xc[l]) * alpha + beta));
+        for (int64_t l = 0; l < L; ++l) yc[l] = to_storage<S>(act_fwd<A>(ACT, static_cast<A>(xc[l]) * alpha + beta));
       }
     }
   });
@@ -179,7 +179,7 @@ void group_backward(const S* dy, const S* x, const acc_t<S>* mean, const acc_t<S
 #pragma omp simd
             for (int64_t l = 0; l < L; ++l) {
               const A xhat = (static_cast<A>(xc[l]) - mu) * r;
-              dxc[l] = static_cast<S>(r * (guc[l] * k - c1 - xhat * c2));
+              dxc[l] = to_storage<S>(r * (guc[l] * k - c1 - xhat * c2));
             }
           }
         }

@@ -59,7 +59,7 @@ inline void row_forward(const X* __restrict x, S* __restrict y, int64_t D, A mea
 #pragma omp simd
   for (int64_t i = 0; i < D; ++i) {
     const A a = (static_cast<A>(x[i]) - mean) * rstd * w[i] + bias[i];
-    y[i] = static_cast<S>(act_fwd<A>(ACT, a * (A(1) + scale[i]) + shift[i]));
+    y[i] = to_storage<S>(act_fwd<A>(ACT, a * (A(1) + scale[i]) + shift[i]));
   }
 }
 
@@ -103,7 +103,7 @@ inline void row_backward(const X* __restrict x, const S* __restrict dy, A* __res
 #pragma omp simd
   for (int64_t i = 0; i < D; ++i) {
     const A xhat = (static_cast<A>(x[i]) - mean) * rstd;
-    dx[i] = static_cast<DX>(rstd * (scratch[i] - c1 - xhat * c2));
+    dx[i] = to_storage<DX>(rstd * (scratch[i] - c1 - xhat * c2));
   }
 }
 
