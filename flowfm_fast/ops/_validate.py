@@ -77,3 +77,9 @@ def positive_float(name: str, v) -> float:
 def choice(name: str, v, options: Sequence) -> None:
     if v not in options:
         raise ValueError(f"{name} must be one of {tuple(options)}, got {v!r}")
+
+
+def norm_autocasts_to_fp32(device_type: str) -> bool:
+    """Whether the built-in norms (layer_norm, group_norm, rms_norm) would run in fp32 here: under
+    CUDA autocast they are on the fp32 list; CPU autocast leaves them in their input dtype."""
+    return device_type == "cuda" and torch.is_autocast_enabled("cuda")

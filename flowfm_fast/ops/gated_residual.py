@@ -216,4 +216,8 @@ def gated_residual_norm_modulate(res, h, gate, shift=None, scale=None, kind="lay
     V.choice("kind", kind, ("layer", "rms"))
     validate_norm_modulate(res, shift, scale, kind, weight, bias, eps, act, None, x_name="res")
     impl = select(OP_FUSED, res.device, res, h, gate, shift, scale, weight, bias)
-    return impl.fn(res, h, gate, shift, scale, kind, weight, bias, float(eps), act)
+    new_res, y = impl.fn(res, h, gate, shift, scale, kind, weight, bias, float(eps), act)
+    if V.norm_autocasts_to_fp32(res.device.type) and y.dtype in (torch.bfloat16, torch.float16):
+        # The unfused chain under CUDA autocast: the residual keeps its dtype, the norm returns fp32.
+        y = y.float()
+    return new_res, y

@@ -10,6 +10,10 @@
 and scale may be None (a plain norm). Statistics are computed in fp32 and the result is cast back
 to x's dtype. ``act``: None, ``"silu"`` or ``"gelu_tanh"``.
 
+Under autocast the op does what the built-in norms do: on CUDA they are on autocast's fp32 list,
+so a bf16/fp16 x is normalised and returned in fp32; CPU autocast leaves them (and this op) in
+x's dtype. ``gated_residual_norm_modulate`` follows the unfused chain the same way.
+
 Contract: fp32 within 1e-5 relative of this reference; bf16/fp16 within Liger-style tolerances.
 """
 from __future__ import annotations
@@ -187,5 +191,7 @@ def norm_modulate(x, shift=None, scale=None, kind="layer", weight=None, bias=Non
                   act=None, num_groups=32):
     """``act(norm(x) * (1 + scale) + shift)``; see the module docstring for shapes."""
     validate(x, shift, scale, kind, weight, bias, eps, act, num_groups)
+    if V.norm_autocasts_to_fp32(x.device.type) and x.dtype != torch.float32 and x.dtype != torch.float64:
+        x = x.float()  # as F.layer_norm / group_norm under CUDA autocast: computed and returned in fp32
     impl = select(OP, x.device, x, shift, scale, weight, bias)
     return impl.fn(x, shift, scale, kind, weight, bias, float(eps), act, num_groups)
