@@ -1,8 +1,7 @@
 // timestep_embedding: emb[n] = [cos(t_n f_k), sin(t_n f_k)], f_k = max_period^(-k / half),
 // k < half = dim / 2 (an odd dim gets one zero column). Output fp32.
-// Arguments are formed and evaluated in float64 and rounded once: t_n f_k reaches ~1000 for DDPM
-// step indices, where an fp32 product would already be off by ~6e-5 before cos/sin see it.
-// Backward: dt_n = sum_k f_k (cos(a) * demb_sin - sin(a) * demb_cos).
+// Forward: the reference's fp32 arithmetic, fused into one output (no cat). Backward (rarely
+// needed: t is data, not a parameter) evaluates in float64: dt_n = sum_k f_k (cos(a) * demb_sin - sin(a) * demb_cos).
 #include <vector>
 
 #include "common.h"
@@ -28,23 +27,20 @@ void check_args(const at::Tensor& t, int64_t dim, double max_period) {
 at::Tensor timestep_embedding_cpu(const at::Tensor& t_in, int64_t dim, double max_period) {
   check_args(t_in, dim, max_period);
   const int64_t N = t_in.size(0), half = dim / 2;
-  // Reference semantics: t is rounded to fp32 first, then the product is formed.
-  auto t = t_in.to(at::kFloat).to(at::kDouble).contiguous();
   auto emb = at::empty({N, dim}, t_in.options().dtype(at::kFloat));
+  if (dim % 2) emb.select(1, dim - 1).zero_();
+  if (half == 0) return emb;
+  // The reference's arithmetic exactly (fp32 t, fp32 frequencies, fp32 products), with cos/sin
+  // from ATen's vectorised (SLEEF) kernels written straight into the two halves of the output:
+  // scalar libm sin/cos of float64 arguments measured 4x slower than the unfused reference.
   const auto f = freqs(half, max_period);
-  const double* tp = t.data_ptr<double>();
-  float* e = emb.data_ptr<float>();
-  at::parallel_for(0, N, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, dim)), [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      float* row = e + n * dim;
-      for (int64_t k = 0; k < half; ++k) {
-        const double a = tp[n] * f[k];
-        row[k] = static_cast<float>(std::cos(a));
-        row[half + k] = static_cast<float>(std::sin(a));
-      }
-      if (dim % 2) row[dim - 1] = 0.0f;
-    }
-  });
+  auto freq = at::empty({half}, emb.options());
+  float* fp = freq.data_ptr<float>();
+  for (int64_t k = 0; k < half; ++k) fp[k] = static_cast<float>(f[k]);
+  auto args = at::outer(t_in.to(at::kFloat), freq);
+  auto cos_half = emb.narrow(1, 0, half), sin_half = emb.narrow(1, half, half);
+  at::cos_out(cos_half, args);
+  at::sin_out(sin_half, args);
   return emb;
 }
 
