@@ -39,7 +39,7 @@ def cmd_pretrain(a) -> int:
     from .data import AugmentConfig
     b = load_bundle(a.data, None, a.gyro, length=None)
     try:
-        cfg = get_config(a.config, velocity=a.velocity, channels=b.pretrain.x.shape[1],
+        cfg = get_config(a.config, velocity=a.velocity, objective=a.objective, channels=b.pretrain.x.shape[1],
                          length=b.pretrain.x.shape[2])
     except ValueError as exc:  # the windows' shape does not fit the model config
         raise DataError(f"{a.data}: windows of shape {b.pretrain.x.shape[1:]} do not fit --config {a.config}: {exc}") from None
@@ -76,14 +76,16 @@ def cmd_sample(a) -> int:
     from .eval.samples import sample_and_plot
     from .integrate import METHODS
     from .train import load_trained
-    if a.method not in METHODS:
-        raise ValueError(f"--method must be one of {METHODS}")
+    from .models.flowfm import DDPM_METHODS
+    if a.method is not None and a.method not in METHODS + DDPM_METHODS:
+        raise ValueError(f"--method must be one of {METHODS + DDPM_METHODS}")
     if a.n < 1 or a.steps < 1:
         raise ValueError("--n and --steps must be >= 1")
     dev = _device(a.device)
     model, std, _ = load_trained(a.ckpt, dev)
+    method = a.method or ("ddim" if model.cfg.objective == "ddpm" else "euler")
     b = load_bundle(a.data, a.test_data, a.gyro, standardizer=std, length=model.cfg.length)
-    print(json.dumps(sample_and_plot(model, b, Path(a.out), a.n, a.steps, a.method, a.seed, dev, graph=a.graph)))
+    print(json.dumps(sample_and_plot(model, b, Path(a.out), a.n, a.steps, method, a.seed, dev, graph=a.graph)))
     return 0
 
 
@@ -104,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(q)
     q.add_argument("--config", default="small", choices=CONFIG_NAMES)
     q.add_argument("--velocity", default="dit", choices=("dit", "resnet"))
+    q.add_argument("--objective", default="fm", choices=("fm", "ddpm"),
+                   help="flow matching, or the DDPM counterpart (T=1000, cosine, eps prediction) with the same networks")
     q.add_argument("--steps", type=int, default=2000)
     q.add_argument("--batch-size", type=int, default=64)
     q.add_argument("--lr", type=float, default=1e-3)
@@ -132,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ckpt", required=True)
     q.add_argument("--n", type=int, default=8)
     q.add_argument("--steps", type=int, default=8)
-    q.add_argument("--method", default="euler", choices=METHODS)
+    q.add_argument("--method", default=None, choices=METHODS + ("ddim", "ddpm"),
+                   help="default: euler (fm models), ddim (ddpm models)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", default="runs/samples/samples.npz")
     q.add_argument("--device", default="auto")

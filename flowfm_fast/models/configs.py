@@ -37,6 +37,8 @@ class FlowFMConfig:
     velocity: str = "dit"             # "dit" | "resnet"
     sigma_min: float = 0.0
     t_sampling: str = "logit_normal"  # "uniform" | "logit_normal" (sigmoid of N(0, 1): mid-t weighted; better features)
+    objective: str = "fm"             # "fm" (flow matching) | "ddpm" (the diffusion counterpart: eps prediction)
+    diffusion_steps: int = 1000       # T of the DDPM objective (cosine schedule)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
     resnet: ResNetGenConfig = field(default_factory=ResNetGenConfig)
@@ -46,6 +48,10 @@ class FlowFMConfig:
             raise ValueError(f"velocity must be 'dit' or 'resnet', got {self.velocity!r}")
         if self.t_sampling not in ("uniform", "logit_normal"):
             raise ValueError(f"t_sampling must be 'uniform' or 'logit_normal', got {self.t_sampling!r}")
+        if self.objective not in ("fm", "ddpm"):
+            raise ValueError(f"objective must be 'fm' or 'ddpm', got {self.objective!r}")
+        if self.diffusion_steps < 1:
+            raise ValueError(f"diffusion_steps must be >= 1, got {self.diffusion_steps}")
         if self.channels < 1 or self.length < 1:
             raise ValueError(f"channels and length must be positive, got {self.channels}, {self.length}")
         if self.velocity == "dit" and self.length % self.dit.patch:

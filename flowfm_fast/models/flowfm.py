@@ -1,5 +1,10 @@
 """FlowFM: encoder E(x) -> z and a z-conditioned flow-matching velocity network v(x_t, t, z),
-trained together with one loss; gradients reach both through z."""
+trained together with one loss; gradients reach both through z.
+
+``cfg.objective = "ddpm"`` turns the same model into its diffusion counterpart: the same encoder
+and network, whose output is read as the noise prediction eps(x_k, 1 - k/T, z) of a cosine-schedule
+DDPM (:mod:`flowfm_fast.models.diffusion`); everything else (training loop, augmentation,
+checkpoints, evaluation) is shared."""
 from __future__ import annotations
 
 import torch
@@ -7,6 +12,7 @@ from torch import nn
 
 from .. import ops
 from ..integrate import sample as ode_sample
+from . import diffusion
 from .configs import FlowFMConfig
 from .dit1d import DiT1D
 from .encoder import ResNet1DEncoder
@@ -18,6 +24,9 @@ def build_velocity(cfg: FlowFMConfig) -> nn.Module:
     if cfg.velocity == "dit":
         return DiT1D(cfg.channels, cfg.length, z_dim, cfg.dit)
     return ResNet1DGenerator(cfg.channels, z_dim, cfg.resnet)
+
+
+DDPM_METHODS = ("ddim", "ddpm")
 
 
 class FlowFM(nn.Module):
@@ -34,6 +43,7 @@ class FlowFM(nn.Module):
         self.cfg = cfg.validate()
         self.encoder = ResNet1DEncoder(cfg.channels, cfg.encoder)
         self.velocity = build_velocity(cfg)
+        self.schedule = diffusion.CosineSchedule(cfg.diffusion_steps) if cfg.objective == "ddpm" else None
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         self._check_windows(x, "x")
@@ -47,33 +57,58 @@ class FlowFM(nn.Module):
     def loss(self, x1: torch.Tensor, x_enc: torch.Tensor | None = None, generator=None,
              weight: torch.Tensor | None = None) -> torch.Tensor:
         """Flow-matching loss of reconstructing x1 from noise given z = E(x_enc) (x_enc defaults to
-        x1; training passes an augmented view so the encoder learns invariances)."""
+        x1; training passes an augmented view so the encoder learns invariances). With
+        ``objective="ddpm"``: the eps-prediction loss at k ~ U{1..T} instead."""
         self._check_windows(x1, "x1")
         z = self.encoder(x1 if x_enc is None else x_enc)
         x0 = torch.randn(x1.shape, device=x1.device, dtype=x1.dtype, generator=generator)
+        if self.schedule is not None:
+            k = self.schedule.sample_k(x1.shape[0], x1.device, generator)
+            x_k = self.schedule.q_sample(x1, k, x0)
+            t_net = self.schedule.t_net(k).to(device=x1.device, dtype=torch.float32)
+            return diffusion.eps_loss(self.velocity(x_k, t_net, z), x0, weight)
         t = self.sample_t(x1.shape[0], x1.device, generator)
         x_t, _ = ops.fm_interpolate(x0, x1, t, self.cfg.sigma_min)
         v = self.velocity(x_t, t, z)
         return ops.fm_loss(v, x0, x1, t, weight, self.cfg.sigma_min)
 
     @torch.no_grad()
-    def sample(self, z: torch.Tensor, steps: int | None = None, method: str = "euler", x0: torch.Tensor | None = None,
-               generator=None, grid=None, return_trajectory: bool = False, graph: bool | None = None):
+    def sample(self, z: torch.Tensor, steps: int | None = None, method: str | None = None,
+               x0: torch.Tensor | None = None, generator=None, grid=None, return_trajectory: bool = False,
+               graph: bool | None = None):
         """Integrate noise x0 ~ N(0, I) to data along v(., t, z): ``steps`` uniform steps (8 by
-        default) or the increasing ``grid``. ``graph``: CUDA-graph replay of the whole solve (None:
-        on for CUDA; see :mod:`flowfm_fast.integrate.solvers`); the result is always a fresh tensor."""
+        default) of ``method`` (euler by default) or the increasing ``grid``. ``graph``: CUDA-graph
+        replay of the whole solve (None: on for CUDA; see :mod:`flowfm_fast.integrate.solvers`);
+        the result is always a fresh tensor.
+
+        ``objective="ddpm"``: ``method`` is "ddim" (default; eta = 0, ``steps`` default 50) or
+        "ddpm" (ancestral, ``steps`` default T, fewer steps respace the chain); ``grid``,
+        ``return_trajectory`` and ``graph`` do not apply."""
         if z.dim() != 2:
             raise ValueError(f"z must have shape (B, z_dim), got {tuple(z.shape)}")
         if x0 is None:
             x0 = torch.randn(z.shape[0], self.cfg.channels, self.cfg.length, device=z.device,
                              dtype=z.dtype, generator=generator)
+        if self.schedule is not None:
+            method = method or "ddim"
+            if method not in DDPM_METHODS:
+                raise ValueError(f"a ddpm model samples with method in {DDPM_METHODS}, got {method!r}")
+            if grid is not None or return_trajectory:
+                raise ValueError("grid and return_trajectory apply to flow-matching models only")
+            if method == "ddpm":
+                return diffusion.ddpm_sample(self.velocity, z, x0, self.schedule, steps, generator)
+            return diffusion.ddim_sample(self.velocity, z, x0, self.schedule, 50 if steps is None else steps,
+                                         generator=generator)
+        method = method or "euler"
+        if method in DDPM_METHODS:
+            raise ValueError(f"method {method!r} needs a model trained with objective='ddpm'")
         return ode_sample(self.velocity, x0, steps, method, grid, z=z, return_trajectory=return_trajectory,
                           graph=graph)
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor, steps: int = 8, method: str = "euler", generator=None,
+    def reconstruct(self, x: torch.Tensor, steps: int | None = 8, method: str | None = None, generator=None,
                     graph: bool | None = None):
-        """x -> z = E(x) -> K-step sample."""
+        """x -> z = E(x) -> K-step sample (``method`` None: euler, or ddim for a ddpm model)."""
         return self.sample(self.encode(x), steps, method, generator=generator, graph=graph)
 
     def _check_windows(self, x, name):
