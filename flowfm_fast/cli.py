@@ -1,4 +1,4 @@
-"""``flowfm-fast``: pretrain, probe, sample, demo.
+"""``flowfm-fast``: pretrain, probe, sample, compare, demo.
 
 Errors a user can fix (bad files, bad arguments, damaged checkpoints) print one line and exit 2.
 """
@@ -96,6 +96,20 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def cmd_compare(a) -> int:
+    from .compare import CompareConfig, run_compare
+    kw = {k: v for k, v in (("config", a.config), ("steps", a.steps), ("eval_every_s", a.eval_every),
+                            ("ddpm_steps", a.ddpm_steps), ("max_minutes", a.max_minutes), ("n_eval", a.n_eval),
+                            ("seed", a.seed)) if v is not None}
+    cfg = CompareConfig.quick(**kw) if a.quick else CompareConfig(**kw)
+    if cfg.steps < 1 or cfg.eval_every_s <= 0 or cfg.ddpm_steps < 1:
+        raise ValueError("--steps and --ddpm-steps must be >= 1 and --eval-every > 0")
+    data = a.data or ("synthetic" if a.quick else "hapt")
+    report = run_compare(Path(a.out), data, cfg, _device(a.device), progress=not (a.quick or a.quiet))
+    print(f"report written to {report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .integrate import METHODS
     from .models import CONFIG_NAMES
@@ -144,6 +158,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--graph", action=argparse.BooleanOptionalAction, default=None,
                    help="replay the K-step solve as one CUDA graph (default: on for CUDA; no effect on CPU)")
     q.set_defaults(fn=cmd_sample)
+
+    q = sub.add_parser("compare", help="FlowFM vs its DDPM counterpart: time to quality, FID vs steps, report")
+    q.add_argument("--data", default=None, help="hapt | synthetic (default: hapt; synthetic with --quick)")
+    q.add_argument("--config", default=None, choices=CONFIG_NAMES, help="default: small (tiny with --quick)")
+    q.add_argument("--steps", type=int, default=None, help="training steps per objective (default 2000)")
+    q.add_argument("--eval-every", type=float, default=None, help="training seconds between probe/FID evaluations")
+    q.add_argument("--ddpm-steps", type=int, default=None, help="ancestral DDPM chain length (default 1000)")
+    q.add_argument("--n-eval", type=int, default=None, help="held-out windows for the generation metrics")
+    q.add_argument("--max-minutes", type=float, default=None, help="training wall-time cap per objective")
+    q.add_argument("--quick", action="store_true", help="tiny config, synthetic data, few steps (for tests)")
+    q.add_argument("--seed", type=int, default=None)
+    q.add_argument("--out", default="runs/compare")
+    q.add_argument("--device", default="auto")
+    q.add_argument("--quiet", action="store_true")
+    q.set_defaults(fn=cmd_compare)
 
     q = sub.add_parser("demo", help="the main job: pretrain on HAPT, evaluate against baselines, sample, report")
     q.add_argument("--out", default="runs/demo")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,10 +44,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
         raise ValueError(f"shape mismatch: mu {mu1.shape} / {mu2.shape}, sigma {s1.shape} / {s2.shape}")
     diff = mu1 - mu2
-    covmean = scipy.linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(s1.shape[0]) * eps
-        covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
+    with warnings.catch_warnings():
+        # A singular product (dead ReLU features, fewer samples than dimensions) is expected here.
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(s1 @ s2)
+        if not np.isfinite(covmean).all():
+            offset = np.eye(s1.shape[0]) * eps
+            covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f"sqrtm has a large imaginary component {np.max(np.abs(covmean.imag)):.3g}")

@@ -107,8 +107,12 @@ def build_model(cfg: FlowFMConfig, seed: int) -> FlowFM:
 
 def train_flowfm(model_cfg: FlowFMConfig, windows: np.ndarray, cfg: TrainConfig, out_dir, standardizer: Standardizer,
                  resume: bool = False, device: str | torch.device = "cpu", progress: bool = True,
-                 extra_state: dict | None = None) -> TrainResult:
-    """Train a FlowFM on standardised ``windows`` (N, C, L); checkpoints and ``metrics.jsonl`` go to out_dir."""
+                 extra_state: dict | None = None, callback=None) -> TrainResult:
+    """Train a FlowFM on standardised ``windows`` (N, C, L); checkpoints and ``metrics.jsonl`` go to out_dir.
+
+    ``callback(step, seconds, eval_model)`` runs after every step (``eval_model``: the EMA model
+    when EMA is on); the time it takes is left out of the training clock, so evaluations made
+    from it (the probe curve of ``flowfm-fast compare``) do not count as training time."""
     cfg.validate()
     device = torch.device(device)
     out = Path(out_dir)
@@ -191,6 +195,11 @@ def train_flowfm(model_cfg: FlowFMConfig, windows: np.ndarray, cfg: TrainConfig,
                     bar.set_postfix(loss=f"{loss_val:.4f}")
             if bar is not None:
                 bar.update(1)
+            if callback is not None:
+                c0 = time.perf_counter()
+                callback(step, seconds, ema if ema is not None else model)
+                model.train()
+                t0 += time.perf_counter() - c0
             out_of_time = cfg.max_minutes is not None and seconds >= 60 * cfg.max_minutes
             if step % cfg.ckpt_every == 0 or step == cfg.steps or out_of_time:
                 last_ckpt = checkpoint(step, seconds)
