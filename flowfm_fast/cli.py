@@ -99,8 +99,10 @@ def cmd_demo(a) -> int:
 def cmd_compare(a) -> int:
     from .compare import CompareConfig, run_compare
     kw = {k: v for k, v in (("config", a.config), ("steps", a.steps), ("eval_every_s", a.eval_every),
-                            ("ddpm_steps", a.ddpm_steps), ("max_minutes", a.max_minutes), ("n_eval", a.n_eval),
+                            ("ddpm_steps", a.ddpm_steps), ("max_minutes", a.max_minutes), ("n_eval", a.n_eval), ("ema", a.ema),
                             ("seed", a.seed)) if v is not None}
+    if a.no_ddpm_clip:
+        kw["ddpm_clip"] = False
     cfg = CompareConfig.quick(**kw) if a.quick else CompareConfig(**kw)
     if cfg.steps < 1 or cfg.eval_every_s <= 0 or cfg.ddpm_steps < 1:
         raise ValueError("--steps and --ddpm-steps must be >= 1 and --eval-every > 0")
@@ -167,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ddpm-steps", type=int, default=None, help="ancestral DDPM chain length (default 1000)")
     q.add_argument("--n-eval", type=int, default=None, help="held-out windows for the generation metrics")
     q.add_argument("--max-minutes", type=float, default=None, help="training wall-time cap per objective")
+    q.add_argument("--ema", type=float, default=None, help="EMA decay of both runs (default 0.999; 0 = off)")
+    q.add_argument("--no-ddpm-clip", action="store_true",
+                   help="do not clip DDPM's predicted clean window to the training data's range")
     q.add_argument("--quick", action="store_true", help="tiny config, synthetic data, few steps (for tests)")
     q.add_argument("--seed", type=int, default=None)
     q.add_argument("--out", default="runs/compare")

@@ -53,6 +53,7 @@ class CompareConfig:
     fm_methods: tuple[str, ...] = ("euler", "midpoint")
     ddim_steps: tuple[int, ...] = (10, 50, 100)
     ddpm_steps: int = 1000                  # ancestral chain length (1000 = full DDPM; fewer respaces it)
+    ddpm_clip: bool = True                  # clip DDPM's x0_hat to the training windows' max |x| (clip_denoised)
     standard_fm: tuple[str, int] = ("euler", 16)
     standard_ddpm: tuple[str, int] = ("ddim", 50)
     classifier_steps: int = 600
@@ -103,18 +104,20 @@ class _Clock:
         return out, time.perf_counter() - t0
 
 
-def generate(model, x_ref: torch.Tensor, method: str, steps: int, seed: int, batch: int = 256) -> np.ndarray:
+def generate(model, x_ref: torch.Tensor, method: str, steps: int, seed: int, batch: int = 256,
+             clip_x0: float | None = None) -> np.ndarray:
     """x -> z = E(x) -> ``steps``-step sample with ``method``, batch by batch, fixed noise seed."""
     gen = torch.Generator(device=x_ref.device).manual_seed(seed)
-    outs = [model.reconstruct(x_ref[i:i + batch], steps, method, generator=gen).float().cpu()
+    clip = clip_x0 if model.cfg.objective == "ddpm" else None
+    outs = [model.reconstruct(x_ref[i:i + batch], steps, method, generator=gen, clip_x0=clip).float().cpu()
             for i in range(0, len(x_ref), batch)]
     return torch.cat(outs).numpy()
 
 
 def sample_metrics(model, clf, x_ref_np: np.ndarray, f_ref: np.ndarray, method: str, steps: int, seed: int,
-                   device) -> dict:
+                   device, clip_x0: float | None = None) -> dict:
     x_ref = torch.from_numpy(x_ref_np).to(device)
-    gen, seconds = _Clock(device)(lambda: generate(model, x_ref, method, steps, seed))
+    gen, seconds = _Clock(device)(lambda: generate(model, x_ref, method, steps, seed, clip_x0=clip_x0))
     return {"method": method, "steps": steps,
             "fid": frechet_distance_from_features(f_ref, clf.embed(gen)),
             "mmd": mmd_rbf(x_ref_np, gen),
@@ -169,6 +172,7 @@ def run_compare(out, data: str = "hapt", cfg: CompareConfig | None = None, devic
     rng = np.random.default_rng(cfg.seed)
     ref_idx = np.sort(rng.choice(len(te), size=min(cfg.n_eval, len(te)), replace=False))
     x_ref = np.ascontiguousarray(te.x[ref_idx])
+    clip = float(np.abs(bundle.pretrain.x).max()) if cfg.ddpm_clip else None
 
     # The judge: trained on the real training split only, saved, never the encoder under test.
     clf = train_feature_classifier(
@@ -183,7 +187,7 @@ def run_compare(out, data: str = "hapt", cfg: CompareConfig | None = None, devic
 
     _warm_up(cfg, bundle, device)
     results: dict = {"config": dataclasses.asdict(cfg), "data": data, "machine": machine_description(device),
-                     "feature_classifier": clf_info, "objectives": {}}
+                     "feature_classifier": clf_info, "ddpm_clip_x0": clip, "objectives": {}}
     models = {}
     for obj in OBJECTIVES:
         model_cfg = get_config(cfg.config, objective=obj, channels=tr.x.shape[1], length=tr.x.shape[2])
@@ -201,7 +205,7 @@ def run_compare(out, data: str = "hapt", cfg: CompareConfig | None = None, devic
             # is evaluated more often would pay for it).
             with threadpool_limits(1):
                 f1 = probe_scores(model.encoder, tr, te, 1.0, (0,), device)[0]
-            fid = sample_metrics(model, clf, x_ref, f_ref, method, k, cfg.seed, device)["fid"]
+            fid = sample_metrics(model, clf, x_ref, f_ref, method, k, cfg.seed, device, clip)["fid"]
             curve.append({"step": step, "seconds": seconds, "probe_f1": f1, "fid": fid})
 
         def callback(step, seconds, model):
@@ -235,8 +239,8 @@ def run_compare(out, data: str = "hapt", cfg: CompareConfig | None = None, devic
     # 2. quality and wall time versus sampling steps
     sweep = {"fm": [sample_metrics(models["fm"], clf, x_ref, f_ref, m, k, cfg.seed, device)
                     for m in cfg.fm_methods for k in cfg.fm_steps],
-             "ddpm": [sample_metrics(models["ddpm"], clf, x_ref, f_ref, "ddpm", cfg.ddpm_steps, cfg.seed, device)]
-             + [sample_metrics(models["ddpm"], clf, x_ref, f_ref, "ddim", k, cfg.seed, device)
+             "ddpm": [sample_metrics(models["ddpm"], clf, x_ref, f_ref, "ddpm", cfg.ddpm_steps, cfg.seed, device, clip)]
+             + [sample_metrics(models["ddpm"], clf, x_ref, f_ref, "ddim", k, cfg.seed, device, clip)
                 for k in cfg.ddim_steps]}
     results["sampling"] = sweep
 
@@ -323,6 +327,13 @@ def _report(res: dict, cfg: CompareConfig, data: str, bundle, plots: dict) -> st
          f"network, AdamW (lr {cfg.lr}, batch {cfg.batch_size}, EMA {cfg.ema}), augmentation and "
          f"{cfg.steps} steps. Generation metrics on {min(cfg.n_eval, len(bundle.test))} held-out windows "
          f"(x -> z -> K-step sample). Total {res['total_seconds'] / 60:.1f} min.", "",
+         ("DDPM samplers clip the predicted clean window x0_hat to +-" + f"{res['ddpm_clip_x0']:.2f} (the training "
+          "windows' largest |x|, standardised), as the reference code's clip_denoised does; unclipped, "
+          "eps errors near k = T are amplified by up to 1 / sqrt(abar_T) ~ 2e4."
+          if res["ddpm_clip_x0"] is not None else "DDPM samplers do not clip x0_hat (--no-ddpm-clip)."), "",
+         *([f"**Warning:** EMA decay {cfg.ema} averages over ~{1 / (1 - cfg.ema):.0f} steps and the run "
+            f"has {cfg.steps}: the evaluated (EMA) weights still weigh the initial ones "
+            f"{cfg.ema ** cfg.steps:.0%}.", ""] if cfg.ema > 0 and cfg.ema ** cfg.steps > 0.05 else []),
          f"Sensor-FID features: a separately trained ResNet-1D activity classifier ({cfg.classifier_dim}-d "
          f"features, test macro-F1 {ci['test_macro_f1']:.3f}); real train vs real test windows give FID "
          f"{ci['real_train_vs_test_fid']:.3f} (the floor).", "",

@@ -99,23 +99,34 @@ def _eps_fn(net, z: torch.Tensor, sch: CosineSchedule, ks: list[int]):
     return eps
 
 
+def _x0_hat(x, e, a: float, clip_x0: float | None):
+    """x0_hat = (x - sqrt(1 - abar) eps_hat) / sqrt(abar), clipped to [-clip_x0, clip_x0] when given."""
+    x0 = (x - math.sqrt(1.0 - a) * e) / math.sqrt(a)
+    return x0.clamp(-clip_x0, clip_x0) if clip_x0 is not None else x0
+
+
 @torch.no_grad()
 def ddpm_sample(net, z: torch.Tensor, x_T: torch.Tensor, sch: CosineSchedule, steps: int | None = None,
-                generator=None) -> torch.Tensor:
-    """Ancestral sampling over ``steps`` timesteps (T by default: the full DDPM chain). On a
-    strided subsequence k > k' the step uses the respaced beta = 1 - abar_k / abar_k' (Nichol &
-    Dhariwal): x' = (x - beta / sqrt(1 - abar_k) eps_hat) / sqrt(1 - beta) + sigma noise,
-    sigma^2 = beta (1 - abar_k') / (1 - abar_k), no noise on the last step."""
+                generator=None, clip_x0: float | None = None) -> torch.Tensor:
+    """Ancestral sampling over ``steps`` timesteps (T by default: the full DDPM chain), through the
+    posterior q(x_k' | x_k, x0_hat): on a step k > k' with respaced beta = 1 - abar_k / abar_k'
+    (Nichol & Dhariwal),
+    x' = sqrt(abar_k') beta / (1 - abar_k) x0_hat + sqrt(1 - beta) (1 - abar_k') / (1 - abar_k) x + sigma noise,
+    sigma^2 = beta (1 - abar_k') / (1 - abar_k), no noise on the last step. Unclipped this is the
+    eps form x' = (x - beta / sqrt(1 - abar_k) eps_hat) / sqrt(1 - beta) + sigma noise; ``clip_x0``
+    clips x0_hat first (the ``clip_denoised`` of the reference code; near k = T, 1 / sqrt(abar_k)
+    ~ 2e4 amplifies any eps error)."""
     ks = sch.timesteps(sch.T if steps is None else steps)
     eps = _eps_fn(net, z, sch, ks[:-1])
     ab = sch.alpha_bar
     x = x_T.clone()
     for i, (k, kp) in enumerate(zip(ks[:-1], ks[1:])):
-        beta = 1.0 - float(ab[k] / ab[kp])
-        e = eps(x, i)
-        x = (x - (beta / math.sqrt(1.0 - float(ab[k]))) * e) / math.sqrt(1.0 - beta)
+        a, ap = float(ab[k]), float(ab[kp])
+        beta = 1.0 - a / ap
+        x0 = _x0_hat(x, eps(x, i), a, clip_x0)
+        x = (math.sqrt(ap) * beta / (1.0 - a)) * x0 + (math.sqrt(1.0 - beta) * (1.0 - ap) / (1.0 - a)) * x
         if kp > 0:
-            var = beta * (1.0 - float(ab[kp])) / (1.0 - float(ab[k]))
+            var = beta * (1.0 - ap) / (1.0 - a)
             noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
             x = x + math.sqrt(var) * noise
     return x
@@ -123,10 +134,11 @@ def ddpm_sample(net, z: torch.Tensor, x_T: torch.Tensor, sch: CosineSchedule, st
 
 @torch.no_grad()
 def ddim_sample(net, z: torch.Tensor, x_T: torch.Tensor, sch: CosineSchedule, steps: int = 50,
-                eta: float = 0.0, generator=None) -> torch.Tensor:
+                eta: float = 0.0, generator=None, clip_x0: float | None = None) -> torch.Tensor:
     """DDIM (Song et al. 2021) over ``steps`` timesteps: x0_hat = (x - sqrt(1 - abar_k) eps_hat) / sqrt(abar_k),
     x' = sqrt(abar_k') x0_hat + sqrt(1 - abar_k' - sigma^2) eps_hat + sigma noise,
-    sigma = eta sqrt((1 - abar_k') / (1 - abar_k)) sqrt(1 - abar_k / abar_k'); eta = 0 is deterministic."""
+    sigma = eta sqrt((1 - abar_k') / (1 - abar_k)) sqrt(1 - abar_k / abar_k'); eta = 0 is deterministic.
+    ``clip_x0`` clips x0_hat and recomputes eps_hat = (x - sqrt(abar_k) x0_hat) / sqrt(1 - abar_k) from it."""
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     ks = sch.timesteps(steps)
@@ -136,7 +148,9 @@ def ddim_sample(net, z: torch.Tensor, x_T: torch.Tensor, sch: CosineSchedule, st
     for i, (k, kp) in enumerate(zip(ks[:-1], ks[1:])):
         a, ap = float(ab[k]), float(ab[kp])
         e = eps(x, i)
-        x0 = (x - math.sqrt(1.0 - a) * e) / math.sqrt(a)
+        x0 = _x0_hat(x, e, a, clip_x0)
+        if clip_x0 is not None:
+            e = (x - math.sqrt(a) * x0) / math.sqrt(1.0 - a)
         sigma = eta * math.sqrt((1.0 - ap) / (1.0 - a)) * math.sqrt(max(0.0, 1.0 - a / ap))
         x = math.sqrt(ap) * x0 + math.sqrt(max(0.0, 1.0 - ap - sigma ** 2)) * e
         if sigma > 0 and kp > 0:

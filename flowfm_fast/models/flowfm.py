@@ -75,7 +75,7 @@ class FlowFM(nn.Module):
     @torch.no_grad()
     def sample(self, z: torch.Tensor, steps: int | None = None, method: str | None = None,
                x0: torch.Tensor | None = None, generator=None, grid=None, return_trajectory: bool = False,
-               graph: bool | None = None):
+               graph: bool | None = None, clip_x0: float | None = None):
         """Integrate noise x0 ~ N(0, I) to data along v(., t, z): ``steps`` uniform steps (8 by
         default) of ``method`` (euler by default) or the increasing ``grid``. ``graph``: CUDA-graph
         replay of the whole solve (None: on for CUDA; see :mod:`flowfm_fast.integrate.solvers`);
@@ -83,7 +83,8 @@ class FlowFM(nn.Module):
 
         ``objective="ddpm"``: ``method`` is "ddim" (default; eta = 0, ``steps`` default 50) or
         "ddpm" (ancestral, ``steps`` default T, fewer steps respace the chain); ``grid``,
-        ``return_trajectory`` and ``graph`` do not apply."""
+        ``return_trajectory`` and ``graph`` do not apply; ``clip_x0`` bounds the predicted clean
+        window (see :func:`~flowfm_fast.models.diffusion.ddpm_sample`)."""
         if z.dim() != 2:
             raise ValueError(f"z must have shape (B, z_dim), got {tuple(z.shape)}")
         if x0 is None:
@@ -96,10 +97,12 @@ class FlowFM(nn.Module):
             if grid is not None or return_trajectory:
                 raise ValueError("grid and return_trajectory apply to flow-matching models only")
             if method == "ddpm":
-                return diffusion.ddpm_sample(self.velocity, z, x0, self.schedule, steps, generator)
+                return diffusion.ddpm_sample(self.velocity, z, x0, self.schedule, steps, generator, clip_x0)
             return diffusion.ddim_sample(self.velocity, z, x0, self.schedule, 50 if steps is None else steps,
-                                         generator=generator)
+                                         generator=generator, clip_x0=clip_x0)
         method = method or "euler"
+        if clip_x0 is not None:
+            raise ValueError("clip_x0 applies to ddpm models only")
         if method in DDPM_METHODS:
             raise ValueError(f"method {method!r} needs a model trained with objective='ddpm'")
         return ode_sample(self.velocity, x0, steps, method, grid, z=z, return_trajectory=return_trajectory,
@@ -107,9 +110,9 @@ class FlowFM(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, steps: int | None = 8, method: str | None = None, generator=None,
-                    graph: bool | None = None):
+                    graph: bool | None = None, clip_x0: float | None = None):
         """x -> z = E(x) -> K-step sample (``method`` None: euler, or ddim for a ddpm model)."""
-        return self.sample(self.encode(x), steps, method, generator=generator, graph=graph)
+        return self.sample(self.encode(x), steps, method, generator=generator, graph=graph, clip_x0=clip_x0)
 
     def _check_windows(self, x, name):
         if not isinstance(x, torch.Tensor):
