@@ -29,37 +29,47 @@ def timestep_embedding_reference(t: torch.Tensor, dim: int, max_period: float = 
     return emb
 
 
+# ---------------------------------------------------------------- fused backends (shared glue)
+# The cpp/cuda ops (flowfm::) and the Triton ops (flowfm_triton::) have the same schema, fake
+# outputs and autograd formula; only the backward op differs.
+def _emb_fake(t, dim, max_period):
+    return t.new_empty((t.shape[0], dim), dtype=torch.float32)
+
+
+def _dt_fake(demb, t, dim, max_period):
+    return t.new_empty(t.shape, dtype=t.dtype if t.is_floating_point() else torch.float32)
+
+
+def _setup(ctx, inputs, output):
+    t, dim, max_period = inputs
+    ctx.save_for_backward(t)
+    ctx.args = (dim, max_period)
+
+
+def _backward_via(backward_op):
+    def backward(ctx, demb):
+        (t,) = ctx.saved_tensors
+        return (backward_op(demb, t, *ctx.args) if ctx.needs_input_grad[0] else None), None, None
+    return backward
+
+
+def _real_dtype(t):
+    # Integer step indices are fine; the kernels take any real dtype.
+    return t.dtype not in (torch.bool, torch.complex64, torch.complex128)
+
+
 # ---------------------------------------------------------------- compiled (cpp / cuda) backends
 if _ext.has_kernel("timestep_embedding", "cpp") or _ext.has_kernel("timestep_embedding", "cuda"):
-    @torch.library.register_fake("flowfm::timestep_embedding")
-    def _te_fake(t, dim, max_period):
-        return t.new_empty((t.shape[0], dim), dtype=torch.float32)
-
-    @torch.library.register_fake("flowfm::timestep_embedding_backward")
-    def _te_backward_fake(demb, t, dim, max_period):
-        return t.new_empty(t.shape, dtype=t.dtype if t.is_floating_point() else torch.float32)
-
-    def _te_setup(ctx, inputs, output):
-        t, dim, max_period = inputs
-        ctx.save_for_backward(t)
-        ctx.args = (dim, max_period)
-
-    def _te_backward(ctx, demb):
-        (t,) = ctx.saved_tensors
-        dt = _ext.op("timestep_embedding_backward")(demb, t, *ctx.args) if ctx.needs_input_grad[0] else None
-        return dt, None, None
-
-    torch.library.register_autograd("flowfm::timestep_embedding", _te_backward, setup_context=_te_setup)
-
-    def _te_can_use(t):
-        # Integer step indices are fine; the kernels take any real dtype on the device.
-        return t.device.type in ("cpu", "cuda") and t.dtype not in (torch.bool, torch.complex64, torch.complex128)
+    torch.library.register_fake("flowfm::timestep_embedding")(_emb_fake)
+    torch.library.register_fake("flowfm::timestep_embedding_backward")(_dt_fake)
+    torch.library.register_autograd("flowfm::timestep_embedding",
+                                    _backward_via(lambda *a: _ext.op("timestep_embedding_backward")(*a)),
+                                    setup_context=_setup)
 
     for _backend_name, _dev in (("cpp", "cpu"), ("cuda", "cuda")):
         if _ext.has_kernel("timestep_embedding", _backend_name):
-            register(OP, _backend_name, lambda t, _d=_dev: t.device.type == _d and _te_can_use(t))(
+            register(OP, _backend_name, lambda t, _d=_dev: t.device.type == _d and _real_dtype(t))(
                 lambda t, dim, max_period: _ext.op("timestep_embedding")(t, dim, max_period))
-
 
 
 # ---------------------------------------------------------------- triton backend
@@ -72,36 +82,18 @@ if _triton.available():
         from ..kernels import timestep_embedding as K
         return K.forward(t, dim, max_period)
 
-    @_te_triton.register_fake
-    def _te_triton_fake(t, dim, max_period):
-        return t.new_empty((t.shape[0], dim), dtype=torch.float32)
-
     @torch.library.custom_op("flowfm_triton::timestep_embedding_backward", mutates_args=(),
                              schema="(Tensor demb, Tensor t, int dim, float max_period) -> Tensor")
     def _te_triton_backward(demb, t, dim, max_period):
         from ..kernels import timestep_embedding as K
         return K.backward(demb, t, dim, max_period)
 
-    @_te_triton_backward.register_fake
-    def _te_triton_backward_fake(demb, t, dim, max_period):
-        return t.new_empty(t.shape, dtype=t.dtype if t.is_floating_point() else torch.float32)
+    _te_triton.register_fake(_emb_fake)
+    _te_triton_backward.register_fake(_dt_fake)
+    _te_triton.register_autograd(_backward_via(_te_triton_backward), setup_context=_setup)
+    _triton.register_triton(OP, lambda t, dim, max_period: _te_triton(t, dim, max_period),
+                            lambda t: _triton._device_ok(t) and _real_dtype(t))
 
-    def _te_triton_setup(ctx, inputs, output):
-        t, dim, max_period = inputs
-        ctx.save_for_backward(t)
-        ctx.args = (dim, max_period)
-
-    def _te_triton_bwd(ctx, demb):
-        (t,) = ctx.saved_tensors
-        return (_te_triton_backward(demb, t, *ctx.args) if ctx.needs_input_grad[0] else None), None, None
-
-    _te_triton.register_autograd(_te_triton_bwd, setup_context=_te_triton_setup)
-
-    def _te_triton_can_use(t):
-        # Integer step indices are fine, as for the compiled backends.
-        return _triton._device_ok(t) and t.dtype not in (torch.bool, torch.complex64, torch.complex128)
-
-    _triton.register_triton(OP, lambda t, dim, max_period: _te_triton(t, dim, max_period), _te_triton_can_use)
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """(N,) times -> (N, dim) float32 features. ``t`` may be float or integer (DDPM steps)."""
