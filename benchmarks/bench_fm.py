@@ -16,6 +16,8 @@ from _common import MODES, impls, nbytes, run_op, shape_str
 from flowfm_fast import ops
 
 SHAPES = [(256, 3, 300), (1024, 3, 300)]
+if torch.cuda.is_available():
+    SHAPES += [(65536, 6, 300)]  # 450 MiB per tensor: bandwidth-bound on a GPU
 
 
 def _inputs(device, B, C, L):
