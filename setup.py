@@ -33,7 +33,10 @@ def extension_kwargs():
         return {}
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-    cxx_flags = ["-O3", "-fopenmp", "-std=c++20"]
+    # C++17 for every translation unit, as torch builds nvcc's: the .cu files and the .cpp files share
+    # c10's inline functions, and a C++17/C++20 mix gave two definitions of them in one library
+    # (every formatted TORCH_CHECK message segfaulted in the CUDA build on the H200).
+    cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
     # The extension is built on the machine that runs it, so let the compiler use its SIMD width
     # (AVX/FMA here); FLOWFM_PORTABLE=1 builds a generic x86-64 binary instead.
     if os.environ.get("FLOWFM_PORTABLE", "0") != "1":
@@ -46,7 +49,9 @@ def extension_kwargs():
         # compiler), both only in this build.
         ext = CUDAExtension("flowfm_fast._C", sources + rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp"),
                             define_macros=[("FLOWFM_WITH_CUDA", "1")],
-                            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
+                            # No --use_fast_math: it turns tanhf into tanh.approx (~5e-4 relative
+                            # error in GELU-tanh); these kernels are memory-bound, exact math is free.
+                            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
                             extra_link_args=["-fopenmp"])
     else:
         ext = CppExtension("flowfm_fast._C", sources, extra_compile_args={"cxx": cxx_flags},

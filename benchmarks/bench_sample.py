@@ -73,7 +73,7 @@ def _make(impl, net, K, device):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("K,batch", CASES, ids=[f"K={k}-B={b}" for k, b in CASES])
+@pytest.mark.parametrize("K,batch", CASES, ids=[f"K{k}-B{b}" for k, b in CASES])
 def test_solve_euler(benchmark, device, impl, K, batch):
     torch._dynamo.reset()
     clear_graph_cache()

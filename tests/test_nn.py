@@ -41,7 +41,7 @@ def _randomise(module: nn.Module, seed: int) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
-            p.copy_(p + 0.3 * torch.randn(p.shape, generator=g))
+            p.copy_(p + 0.3 * torch.randn(p.shape, generator=g, device="cpu").to(p.device))
     return module
 
 

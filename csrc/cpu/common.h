@@ -10,7 +10,7 @@
 
 #include <cmath>
 #include <cstdint>
-#include <bit>
+#include <c10/util/bit_cast.h>
 #include <cstring>
 #include <string_view>
 #include <initializer_list>
@@ -48,7 +48,7 @@ FLOWFM_INLINE float exp_fast(float x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   const int32_t e = (static_cast<int32_t>(fx) + 127) << 23;
-  return p * std::bit_cast<float>(e);
+  return p * c10::bit_cast<float>(e);
 }
 FLOWFM_INLINE double exp_fast(double x) { return std::exp(x); }
 
@@ -58,7 +58,7 @@ FLOWFM_INLINE double exp_fast(double x) { return std::exp(x); }
 template <typename S, typename A> FLOWFM_INLINE S to_storage(A v) {
   if constexpr (std::is_same_v<S, c10::BFloat16>) {
     const float f = static_cast<float>(v);
-    const uint32_t u = std::bit_cast<uint32_t>(f);
+    const uint32_t u = c10::bit_cast<uint32_t>(f);
     const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
     return c10::BFloat16(static_cast<uint16_t>(f != f ? 0x7FC0u : r), c10::BFloat16::from_bits());
   } else {

@@ -28,7 +28,7 @@ def assert_float64_precision(actual, expected):
     """Precondition of every float64 gradcheck: the op really computes in float64.
 
     Checked first because a failing gradcheck spends seconds formatting its Jacobians."""
-    torch.testing.assert_close(actual.detach().double(), expected.detach().double(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(actual.detach().double().cpu(), expected.detach().double().cpu(), rtol=1e-10, atol=1e-10)
 
 
 def backend_params(op: str):
@@ -43,7 +43,7 @@ def forced(backend: str):
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0):
     """Compare ``actual`` (any dtype) to the float64 ``expected`` with ``dtype``'s tolerance."""
     rtol, atol = TOL[dtype]
-    torch.testing.assert_close(actual.detach().double(), expected.detach().double(),
+    torch.testing.assert_close(actual.detach().double().cpu(), expected.detach().double().cpu(),
                                rtol=rtol * scale, atol=atol * scale)
 
 

@@ -39,9 +39,10 @@ def test_norm_modulate_dtype_matches_builtin_layer_norm(backend, device):
 
 
 def test_cuda_autocast_rule_upcasts_on_every_backend(backend, monkeypatch):
-    """The CUDA rule (norms in fp32) applied to CPU tensors: output fp32, values of the fp32 op."""
+    """The CUDA rule (norms in fp32), forced on for the backend's default device (CPU without a
+    GPU): output fp32, values of the fp32 op."""
     monkeypatch.setattr(_validate, "norm_autocasts_to_fp32", lambda device_type: True)
-    x, mod = _inputs("cpu")
+    x, mod = _inputs(None)
     y = ops.norm_modulate(x, mod, mod, "layer", act="silu")
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, ops.norm_modulate(x.float(), mod, mod, "layer", act="silu"), rtol=0, atol=0)
@@ -50,5 +51,5 @@ def test_cuda_autocast_rule_upcasts_on_every_backend(backend, monkeypatch):
 
 
 def test_no_autocast_keeps_input_dtype(backend):
-    x, mod = _inputs("cpu")
+    x, mod = _inputs(None)
     assert ops.norm_modulate(x, mod, mod, "layer").dtype == torch.bfloat16

@@ -35,8 +35,8 @@ def naive_combine(x, dt, ks, bs):
     """x + dt * sum_i b_i k_i in float64 numpy, term by term."""
     acc = np.zeros(x.shape, dtype=np.float64)
     for k, b in zip(ks, bs):
-        acc += float(b) * k.double().numpy()
-    return torch.from_numpy(x.double().numpy() + float(dt) * acc)
+        acc += float(b) * k.double().cpu().numpy()
+    return torch.from_numpy(x.double().cpu().numpy() + float(dt) * acc).to(x.device)
 
 
 # ----------------------------------------------------------------------------- euler_step_

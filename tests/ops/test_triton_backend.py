@@ -38,6 +38,7 @@ def _leaf(*shape, dtype=torch.float32):
     return torch.randn(*shape, device=DEVICE).to(dtype).requires_grad_(True)
 
 
+@pytest.mark.gpu_tensors
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_multi_program_grids_match_reference(small_tiles, dtype):
     torch.manual_seed(0)
@@ -64,6 +65,7 @@ def test_multi_program_grids_match_reference(small_tiles, dtype):
     torch.testing.assert_close(y.double(), x0.double() + 0.25 * v.double(), **tol)
 
 
+@pytest.mark.gpu_tensors
 def test_multi_program_gradients_match_reference(small_tiles):
     torch.manual_seed(1)
     B, C, L = 67, 3, 37
@@ -86,6 +88,7 @@ def test_multi_program_gradients_match_reference(small_tiles):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
 
 
+@pytest.mark.gpu_tensors
 def test_deterministic_loss_and_grads():
     """Partial sums per program, then a fixed-order reduction: repeated calls agree bit for bit."""
     torch.manual_seed(2)
@@ -101,6 +104,7 @@ def test_deterministic_loss_and_grads():
         assert torch.equal(a, b)
 
 
+@pytest.mark.gpu_tensors
 def test_fm_loss_op_outputs():
     """The custom op returns (loss, unweighted per-sample means, dv for an upstream 1) in one pass,
     and skips dv (empty) when no gradient is needed."""
@@ -125,6 +129,7 @@ def _step(x0, x1, v_param, t, w):
     return ops.fm_loss(v, x0, x1, t, weight=w, sigma_min=0.05) + 1e-3 * u_t.mean()
 
 
+@pytest.mark.gpu_tensors
 def test_torch_compile_fullgraph_matches_eager():
     torch.manual_seed(4)
     args = [_leaf(3, 2, 9), _leaf(3, 2, 9), _leaf(3, 2, 9), torch.rand(3, requires_grad=True),
@@ -156,6 +161,7 @@ def _solve(x, v1, v2):
     return ops.rk_combine(y, 0.25, [v2, y], [1.0, 0.5], out=y)   # out is both x and a stage
 
 
+@pytest.mark.gpu_tensors
 def test_torch_compile_fullgraph_integrator_updates():
     torch.manual_seed(5)
     x, v1, v2 = torch.randn(4, 3, 11), torch.randn(4, 3, 11), torch.randn(4, 3, 11)
