@@ -2,12 +2,12 @@
 # GPU verification in one lease (device machine, run from the repo root):
 #   build the extension (CPU + CUDA kernels, sm_90); a direct bad-input call of the compiled ops
 #   (backtrace through cuda-gdb if it crashes); the whole test suite on CUDA; the Triton norm
-#   launch sweep; the GPU benchmark selection (copy roofline, large-row op cases, sampling K=8,
+#   launch sweep; a profiled training step; the GPU benchmark selection (copy roofline, large-row op cases, sampling K=8,
 #   end-to-end step). Stages: STAGES="tests tune bench" (default: all). Every stage has a deadline
 #   inside TOTAL_S so the logs and JSON always come back under $OUT. COMMIT (env): what was measured.
 set -u
 OUT=${OUT:-/tmp/flowfm_gpu}; mkdir -p "$OUT"
-TOTAL_S=${TOTAL_S:-450}; STAGES=${STAGES:-"tests tune bench"}
+TOTAL_S=${TOTAL_S:-450}; STAGES=${STAGES:-"tests tune profile bench"}
 T0=$(date +%s)
 left() { echo $(( TOTAL_S - ($(date +%s) - T0) )); }
 at() { echo "$1 at $(( $(date +%s) - T0 ))s"; }
@@ -45,6 +45,10 @@ fi
 if [[ " $STAGES " == *" tune "* ]]; then
   timeout -s INT $(( $(left) - ${AFTER_TUNE_S:-120} )) python3 benchmarks/gpu_tune_norm.py > "$OUT/tune.log" 2>&1
   at "tune rc=$?"; grep -E "copy|best|eager|compile|cuda" "$OUT/tune.log"
+fi
+if [[ " $STAGES " == *" profile "* ]]; then
+  timeout -s INT 60 python3 benchmarks/gpu_profile_step.py dit > "$OUT/profile.log" 2>&1
+  at "profile rc=$?"; grep -E "=====" "$OUT/profile.log"
 fi
 if [[ " $STAGES " == *" bench "* ]]; then
   B="python3 -m pytest -q -p no:cacheprovider --benchmark-max-time=0.2 --benchmark-min-rounds=5"
