@@ -33,9 +33,8 @@ def extension_kwargs():
         return {}
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-    # C++17 for every translation unit, as torch builds nvcc's: the .cu files and the .cpp files share
-    # c10's inline functions, and a C++17/C++20 mix gave two definitions of them in one library
-    # (every formatted TORCH_CHECK message segfaulted in the CUDA build on the H200).
+    # C++17 in every translation unit, the standard torch compiles the .cu files with: they share
+    # c10's inline functions with the .cpp files, and one library should hold one definition of each.
     cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
     # The extension is built on the machine that runs it, so let the compiler use its SIMD width
     # (AVX/FMA here); FLOWFM_PORTABLE=1 builds a generic x86-64 binary instead.

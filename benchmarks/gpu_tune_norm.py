@@ -1,4 +1,5 @@
-"""GPU only: sweep the Triton norm_modulate launch settings (tile elements per program, warps)
+"""GPU only: sweep the Triton norm_modulate forward launch settings (GPU_ROW_TILE / GPU_GROUP_TILE
+elements per program, values per thread -> warps)
 at large rows, timing the public op with triton.testing.do_bench (CUDA events, median), next to
 the cuda backend, eager and torch.compile of the reference in the same process.
 
@@ -42,7 +43,7 @@ def t_ms(fn):
 
 
 rows = []
-orig_tile, orig_warps = K.GPU_TILE, K.num_warps
+orig = K.GPU_ROW_TILE, K.GPU_GROUP_TILE, K.fwd_warps
 for name, fn, nbytes, _ in cases():
     ref = _registry._IMPLS["norm_modulate"]["torch"]
     with use_backend("torch"):
@@ -56,14 +57,14 @@ for name, fn, nbytes, _ in cases():
         with use_backend("cuda"):
             rows.append((name, "cuda", t_ms(fn)))
     for tile, per_thread in itertools.product((1024, 2048, 4096, 8192, 16384), (4, 8, 16, 32)):
-        K.GPU_TILE = tile
-        K.num_warps = lambda e, p=per_thread: max(1, min(16, triton.next_power_of_2(max(1, e // (32 * p)))))
+        K.GPU_ROW_TILE = K.GPU_GROUP_TILE = tile
+        K.fwd_warps = lambda e, _=None, p=per_thread: max(1, min(16, triton.next_power_of_2(max(1, e // (32 * p)))))
         try:
             with use_backend("triton"):
                 rows.append((name, f"triton tile={tile} vals/thread={per_thread}", t_ms(fn)))
         except Exception as exc:  # a config the compiler refuses: say so, go on
             print(name, tile, per_thread, "failed:", str(exc)[:200], file=sys.stderr)
-    K.GPU_TILE, K.num_warps = orig_tile, orig_warps
+    K.GPU_ROW_TILE, K.GPU_GROUP_TILE, K.fwd_warps = orig
     best = min((r for r in rows if r[0] == name), key=lambda r: r[2])
     for r in rows:
         if r[0] == name:

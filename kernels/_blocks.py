@@ -7,7 +7,11 @@ programs: the tests then spend their time in numpy, not in the interpreter's per
 """
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
+import triton
 import triton.language as tl
 
 GPU_TILE = 2048
@@ -53,3 +57,18 @@ def acc_dtype(*tensors) -> torch.dtype:
 def tl_acc(dtype: torch.dtype):
     """``acc_dtype``'s value as the kernels' ``ACC`` constexpr."""
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def f64_split(x: float) -> tuple[float, float]:
+    """``x`` as ``hi + lo``, each exact in fp32, for a float kernel argument. Triton may pass a
+    Python float to the GPU as fp32 whatever its annotation (3.6 did: sigma_min = 0.3 lost ~1e-8 in
+    the float64 path on an H200); the kernel adds the two halves in its accumulation dtype
+    (``f64_join``), which keeps ~48 bits of ``x`` in float64 and gives fp32(x) in fp32."""
+    hi = float(np.float32(x))
+    lo = float(np.float32(x - hi)) if math.isfinite(hi) else 0.0
+    return hi, lo
+
+
+@triton.jit
+def f64_join(hi, lo, ACC: tl.constexpr):
+    return tl.full([1], hi, ACC) + tl.full([1], lo, ACC)

@@ -14,17 +14,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._blocks import acc_dtype, rows_view, tile_2d, tl_acc
+from ._blocks import acc_dtype, f64_join, f64_split, rows_view, tile_2d, tl_acc
 
 
 @triton.jit
-def fm_path_fwd(x0_ptr, x1_ptr, t_ptr, xt_ptr, ut_ptr, B, N, s_x0, s_x1, c: "fp64",
+def fm_path_fwd(x0_ptr, x1_ptr, t_ptr, xt_ptr, ut_ptr, B, N, s_x0, s_x1, c_hi, c_lo,
                 ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     r = rows.to(tl.int64)[:, None]
     mask = (rows < B)[:, None] & (cols < N)[None, :]
-    c = tl.full([1], c, ACC)
+    c = f64_join(c_hi, c_lo, ACC)
     t = tl.load(t_ptr + rows, mask=rows < B).to(ACC)[:, None]
     x0 = tl.load(x0_ptr + r * s_x0 + cols[None, :], mask=mask).to(ACC)
     x1 = tl.load(x1_ptr + r * s_x1 + cols[None, :], mask=mask).to(ACC)
@@ -35,14 +35,14 @@ def fm_path_fwd(x0_ptr, x1_ptr, t_ptr, xt_ptr, ut_ptr, B, N, s_x0, s_x1, c: "fp6
 
 @triton.jit
 def fm_path_bwd(dxt_ptr, dut_ptr, x0_ptr, x1_ptr, t_ptr, dx0_ptr, dx1_ptr, dt_part_ptr,
-                B, N, s_dxt, s_dut, s_x0, s_x1, c: "fp64", ACC: tl.constexpr,
+                B, N, s_dxt, s_dut, s_x0, s_x1, c_hi, c_lo, ACC: tl.constexpr,
                 HAS_DXT: tl.constexpr, HAS_DUT: tl.constexpr, NEED_DT: tl.constexpr,
                 BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     r = rows.to(tl.int64)[:, None]
     mask = (rows < B)[:, None] & (cols < N)[None, :]
-    c = tl.full([1], c, ACC)
+    c = f64_join(c_hi, c_lo, ACC)
     t = tl.load(t_ptr + rows, mask=rows < B).to(ACC)[:, None]
     gx = tl.zeros([BLOCK_B, BLOCK_N], ACC)
     gu = tl.zeros([BLOCK_B, BLOCK_N], ACC)
@@ -71,7 +71,7 @@ def forward(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, sigma_min: floa
     u_t = torch.empty(x1.shape, dtype=x1.dtype, device=x1.device)
     bb, bn = tile_2d(B, N, x1.device)
     grid = (triton.cdiv(B, bb), triton.cdiv(N, bn))
-    fm_path_fwd[grid](m0, m1, t, x_t, u_t, B, N, m0.stride(0), m1.stride(0), 1.0 - sigma_min,
+    fm_path_fwd[grid](m0, m1, t, x_t, u_t, B, N, m0.stride(0), m1.stride(0), *f64_split(1.0 - sigma_min),
                       ACC=tl_acc(acc), BLOCK_B=bb, BLOCK_N=bn)
     return x_t, u_t
 
@@ -92,7 +92,7 @@ def backward(dx_t, du_t, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, si
     part = torch.empty((B, grid[1]) if need_dt else (0,), dtype=acc, device=x1.device)
     fm_path_bwd[grid](gx if gx is not None else m1, gu if gu is not None else m1, m0, m1, tc, dx0, dx1, part,
                       B, N, gx.stride(0) if gx is not None else 0, gu.stride(0) if gu is not None else 0,
-                      m0.stride(0), m1.stride(0), 1.0 - sigma_min, ACC=tl_acc(acc),
+                      m0.stride(0), m1.stride(0), *f64_split(1.0 - sigma_min), ACC=tl_acc(acc),
                       HAS_DXT=gx is not None, HAS_DUT=gu is not None, NEED_DT=need_dt, BLOCK_B=bb, BLOCK_N=bn)
     dt = part.sum(1).to(t.dtype) if need_dt else t.new_empty((0,))
     return dx0, dx1, dt

@@ -15,24 +15,24 @@ import torch
 import triton
 import triton.language as tl
 
-from ._blocks import acc_dtype, rows_view, tile_2d, tl_acc
+from ._blocks import acc_dtype, f64_join, f64_split, rows_view, tile_2d, tl_acc
 
 
 @triton.jit
 def fm_loss_partials(v_ptr, x0_ptr, x1_ptr, w_ptr, dv_ptr, part_ptr, B, N, s_v, s_x0, s_x1,
-                     c: "fp64", dv_scale: "fp64", ACC: tl.constexpr, HAS_W: tl.constexpr,
+                     c_hi, c_lo, dvs_hi, dvs_lo, ACC: tl.constexpr, HAS_W: tl.constexpr,
                      WRITE_DV: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     r = rows.to(tl.int64)[:, None]
     mask = (rows < B)[:, None] & (cols < N)[None, :]
-    c = tl.full([1], c, ACC)
+    c = f64_join(c_hi, c_lo, ACC)
     v = tl.load(v_ptr + r * s_v + cols[None, :], mask=mask, other=0.0).to(ACC)
     x0 = tl.load(x0_ptr + r * s_x0 + cols[None, :], mask=mask, other=0.0).to(ACC)
     x1 = tl.load(x1_ptr + r * s_x1 + cols[None, :], mask=mask, other=0.0).to(ACC)
     diff = v - (x1 - c * x0)
     if WRITE_DV:
-        g = diff * tl.full([1], dv_scale, ACC)
+        g = diff * f64_join(dvs_hi, dvs_lo, ACC)
         if HAS_W:
             g = g * tl.load(w_ptr + rows, mask=rows < B, other=0.0).to(ACC)[:, None]
         tl.store(dv_ptr + r * N + cols[None, :], g, mask=mask)
@@ -41,7 +41,7 @@ def fm_loss_partials(v_ptr, x0_ptr, x1_ptr, w_ptr, dv_ptr, part_ptr, B, N, s_v, 
 
 
 @triton.jit
-def fm_loss_reduce(part_ptr, w_ptr, per_sample_ptr, loss_ptr, B, P, inv_n: "fp64", inv_b: "fp64",
+def fm_loss_reduce(part_ptr, w_ptr, per_sample_ptr, loss_ptr, B, P, inv_n_hi, inv_n_lo, inv_b_hi, inv_b_lo,
                    ACC: tl.constexpr, HAS_W: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
     total = tl.zeros([BLOCK_B], ACC)
     for b0 in range(0, B, BLOCK_B):
@@ -51,12 +51,12 @@ def fm_loss_reduce(part_ptr, w_ptr, per_sample_ptr, loss_ptr, B, P, inv_n: "fp64
             cols = p0 + tl.arange(0, BLOCK_P)
             mask = (rows < B)[:, None] & (cols < P)[None, :]
             acc += tl.load(part_ptr + rows.to(tl.int64)[:, None] * P + cols[None, :], mask=mask, other=0.0)
-        ps = tl.sum(acc, axis=1) * tl.full([1], inv_n, ACC)
+        ps = tl.sum(acc, axis=1) * f64_join(inv_n_hi, inv_n_lo, ACC)
         tl.store(per_sample_ptr + rows, ps, mask=rows < B)
         if HAS_W:
             ps = ps * tl.load(w_ptr + rows, mask=rows < B, other=0.0).to(ACC)
         total += ps
-    tl.store(loss_ptr + tl.arange(0, 1), tl.sum(total, axis=0) * tl.full([1], inv_b, ACC))
+    tl.store(loss_ptr + tl.arange(0, 1), tl.sum(total, axis=0) * f64_join(inv_b_hi, inv_b_lo, ACC))
 
 
 def forward(v: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, weight: torch.Tensor | None, sigma_min: float,
@@ -74,12 +74,14 @@ def forward(v: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, weight: torch.T
     grid = (triton.cdiv(B, bb), triton.cdiv(N, bn))
     part = torch.empty((B, grid[1]), dtype=acc, device=dev)
     fm_loss_partials[grid](mv, m0, m1, w if w is not None else part, dv, part, B, N,
-                           mv.stride(0), m0.stride(0), m1.stride(0), 1.0 - sigma_min, 2.0 / (B * N),
+                           mv.stride(0), m0.stride(0), m1.stride(0), *f64_split(1.0 - sigma_min),
+                           *f64_split(2.0 / (B * N)),
                            ACC=ACC, HAS_W=w is not None, WRITE_DV=need_grad, BLOCK_B=bb, BLOCK_N=bn)
     per_sample = torch.empty((B,), dtype=acc, device=dev)
     loss = torch.empty((), dtype=acc, device=dev)
     rb, rp = tile_2d(B, grid[1], dev)
-    fm_loss_reduce[(1,)](part, w if w is not None else part, per_sample, loss, B, grid[1], 1.0 / N, 1.0 / B,
+    fm_loss_reduce[(1,)](part, w if w is not None else part, per_sample, loss, B, grid[1], *f64_split(1.0 / N),
+                         *f64_split(1.0 / B),
                          ACC=ACC, HAS_W=w is not None, BLOCK_B=rb, BLOCK_P=rp)
     return loss, per_sample, dv
 

@@ -16,37 +16,38 @@ import torch
 import triton
 import triton.language as tl
 
-from ._blocks import acc_dtype, block_1d, tl_acc
+from ._blocks import acc_dtype, block_1d, f64_join, f64_split, tl_acc
 
 MAX_STAGES = 4   # RK4 and RK4 3/8 in one pass
 
 
 @triton.jit
-def euler_step(x_ptr, v_ptr, n, dt: "fp64", ACC: tl.constexpr, BLOCK: tl.constexpr):
+def euler_step(x_ptr, v_ptr, n, dt_hi, dt_lo, ACC: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask).to(ACC)
     v = tl.load(v_ptr + offs, mask=mask).to(ACC)
-    tl.store(x_ptr + offs, (x + tl.full([1], dt, ACC) * v).to(x_ptr.dtype.element_ty), mask=mask)
+    tl.store(x_ptr + offs, (x + f64_join(dt_hi, dt_lo, ACC) * v).to(x_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _axpy(acc, k_ptr, c, offs, mask, ACC: tl.constexpr, ON: tl.constexpr):
+def _axpy(acc, k_ptr, c_hi, c_lo, offs, mask, ACC: tl.constexpr, ON: tl.constexpr):
     if ON:
-        acc += tl.full([1], c, ACC) * tl.load(k_ptr + offs, mask=mask).to(ACC)
+        acc += f64_join(c_hi, c_lo, ACC) * tl.load(k_ptr + offs, mask=mask).to(ACC)
     return acc
 
 
 @triton.jit
-def weighted_stage_sum(out_ptr, x_ptr, k0, k1, k2, k3, c0: "fp64", c1: "fp64", c2: "fp64", c3: "fp64", n,
+def weighted_stage_sum(out_ptr, x_ptr, k0, k1, k2, k3, c0_hi, c0_lo, c1_hi, c1_lo, c2_hi, c2_lo,
+                       c3_hi, c3_lo, n,
                        STAGES: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     acc = tl.load(x_ptr + offs, mask=mask).to(ACC)
-    acc = _axpy(acc, k0, c0, offs, mask, ACC, STAGES > 0)
-    acc = _axpy(acc, k1, c1, offs, mask, ACC, STAGES > 1)
-    acc = _axpy(acc, k2, c2, offs, mask, ACC, STAGES > 2)
-    acc = _axpy(acc, k3, c3, offs, mask, ACC, STAGES > 3)
+    acc = _axpy(acc, k0, c0_hi, c0_lo, offs, mask, ACC, STAGES > 0)
+    acc = _axpy(acc, k1, c1_hi, c1_lo, offs, mask, ACC, STAGES > 1)
+    acc = _axpy(acc, k2, c2_hi, c2_lo, offs, mask, ACC, STAGES > 2)
+    acc = _axpy(acc, k3, c3_hi, c3_lo, offs, mask, ACC, STAGES > 3)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -56,7 +57,7 @@ def euler_step_(x: torch.Tensor, v: torch.Tensor, dt: float) -> None:
     vc = v.contiguous()
     n = xc.numel()
     block = block_1d(n, x.device)
-    euler_step[(triton.cdiv(n, block),)](xc, vc, n, dt, ACC=tl_acc(acc_dtype(x, v)), BLOCK=block)
+    euler_step[(triton.cdiv(n, block),)](xc, vc, n, *f64_split(dt), ACC=tl_acc(acc_dtype(x, v)), BLOCK=block)
     if xc is not x:
         x.copy_(xc)
 
@@ -65,7 +66,8 @@ def _combine_pass(dst, src, ks, cs, acc):
     n = dst.numel()
     block = block_1d(n, dst.device)
     pad = MAX_STAGES - len(ks)
-    weighted_stage_sum[(triton.cdiv(n, block),)](dst, src, *ks, *([src] * pad), *cs, *([0.0] * pad), n,
+    weighted_stage_sum[(triton.cdiv(n, block),)](dst, src, *ks, *([src] * pad),
+                                                 *(h for c in cs for h in f64_split(c)), *([0.0] * (2 * pad)), n,
                                                  STAGES=len(ks), ACC=tl_acc(acc), BLOCK=block)
 
 

@@ -67,6 +67,12 @@ else:
 # few, large tiles; a GPU takes ~4K elements (fp32: 16 KiB of registers per program).
 INTERPRETER_TILE = 1 << 16
 GPU_TILE = 4096
+# Forward tiles, from a launch sweep on an H200 (benchmarks/gpu_tune_norm.py, results in
+# benchmarks/results/h200/): token rows in tiles of ~1K elements with 16 values per thread ran at
+# 95% of the copy bandwidth in fp32 (4K elements, 4 warps: 79%); a group of up to 8K elements held
+# whole by one program, so x is read once, at 93% (looping over blocks of the group: 62%).
+GPU_ROW_TILE = 1024
+GPU_GROUP_TILE = 8192
 # Programs a backward launch aims for: a few per SM on a GPU (132 on H100), a handful when interpreted.
 INTERPRETER_PROGRAMS = 4
 GPU_PROGRAMS = 4 * 132
@@ -118,13 +124,18 @@ def inv_sqrt(v, ACC: tl.constexpr):
         return tl.rsqrt(v)
 
 
-def _tile() -> int:
-    return INTERPRETER_TILE if interpreting() else GPU_TILE
+def _tile(gpu_tile: int = GPU_TILE) -> int:
+    return INTERPRETER_TILE if interpreting() else gpu_tile
 
 
 def num_warps(elements: int) -> int:
     """Warps for a tile of ``elements`` (the interpreter ignores it): ~16 fp32 values per thread."""
     return 4 if elements <= 4096 else 8 if elements <= 16384 else 16
+
+
+def fwd_warps(elements: int, per_thread: int = 16) -> int:
+    """Warps of a forward tile (see GPU_ROW_TILE): ``per_thread`` values per thread, 1 to 16 warps."""
+    return max(1, min(16, triton.next_power_of_2(max(1, elements // (32 * per_thread)))))
 
 
 def acc_dtype(dtype: torch.dtype):
@@ -166,7 +177,7 @@ def _small(t: torch.Tensor | None):
 def row_tiles(R: int, D: int):
     """(BLOCK_R, BLOCK_D) of a forward row tile: a whole row (D up to the tile) per tile row."""
     block_d = triton.next_power_of_2(D)
-    budget = _tile()
+    budget = _tile(GPU_ROW_TILE)
     block_r = max(1, min(triton.next_power_of_2(R), budget // block_d))
     return block_r, block_d
 
@@ -601,10 +612,10 @@ def _group_bwd_whole(DY, X, MEAN, RSTD, SHIFT, SCALE, W, BIAS, DX, DSHIFT, DSCAL
     tl.store(DX + mod[:, :, None] * L + li, dx.to(DX.dtype.element_ty), mask=m3)
 
 
-def _group_tiles(B: int, G: int, cg: int, L: int):
+def _group_tiles(B: int, G: int, cg: int, L: int, gpu_tile: int = GPU_TILE):
     """(whole, BLOCK_G, BLOCK_C, BLOCK_L): whole groups per tile when one fits, else one program
     per group looping over channel and position blocks."""
-    budget = _tile()
+    budget = _tile(gpu_tile)
     pc, pl = triton.next_power_of_2(cg), triton.next_power_of_2(L)
     if pc * pl <= budget:
         return True, max(1, min(triton.next_power_of_2(B * G), budget // (pc * pl))), pc, pl
@@ -631,16 +642,16 @@ def forward(x, shift, scale, weight, bias, kind: str, eps: float, act: str | Non
             B, C, L = x.shape
             mean = torch.empty((B, num_groups), dtype=acc, device=x.device)
             rstd = torch.empty_like(mean)
-            whole, block_g, block_c, block_l = _group_tiles(B, num_groups, C // num_groups, L)
+            whole, block_g, block_c, block_l = _group_tiles(B, num_groups, C // num_groups, L, GPU_GROUP_TILE)
             if whole:
                 _group_fwd_whole[(triton.cdiv(B * num_groups, block_g),)](
                     x, y, shift, scale, weight, bias, mean, rstd, B * num_groups, C, L, num_groups, *x.stride(),
                     eps, ACT=ACTS[act], ACC=tl_acc, BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_L=block_l,
-                    num_warps=num_warps(block_g * block_c * block_l), **flags)
+                    num_warps=fwd_warps(block_g * block_c * block_l, 32), **flags)
             else:
                 _group_fwd[(B * num_groups,)](x, y, shift, scale, weight, bias, mean, rstd, C, L, num_groups,
                                               *x.stride(), eps, ACT=ACTS[act], ACC=tl_acc, BLOCK_C=block_c,
-                                              BLOCK_L=block_l, num_warps=num_warps(block_c * block_l), **flags)
+                                              BLOCK_L=block_l, num_warps=fwd_warps(block_c * block_l, 32), **flags)
         else:
             B, T, D = row_dims(x)
             R = B * T
@@ -650,7 +661,7 @@ def forward(x, shift, scale, weight, bias, kind: str, eps: float, act: str | Non
             _token_fwd[(triton.cdiv(R, block_r),)](x, y, shift, scale, weight, bias, mean, rstd, R, T, D,
                                                    *row_strides(x), eps, RMS=kind == "rms", ACT=ACTS[act],
                                                    ACC=tl_acc, BLOCK_R=block_r, BLOCK_D=block_d,
-                                                   num_warps=num_warps(block_r * block_d), **flags)
+                                                   num_warps=fwd_warps(block_r * block_d), **flags)
     return y, mean, rstd
 
 

@@ -8,6 +8,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "../messages.h"
+
 #include <cmath>
 #include <cstdint>
 #include <c10/util/bit_cast.h>
@@ -73,13 +75,13 @@ inline Act parse_act(c10::string_view s) {
   if (s == "none") return Act::None;
   if (s == "silu") return Act::Silu;
   if (s == "gelu_tanh") return Act::GeluTanh;
-  TORCH_CHECK_VALUE(false, "act must be 'none', 'silu' or 'gelu_tanh', got '", std::string(s), "'");
+  TORCH_CHECK_VALUE(false, flowfm::msg("act must be 'none', 'silu' or 'gelu_tanh', got '", std::string(s), "'"));
 }
 inline Kind parse_kind(c10::string_view s) {
   if (s == "layer") return Kind::Layer;
   if (s == "rms") return Kind::Rms;
   if (s == "group") return Kind::Group;
-  TORCH_CHECK_VALUE(false, "kind must be 'layer', 'rms' or 'group', got '", std::string(s), "'");
+  TORCH_CHECK_VALUE(false, flowfm::msg("kind must be 'layer', 'rms' or 'group', got '", std::string(s), "'"));
 }
 
 template <typename A> FLOWFM_INLINE A act_fwd(Act act, A u) {
@@ -108,11 +110,12 @@ template <typename A> FLOWFM_INLINE A act_grad(Act act, A u) {
 // Defensive checks (Python validates first with friendlier messages; these keep direct
 // torch.ops.flowfm calls from ever reading out of bounds).
 inline void check_cpu_float(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor for the cpp backend");
-  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), name, " must be a float tensor, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), flowfm::msg(name, " must be a CPU tensor for the cpp backend"));
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()),
+                   flowfm::msg(name, " must be a float tensor, got ", t.scalar_type()));
 }
 inline void check_shape(const at::Tensor& t, at::IntArrayRef shape, const char* name) {
-  TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.sizes() == shape, flowfm::msg(name, " must have shape ", shape, ", got ", t.sizes()));
 }
 
 // Small per-sample tensors (modulation, affine, t) are converted once to the accumulation dtype.

@@ -247,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK_VALUE(mean_in.numel() == d.B * d.T && rstd_in.numel() == d.B * d.T, "mean/rstd do not match");
   for (auto [t, name, n] : {std::tuple{&shift, "shift", d.B * d.D}, std::tuple{&scale, "scale", d.B * d.D},
                             std::tuple{&weight, "weight", d.D}, std::tuple{&bias, "bias", d.D}})
-    TORCH_CHECK_VALUE(!t->has_value() || (*t)->numel() == n, name, " has the wrong size");
+    TORCH_CHECK_VALUE(!t->has_value() || (*t)->numel() == n, flowfm::msg(name, " has the wrong size"));
   const auto st = new_res_in.scalar_type();
   const auto acc = acc_dtype(st);
   auto new_res = new_res_in.contiguous();

@@ -18,10 +18,10 @@ std::vector<double> freqs(int64_t half, double max_period) {
 void check_args(const at::Tensor& t, int64_t dim, double max_period) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), "t must be a CPU tensor for the cpp backend");
   TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()) || at::isIntegralType(t.scalar_type(), false),
-                   "t must be a float or integer tensor, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 1, "t must be (N,), got ", t.sizes());
-  TORCH_CHECK_VALUE(dim >= 1, "dim must be >= 1, got ", dim);
-  TORCH_CHECK_VALUE(max_period > 0, "max_period must be > 0, got ", max_period);
+                   flowfm::msg("t must be a float or integer tensor, got ", t.scalar_type()));
+  TORCH_CHECK_VALUE(t.dim() == 1, flowfm::msg("t must be (N,), got ", t.sizes()));
+  TORCH_CHECK_VALUE(dim >= 1, flowfm::msg("dim must be >= 1, got ", dim));
+  TORCH_CHECK_VALUE(max_period > 0, flowfm::msg("max_period must be > 0, got ", max_period));
 }
 
 at::Tensor timestep_embedding_cpu(const at::Tensor& t_in, int64_t dim, double max_period) {

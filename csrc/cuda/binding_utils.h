@@ -15,6 +15,7 @@
 #include <string>
 #include <type_traits>
 
+#include "../messages.h"
 #include "launchers.h"
 
 namespace flowfm::cuda::binding {
@@ -25,14 +26,15 @@ inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().
 
 // A float tensor on `device` (the device of the op's main input).
 inline void check_cuda_float(const at::Tensor& t, const char* name, const at::Device& device) {
-  TORCH_CHECK_VALUE(t.defined(), name, " must be a tensor");
-  TORCH_CHECK_VALUE(t.device().is_cuda(), name, " must be a CUDA tensor for the cuda backend, got ", t.device());
-  TORCH_CHECK_VALUE(t.device() == device, name, " is on ", t.device(), " but the op runs on ", device);
-  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), name, " must be a float tensor, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.defined(), flowfm::msg(name, " must be a tensor"));
+  TORCH_CHECK_VALUE(t.device().is_cuda(), flowfm::msg(name, " must be a CUDA tensor for the cuda backend, got ", t.device()));
+  TORCH_CHECK_VALUE(t.device() == device, flowfm::msg(name, " is on ", t.device(), " but the op runs on ", device));
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()),
+                   flowfm::msg(name, " must be a float tensor, got ", t.scalar_type()));
 }
 
 inline void check_shape(const at::Tensor& t, at::IntArrayRef shape, const char* name) {
-  TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.sizes() == shape, flowfm::msg(name, " must have shape ", shape, ", got ", t.sizes()));
 }
 
 // Optional small tensors (t, weight, modulation, affine) converted once to the accumulation dtype.
@@ -53,7 +55,7 @@ template <typename S> inline S* ptr(at::Tensor& t) { return static_cast<S*>(t.da
 
 // Grid sizes are unsigned ints: refuse shapes whose block count would overflow one.
 inline void check_row_grid(int64_t rows, int64_t n, const char* op) {
-  TORCH_CHECK_VALUE(rows * row_chunks(n) < (int64_t{1} << 31), op, ": tensor too large for the cuda backend");
+  TORCH_CHECK_VALUE(rows * row_chunks(n) < (int64_t{1} << 31), flowfm::msg(op, ": tensor too large for the cuda backend"));
 }
 
 template <typename S> struct Tag { using type = S; };
@@ -65,7 +67,7 @@ template <typename F> void dispatch_storage(at::ScalarType st, const char* op, F
     case at::kDouble: f(Tag<double>{}); break;
     case at::kHalf: f(Tag<__half>{}); break;
     case at::kBFloat16: f(Tag<__nv_bfloat16>{}); break;
-    default: TORCH_CHECK_TYPE(false, op, ": unsupported dtype ", st);
+    default: TORCH_CHECK_TYPE(false, flowfm::msg(op, ": unsupported dtype ", st));
   }
 }
 
@@ -73,7 +75,7 @@ inline Act parse_act(c10::string_view s) {
   if (s == "none") return Act::None;
   if (s == "silu") return Act::Silu;
   if (s == "gelu_tanh") return Act::GeluTanh;
-  TORCH_CHECK_VALUE(false, "act must be 'none', 'silu' or 'gelu_tanh', got '", std::string(s), "'");
+  TORCH_CHECK_VALUE(false, flowfm::msg("act must be 'none', 'silu' or 'gelu_tanh', got '", std::string(s), "'"));
 }
 
 enum class Kind { Layer, Rms, Group };
@@ -81,7 +83,7 @@ inline Kind parse_kind(c10::string_view s) {
   if (s == "layer") return Kind::Layer;
   if (s == "rms") return Kind::Rms;
   if (s == "group") return Kind::Group;
-  TORCH_CHECK_VALUE(false, "kind must be 'layer', 'rms' or 'group', got '", std::string(s), "'");
+  TORCH_CHECK_VALUE(false, flowfm::msg("kind must be 'layer', 'rms' or 'group', got '", std::string(s), "'"));
 }
 
 }  // namespace flowfm::cuda::binding

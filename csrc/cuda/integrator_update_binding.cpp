@@ -40,7 +40,8 @@ void rk_combine_cuda(const at::Tensor& out, const at::Tensor& x_in, at::TensorLi
   check_cuda_float(x_in, "x", dev);
   check_shape(x_in, out.sizes(), "x");
   TORCH_CHECK_VALUE(!ks_in.empty() && ks_in.size() == bs.size(),
-                    "ks and bs must be non-empty and of equal length, got ", ks_in.size(), " and ", bs.size());
+                    flowfm::msg("ks and bs must be non-empty and of equal length, got ", ks_in.size(), " and ",
+                                bs.size()));
   for (const auto& k : ks_in) {
     check_cuda_float(k, "ks[i]", dev);
     check_shape(k, out.sizes(), "ks[i]");

@@ -46,8 +46,9 @@ def test_cuda_autocast_rule_upcasts_on_every_backend(backend, monkeypatch):
     y = ops.norm_modulate(x, mod, mod, "layer", act="silu")
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, ops.norm_modulate(x.float(), mod, mod, "layer", act="silu"), rtol=0, atol=0)
-    res, y2 = ops.gated_residual_norm_modulate(x, x, mod, mod, mod, "layer")
-    assert res.dtype == torch.bfloat16 and y2.dtype == torch.float32
+    if backend in ops.backends_for("gated_residual_norm_modulate"):  # the cuda backend has no fused residual
+        res, y2 = ops.gated_residual_norm_modulate(x, x, mod, mod, mod, "layer")
+        assert res.dtype == torch.bfloat16 and y2.dtype == torch.float32
 
 
 def test_no_autocast_keeps_input_dtype(backend):

@@ -229,3 +229,17 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     if r.returncode == 77:
         pytest.skip(f"no usable ptxas: {r.stdout[-300:]}")
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+
+
+@pytest.mark.parametrize("x", [0.3, 0.7, 1.0 / 3.0, 2.0 / (7 * 300), -0.1, 1e-30, 0.0])
+def test_float_arguments_keep_float64_precision(x):
+    """Float kernel arguments travel as two fp32 halves (Triton passed a Python float as fp32 on
+    the GPU); their float64 sum is x to ~48 bits, their fp32 sum is fp32(x)."""
+    import numpy as np
+
+    from flowfm_fast.kernels._blocks import f64_split
+    hi, lo = f64_split(x)
+    assert float(np.float32(hi)) == hi and float(np.float32(lo)) == lo
+    assert abs((hi + lo) - x) <= 2.0 ** -46 * abs(x)
+    assert np.float32(hi) + np.float32(lo) == np.float32(x)
+    assert f64_split(float("inf")) == (float("inf"), 0.0)

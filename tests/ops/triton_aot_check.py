@@ -28,21 +28,21 @@ def _cases():
     for acc, ptr in ((tl.float32, "*fp32"), (tl.float32, "*bf16"), (tl.float64, "*fp64")):
         a = "*fp64" if acc == tl.float64 else "*fp32"
         ints = lambda *names: {n: "i32" for n in names}  # noqa: E731
-        yield FI.fm_path_fwd, dict(x0_ptr=ptr, x1_ptr="*fp16", t_ptr=a, xt_ptr=ptr, ut_ptr=ptr, c="fp64",
+        yield FI.fm_path_fwd, dict(x0_ptr=ptr, x1_ptr="*fp16", t_ptr=a, xt_ptr=ptr, ut_ptr=ptr, c_hi="fp32", c_lo="fp32",
                                    **ints("B", "N", "s_x0", "s_x1")), dict(ACC=acc, BLOCK_B=2, BLOCK_N=1024)
         yield FI.fm_path_bwd, dict(dxt_ptr=ptr, dut_ptr=ptr, x0_ptr=ptr, x1_ptr=ptr, t_ptr=a, dx0_ptr=ptr,
-                                   dx1_ptr=ptr, dt_part_ptr=a, c="fp64",
+                                   dx1_ptr=ptr, dt_part_ptr=a, c_hi="fp32", c_lo="fp32",
                                    **ints("B", "N", "s_dxt", "s_dut", "s_x0", "s_x1")), \
             dict(ACC=acc, HAS_DXT=True, HAS_DUT=False, NEED_DT=True, BLOCK_B=2, BLOCK_N=1024)
         yield FL.fm_loss_partials, dict(v_ptr=ptr, x0_ptr=ptr, x1_ptr=ptr, w_ptr="*bf16", dv_ptr=a, part_ptr=a,
-                                        c="fp64", dv_scale="fp64", **ints("B", "N", "s_v", "s_x0", "s_x1")), \
+                                        c_hi="fp32", c_lo="fp32", dvs_hi="fp32", dvs_lo="fp32", **ints("B", "N", "s_v", "s_x0", "s_x1")), \
             dict(ACC=acc, HAS_W=True, WRITE_DV=True, BLOCK_B=2, BLOCK_N=1024)
-        yield FL.fm_loss_reduce, dict(part_ptr=a, w_ptr=ptr, per_sample_ptr=a, loss_ptr=a, inv_n="fp64",
-                                      inv_b="fp64", **ints("B", "P")), \
+        yield FL.fm_loss_reduce, dict(part_ptr=a, w_ptr=ptr, per_sample_ptr=a, loss_ptr=a, inv_n_hi="fp32", inv_n_lo="fp32",
+                                      inv_b_hi="fp32", inv_b_lo="fp32", **ints("B", "P")), \
             dict(ACC=acc, HAS_W=True, BLOCK_B=256, BLOCK_P=8)
-        yield IU.euler_step, dict(x_ptr=ptr, v_ptr="*fp32", n="i32", dt="fp64"), dict(ACC=acc, BLOCK=2048)
-        yield IU.weighted_stage_sum, dict(out_ptr=ptr, x_ptr=ptr, k0=ptr, k1=ptr, k2="*fp32", k3=ptr, c0="fp64",
-                                          c1="fp64", c2="fp64", c3="fp64", n="i32"), \
+        yield IU.euler_step, dict(x_ptr=ptr, v_ptr="*fp32", n="i32", dt_hi="fp32", dt_lo="fp32"), dict(ACC=acc, BLOCK=2048)
+        yield IU.weighted_stage_sum, dict(out_ptr=ptr, x_ptr=ptr, k0=ptr, k1=ptr, k2="*fp32", k3=ptr, n="i32",
+                                          **{f"c{i}_{h}": "fp32" for i in range(4) for h in ("hi", "lo")}), \
             dict(STAGES=3, ACC=acc, BLOCK=2048)
     for tp in ("*fp32", "*i64"):
         yield TE.sinusoidal_fwd, dict(t_ptr=tp, out_ptr="*fp32", neg_log_period_over_half="fp32",
