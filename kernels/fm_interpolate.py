@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._blocks import acc_dtype, f64_join, f64_split, rows_view, tile_2d, tl_acc
+from ._blocks import acc_dtype, cdiv, f64_join, f64_split, rows_view, tile_2d, tl_acc
 
 
 @triton.jit
@@ -70,7 +70,7 @@ def forward(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, sigma_min: floa
     x_t = torch.empty(x1.shape, dtype=x1.dtype, device=x1.device)
     u_t = torch.empty(x1.shape, dtype=x1.dtype, device=x1.device)
     bb, bn = tile_2d(B, N, x1.device)
-    grid = (triton.cdiv(B, bb), triton.cdiv(N, bn))
+    grid = (cdiv(B, bb), cdiv(N, bn))
     fm_path_fwd[grid](m0, m1, t, x_t, u_t, B, N, m0.stride(0), m1.stride(0), *f64_split(1.0 - sigma_min),
                       ACC=tl_acc(acc), BLOCK_B=bb, BLOCK_N=bn)
     return x_t, u_t
@@ -88,7 +88,7 @@ def backward(dx_t, du_t, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, si
     dx0 = torch.empty(x1.shape, dtype=x0.dtype, device=x1.device)
     dx1 = torch.empty(x1.shape, dtype=x1.dtype, device=x1.device)
     bb, bn = tile_2d(B, N, x1.device)
-    grid = (triton.cdiv(B, bb), triton.cdiv(N, bn))
+    grid = (cdiv(B, bb), cdiv(N, bn))
     part = torch.empty((B, grid[1]) if need_dt else (0,), dtype=acc, device=x1.device)
     fm_path_bwd[grid](gx if gx is not None else m1, gu if gu is not None else m1, m0, m1, tc, dx0, dx1, part,
                       B, N, gx.stride(0) if gx is not None else 0, gu.stride(0) if gu is not None else 0,

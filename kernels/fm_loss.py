@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._blocks import acc_dtype, f64_join, f64_split, rows_view, tile_2d, tl_acc
+from ._blocks import acc_dtype, cdiv, f64_join, f64_split, rows_view, tile_2d, tl_acc
 
 
 @triton.jit
@@ -71,7 +71,7 @@ def forward(v: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, weight: torch.T
     dev = x1.device
     dv = torch.empty(v.shape if need_grad else (0,), dtype=acc, device=dev)
     bb, bn = tile_2d(B, N, dev)
-    grid = (triton.cdiv(B, bb), triton.cdiv(N, bn))
+    grid = (cdiv(B, bb), cdiv(N, bn))
     part = torch.empty((B, grid[1]), dtype=acc, device=dev)
     fm_loss_partials[grid](mv, m0, m1, w if w is not None else part, dv, part, B, N,
                            mv.stride(0), m0.stride(0), m1.stride(0), *f64_split(1.0 - sigma_min),

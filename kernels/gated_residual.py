@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._blocks import cdiv
 from .norm_modulate import (ACTS, acc_dtype, device_ctx, finish_grads, fwd_warps, load_affine, load_mod, num_warps,
                             row_dims, row_partition, row_strides, row_tiles, rsum, sum01, token_bwd_tile,
                             token_fwd_tile)
@@ -171,7 +172,7 @@ def gated_residual_forward(res, h, gate):
     B, T, D = row_dims(res)
     block_r, block_d = row_tiles(B * T, D)
     with device_ctx(res):
-        _gr_fwd[(triton.cdiv(B * T, block_r),)](res, h, gate, out, B * T, T, D, *row_strides(res), *row_strides(h),
+        _gr_fwd[(cdiv(B * T, block_r),)](res, h, gate, out, B * T, T, D, *row_strides(res), *row_strides(h),
                                                 ACC=tl_acc, BLOCK_R=block_r, BLOCK_D=block_d,
                                                 num_warps=fwd_warps(block_r * block_d))
     return out
@@ -214,7 +215,7 @@ def fused_forward(res, h, gate, shift, scale, weight, bias, kind: str, eps: floa
     rstd = torch.empty_like(mean)
     block_r, block_d = row_tiles(R, D)
     with device_ctx(res):
-        _grnm_fwd[(triton.cdiv(R, block_r),)](res, h, gate, shift, scale, weight, bias, new_res, y, mean, rstd,
+        _grnm_fwd[(cdiv(R, block_r),)](res, h, gate, shift, scale, weight, bias, new_res, y, mean, rstd,
                                               R, T, D, *row_strides(res), *row_strides(h), eps, RMS=kind == "rms",
                                               ACT=ACTS[act], ACC=tl_acc, BLOCK_R=block_r, BLOCK_D=block_d,
                                               num_warps=fwd_warps(block_r * block_d),

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._blocks import acc_dtype, block_1d, f64_join, f64_split, tl_acc
+from ._blocks import acc_dtype, block_1d, cdiv, f64_join, f64_split, tl_acc
 
 MAX_STAGES = 4   # RK4 and RK4 3/8 in one pass
 
@@ -57,7 +57,7 @@ def euler_step_(x: torch.Tensor, v: torch.Tensor, dt: float) -> None:
     vc = v.contiguous()
     n = xc.numel()
     block = block_1d(n, x.device)
-    euler_step[(triton.cdiv(n, block),)](xc, vc, n, *f64_split(dt), ACC=tl_acc(acc_dtype(x, v)), BLOCK=block)
+    euler_step[(cdiv(n, block),)](xc, vc, n, *f64_split(dt), ACC=tl_acc(acc_dtype(x, v)), BLOCK=block)
     if xc is not x:
         x.copy_(xc)
 
@@ -66,7 +66,7 @@ def _combine_pass(dst, src, ks, cs, acc):
     n = dst.numel()
     block = block_1d(n, dst.device)
     pad = MAX_STAGES - len(ks)
-    weighted_stage_sum[(triton.cdiv(n, block),)](dst, src, *ks, *([src] * pad),
+    weighted_stage_sum[(cdiv(n, block),)](dst, src, *ks, *([src] * pad),
                                                  *(h for c in cs for h in f64_split(c)), *([0.0] * (2 * pad)), n,
                                                  STAGES=len(ks), ACC=tl_acc(acc), BLOCK=block)
 

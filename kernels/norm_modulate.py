@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._blocks import cdiv, next_pow2
+
 ACTS = {None: 0, "none": 0, "silu": 1, "gelu_tanh": 2}
 
 
@@ -135,7 +137,7 @@ def num_warps(elements: int) -> int:
 
 def fwd_warps(elements: int, per_thread: int = 16) -> int:
     """Warps of a forward tile (see GPU_ROW_TILE): ``per_thread`` values per thread, 1 to 16 warps."""
-    return max(1, min(16, triton.next_power_of_2(max(1, elements // (32 * per_thread)))))
+    return max(1, min(16, next_pow2(max(1, elements // (32 * per_thread)))))
 
 
 def acc_dtype(dtype: torch.dtype):
@@ -176,9 +178,9 @@ def _small(t: torch.Tensor | None):
 
 def row_tiles(R: int, D: int):
     """(BLOCK_R, BLOCK_D) of a forward row tile: a whole row (D up to the tile) per tile row."""
-    block_d = triton.next_power_of_2(D)
+    block_d = next_pow2(D)
     budget = _tile(GPU_ROW_TILE)
-    block_r = max(1, min(triton.next_power_of_2(R), budget // block_d))
+    block_r = max(1, min(next_pow2(R), budget // block_d))
     return block_r, block_d
 
 
@@ -199,17 +201,17 @@ def row_partition(B: int, T: int, D: int) -> Partition:
     """Depends only on the shape and the device kind, so the reductions are deterministic.
     Per-sample sums (dshift, dscale, dgate) come out as (B, nchunk, D) partials, per-feature sums
     (dweight, dbias) as (nbp * nchunk, D) partials; rows (N, D) are N samples of one token."""
-    block_d = triton.next_power_of_2(D)
+    block_d = next_pow2(D)
     budget = max(1, _tile() // block_d)
-    block_t = min(triton.next_power_of_2(T), budget)
-    block_b = max(1, min(triton.next_power_of_2(B), budget // block_t))
+    block_t = min(next_pow2(T), budget)
+    block_b = max(1, min(next_pow2(B), budget // block_t))
     target = INTERPRETER_PROGRAMS if interpreting() else GPU_PROGRAMS
-    nchunk = max(1, min(triton.cdiv(T, block_t), triton.cdiv(target, triton.cdiv(B, block_b))))
-    chunk = triton.cdiv(triton.cdiv(T, nchunk), block_t) * block_t
-    nchunk = triton.cdiv(T, chunk)
-    nbp = max(1, min(triton.cdiv(B, block_b), triton.cdiv(target, nchunk)))
-    bchunk = triton.cdiv(triton.cdiv(B, nbp), block_b) * block_b
-    nbp = triton.cdiv(B, bchunk)
+    nchunk = max(1, min(cdiv(T, block_t), cdiv(target, cdiv(B, block_b))))
+    chunk = cdiv(cdiv(T, nchunk), block_t) * block_t
+    nchunk = cdiv(T, chunk)
+    nbp = max(1, min(cdiv(B, block_b), cdiv(target, nchunk)))
+    bchunk = cdiv(cdiv(B, nbp), block_b) * block_b
+    nbp = cdiv(B, bchunk)
     return Partition(block_b, block_t, block_d, nbp, bchunk, nchunk, chunk)
 
 
@@ -616,9 +618,9 @@ def _group_tiles(B: int, G: int, cg: int, L: int, gpu_tile: int = GPU_TILE):
     """(whole, BLOCK_G, BLOCK_C, BLOCK_L): whole groups per tile when one fits, else one program
     per group looping over channel and position blocks."""
     budget = _tile(gpu_tile)
-    pc, pl = triton.next_power_of_2(cg), triton.next_power_of_2(L)
+    pc, pl = next_pow2(cg), next_pow2(L)
     if pc * pl <= budget:
-        return True, max(1, min(triton.next_power_of_2(B * G), budget // (pc * pl))), pc, pl
+        return True, max(1, min(next_pow2(B * G), budget // (pc * pl))), pc, pl
     block_l = min(pl, budget)
     return False, 1, max(1, min(pc, budget // block_l)), block_l
 
@@ -644,7 +646,7 @@ def forward(x, shift, scale, weight, bias, kind: str, eps: float, act: str | Non
             rstd = torch.empty_like(mean)
             whole, block_g, block_c, block_l = _group_tiles(B, num_groups, C // num_groups, L, GPU_GROUP_TILE)
             if whole:
-                _group_fwd_whole[(triton.cdiv(B * num_groups, block_g),)](
+                _group_fwd_whole[(cdiv(B * num_groups, block_g),)](
                     x, y, shift, scale, weight, bias, mean, rstd, B * num_groups, C, L, num_groups, *x.stride(),
                     eps, ACT=ACTS[act], ACC=tl_acc, BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_L=block_l,
                     num_warps=fwd_warps(block_g * block_c * block_l, 32), **flags)
@@ -658,7 +660,7 @@ def forward(x, shift, scale, weight, bias, kind: str, eps: float, act: str | Non
             mean = torch.empty((R,), dtype=acc, device=x.device)
             rstd = torch.empty_like(mean)
             block_r, block_d = row_tiles(R, D)
-            _token_fwd[(triton.cdiv(R, block_r),)](x, y, shift, scale, weight, bias, mean, rstd, R, T, D,
+            _token_fwd[(cdiv(R, block_r),)](x, y, shift, scale, weight, bias, mean, rstd, R, T, D,
                                                    *row_strides(x), eps, RMS=kind == "rms", ACT=ACTS[act],
                                                    ACC=tl_acc, BLOCK_R=block_r, BLOCK_D=block_d,
                                                    num_warps=fwd_warps(block_r * block_d), **flags)
@@ -696,7 +698,7 @@ def backward(dy, x, mean, rstd, shift, scale, weight, bias, kind: str, act: str 
             db_p = new(B, C) if bias is not None else None
             whole, block_g, block_c, block_l = _group_tiles(B, num_groups, C // num_groups, L)
             if whole:
-                _group_bwd_whole[(triton.cdiv(B * num_groups, block_g),)](
+                _group_bwd_whole[(cdiv(B * num_groups, block_g),)](
                     dy, x, mean, rstd, shift, scale, weight, bias, dx, dshift, dscale, dw_p, db_p, B * num_groups,
                     C, L, num_groups, *x.stride(), *dy.stride(), ACT=ACTS[act], ACC=tl_acc, BLOCK_G=block_g,
                     BLOCK_C=block_c, BLOCK_L=block_l, num_warps=num_warps(block_g * block_c * block_l), **flags)

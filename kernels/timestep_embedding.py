@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._blocks import tile_2d
+from ._blocks import cdiv, tile_2d
 
 
 @triton.jit
@@ -62,7 +62,7 @@ def forward(t: torch.Tensor, dim: int, max_period: float) -> torch.Tensor:
     n, half = t.shape[0], dim // 2
     out = torch.empty((n, dim), dtype=torch.float32, device=t.device)
     bn, bk = tile_2d(n, max(half, 1), t.device)
-    grid = (triton.cdiv(n, bn), triton.cdiv(max(half, 1), bk))
+    grid = (cdiv(n, bn), cdiv(max(half, 1), bk))
     sinusoidal_fwd[grid](t, out, n, half, dim, t.stride(0), _scale(dim, max_period),
                          ODD=dim % 2 == 1, BLOCK_N=bn, BLOCK_K=bk)
     return out
@@ -73,7 +73,7 @@ def backward(demb: torch.Tensor, t: torch.Tensor, dim: int, max_period: float) -
     n, half = t.shape[0], dim // 2
     dt = torch.empty((n,), dtype=torch.float32, device=t.device)
     bn, bk = tile_2d(n, max(half, 1), t.device)
-    sinusoidal_bwd[(triton.cdiv(n, bn),)](demb, t, dt, n, half, t.stride(0), demb.stride(0), demb.stride(1),
+    sinusoidal_bwd[(cdiv(n, bn),)](demb, t, dt, n, half, t.stride(0), demb.stride(0), demb.stride(1),
                                           _scale(dim, max_period), BLOCK_N=bn, BLOCK_K=bk)
     return dt.to(t.dtype) if t.is_floating_point() else dt
 

@@ -1,7 +1,7 @@
 """The Triton kernels of ``flowfm_fast.kernels`` as registry backends.
 
-Each op family wraps its Triton launches in a :func:`torch.library.custom_op` under the
-``flowfm_triton`` namespace, with a fake (meta) kernel and a registered autograd formula, so
+Each op family wraps its Triton launches in an op of the ``flowfm_triton`` namespace
+(:func:`custom_op` below), with a fake (meta) kernel and a registered autograd formula, so
 torch.compile(fullgraph=True) sees one opaque op. (``torch.library.triton_op`` would let Inductor
 look inside, but its fake-tensor trace runs the kernel, which fails under ``TRITON_INTERPRET=1``,
 the way CI runs these kernels on the CPU; opaque custom ops work in both places.)
@@ -43,6 +43,52 @@ def can_use(*tensors) -> bool:
     """Every tensor argument lives where the kernels run and has a supported float dtype."""
     return all(t is None or not isinstance(t, torch.Tensor) or (_device_ok(t) and t.dtype in SUPPORTED_DTYPES)
                for t in tensors)
+
+
+_LIB = None
+
+
+def _lib() -> torch.library.Library:
+    global _LIB
+    if _LIB is None:  # kept for the life of the process: the ops live as long as it
+        _LIB = torch.library.Library(NAMESPACE, "DEF")
+    return _LIB
+
+
+class TritonOp:
+    """A ``flowfm_triton`` op: its schema, one Python kernel for CPU (interpreter) and CUDA tensors,
+    and ``register_fake`` / ``register_autograd`` as on :func:`torch.library.custom_op`'s ops.
+
+    Defined through :class:`torch.library.Library` rather than ``torch.library.custom_op``, whose
+    per-call Python layers (default filling, a dynamo-disable wrapper, ...) took ~40 us of host time
+    a call here with the launches stubbed out; on the H200 the fused ops' host time made a ``small``
+    training step CPU-bound (benchmarks/results/h200/NOTES.md)."""
+
+    def __init__(self, name: str, fn: Callable, schema: str | None, mutates_args):
+        self.qualname = f"{NAMESPACE}::{name}"
+        if schema is None:
+            schema = torch.library.infer_schema(fn, mutates_args=mutates_args)
+        lib = _lib()
+        lib.define(name + schema)
+        for key in ("CPU", "CUDA"):
+            lib.impl(name, fn, key)
+        self._op = getattr(getattr(torch.ops, NAMESPACE), name).default
+
+    def __call__(self, *args):
+        return self._op(*args)
+
+    def register_fake(self, fn: Callable) -> Callable:
+        torch.library.register_fake(self.qualname, fn, lib=_lib())
+        return fn
+
+    def register_autograd(self, backward: Callable, *, setup_context: Callable | None = None) -> None:
+        torch.library.register_autograd(self.qualname, backward, setup_context=setup_context, lib=_lib())
+
+
+def custom_op(name: str, *, schema: str | None = None, mutates_args=()) -> Callable[[Callable], TritonOp]:
+    """Decorator: ``fn`` becomes the op ``flowfm_triton::name`` (schema inferred from its annotations
+    unless given)."""
+    return lambda fn: TritonOp(name, fn, schema, mutates_args)
 
 
 def register_triton(op_name: str, fn: Callable, predicate: Callable[..., bool] = can_use) -> None:

@@ -61,7 +61,7 @@ if _ext.has_kernel("fm_interpolate", "cpp") or _ext.has_kernel("fm_interpolate",
 # Launches live in kernels/fm_interpolate.py, imported on first call so that importing the package
 # never imports triton. Non-contiguous samples are copied to unit-stride rows first (see rows_view).
 if _triton.available():
-    @torch.library.custom_op("flowfm_triton::fm_interpolate", mutates_args=(),
+    @_triton.custom_op("fm_interpolate", mutates_args=(),
                              schema="(Tensor x0, Tensor x1, Tensor t, float sigma_min) -> (Tensor, Tensor)")
     def _fi_triton(x0, x1, t, sigma_min):
         from ..kernels import fm_interpolate as K
@@ -72,8 +72,8 @@ if _triton.available():
         return (torch.empty(x1.shape, dtype=x1.dtype, device=x1.device),
                 torch.empty(x1.shape, dtype=x1.dtype, device=x1.device))
 
-    @torch.library.custom_op(
-        "flowfm_triton::fm_interpolate_backward", mutates_args=(),
+    @_triton.custom_op(
+        "fm_interpolate_backward",
         schema="(Tensor? dx_t, Tensor? du_t, Tensor x0, Tensor x1, Tensor t, float sigma_min, bool need_dt)"
                " -> (Tensor, Tensor, Tensor)")
     def _fi_triton_backward(dx_t, du_t, x0, x1, t, sigma_min, need_dt):

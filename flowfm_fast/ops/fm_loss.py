@@ -76,8 +76,8 @@ if _ext.has_kernel("fm_loss", "cpp") or _ext.has_kernel("fm_loss", "cuda"):
 # Launches live in kernels/fm_loss.py, imported on first call so that importing the package never
 # imports triton. Non-contiguous samples are copied to unit-stride rows first (see rows_view).
 if _triton.available():
-    @torch.library.custom_op(
-        "flowfm_triton::fm_loss", mutates_args=(),
+    @_triton.custom_op(
+        "fm_loss",
         schema="(Tensor v, Tensor x0, Tensor x1, Tensor? weight, float sigma_min, bool need_grad)"
                " -> (Tensor, Tensor, Tensor)")
     def _fl_triton(v, x0, x1, weight, sigma_min, need_grad):

@@ -103,12 +103,12 @@ if _triton.available():
 
     from torch import Tensor
 
-    @torch.library.custom_op(f"{_triton.NAMESPACE}::gated_residual", mutates_args=())
+    @_triton.custom_op("gated_residual")
     def _tr_gr(res: Tensor, h: Tensor, gate: Tensor) -> Tensor:
         from ..kernels import gated_residual as K
         return K.gated_residual_forward(res, h, gate)
 
-    @torch.library.custom_op(f"{_triton.NAMESPACE}::gated_residual_backward", mutates_args=())
+    @_triton.custom_op("gated_residual_backward")
     def _tr_gr_backward(dy: Tensor, h: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
         from ..kernels import gated_residual as K
         return K.gated_residual_backward(dy, h, gate)
@@ -139,14 +139,14 @@ if _triton.available():
     _tr_gr.register_autograd(_tr_gr_bwd, setup_context=_tr_gr_setup)
     _triton.register_triton(OP, lambda res, h, gate: _tr_gr(res, h, gate))
 
-    @torch.library.custom_op(f"{_triton.NAMESPACE}::gated_residual_norm_modulate", mutates_args=())
+    @_triton.custom_op("gated_residual_norm_modulate")
     def _tr_grnm(res: Tensor, h: Tensor, gate: Tensor, shift: Optional[Tensor], scale: Optional[Tensor],
                  weight: Optional[Tensor], bias: Optional[Tensor], kind: str, eps: float, act: str
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         from ..kernels import gated_residual as K
         return K.fused_forward(res, h, gate, shift, scale, weight, bias, kind, eps, act)
 
-    @torch.library.custom_op(f"{_triton.NAMESPACE}::gated_residual_norm_modulate_backward", mutates_args=())
+    @_triton.custom_op("gated_residual_norm_modulate_backward")
     def _tr_grnm_backward(dnew_res: Optional[Tensor], dy: Tensor, new_res: Tensor, h: Tensor, gate: Tensor,
                           mean: Tensor, rstd: Tensor, shift: Optional[Tensor], scale: Optional[Tensor],
                           weight: Optional[Tensor], bias: Optional[Tensor], kind: str, act: str

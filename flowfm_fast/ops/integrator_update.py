@@ -87,7 +87,7 @@ if _ext.has_kernel("rk_combine", "cpp") or _ext.has_kernel("rk_combine", "cuda")
 # Launches live in kernels/integrator_update.py, imported on first call so that importing the
 # package never imports triton. Like the compiled ones, only for inputs that need no gradient.
 if _triton.available():
-    @torch.library.custom_op("flowfm_triton::euler_step_", mutates_args=("x",),
+    @_triton.custom_op("euler_step_", mutates_args=("x",),
                              schema="(Tensor(a!) x, Tensor v, float dt) -> ()")
     def _euler_triton_op(x, v, dt):
         from ..kernels import integrator_update as K
@@ -97,7 +97,7 @@ if _triton.available():
     def _euler_triton_fake(x, v, dt):
         return None
 
-    @torch.library.custom_op("flowfm_triton::rk_combine", mutates_args=("out",),
+    @_triton.custom_op("rk_combine", mutates_args=("out",),
                              schema="(Tensor(a!) out, Tensor x, Tensor[] ks, float[] bs, float dt) -> ()")
     def _combine_triton_op(out, x, ks, bs, dt):
         from ..kernels import integrator_update as K

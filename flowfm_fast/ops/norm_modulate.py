@@ -110,14 +110,14 @@ if _triton.available():
 
     from torch import Tensor
 
-    @torch.library.custom_op(f"{_triton.NAMESPACE}::norm_modulate", mutates_args=())
+    @_triton.custom_op("norm_modulate")
     def _tr_nm(x: Tensor, shift: Optional[Tensor], scale: Optional[Tensor], weight: Optional[Tensor],
                bias: Optional[Tensor], kind: str, eps: float, act: str, num_groups: int
                ) -> tuple[Tensor, Tensor, Tensor]:
         from ..kernels import norm_modulate as K
         return K.forward(x, shift, scale, weight, bias, kind, eps, act, num_groups)
 
-    @torch.library.custom_op(f"{_triton.NAMESPACE}::norm_modulate_backward", mutates_args=())
+    @_triton.custom_op("norm_modulate_backward")
     def _tr_nm_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, shift: Optional[Tensor],
                         scale: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], kind: str,
                         act: str, num_groups: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:

@@ -76,13 +76,13 @@ if _ext.has_kernel("timestep_embedding", "cpp") or _ext.has_kernel("timestep_emb
 # Launches live in kernels/timestep_embedding.py, imported on first call so that importing the
 # package never imports triton.
 if _triton.available():
-    @torch.library.custom_op("flowfm_triton::timestep_embedding", mutates_args=(),
+    @_triton.custom_op("timestep_embedding", mutates_args=(),
                              schema="(Tensor t, int dim, float max_period) -> Tensor")
     def _te_triton(t, dim, max_period):
         from ..kernels import timestep_embedding as K
         return K.forward(t, dim, max_period)
 
-    @torch.library.custom_op("flowfm_triton::timestep_embedding_backward", mutates_args=(),
+    @_triton.custom_op("timestep_embedding_backward", mutates_args=(),
                              schema="(Tensor demb, Tensor t, int dim, float max_period) -> Tensor")
     def _te_triton_backward(demb, t, dim, max_period):
         from ..kernels import timestep_embedding as K
