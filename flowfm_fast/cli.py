@@ -186,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", default="auto")
     q.set_defaults(fn=cmd_demo)
+
+    from .profiling import add_profile_parser
+    add_profile_parser(sub)   # `flowfm-fast profile`: dispatches to profiling.run_profile
     return p
 
 

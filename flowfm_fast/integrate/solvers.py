@@ -22,6 +22,12 @@ later call never overwrites an earlier result. The graph reads parameters in pla
 weights in place is seen by the next replay. A new callable (a fresh lambda) captures anew:
 pass the same object to reuse its graph.
 
+NVTX (``FLOWFM_NVTX=1``, see :mod:`flowfm_fast.profiling`): ``integrate.prepare`` around the
+batched conditioning and ``integrate.step{n}`` around each step of an eager solve. NVTX calls run
+on the host, so a graph records none: the per-step ranges appear once, inside
+``integrate.graph_capture``, and every replay is one ``integrate.graph_replay`` range holding all
+K steps' kernels. Pass ``graph=False`` to see the per-step ranges.
+
 Example::
 
     >>> solver = FixedStepSolver("midpoint")
@@ -41,6 +47,7 @@ import torch
 
 from .. import ops
 from ..ops import _registry
+from ..profiling import nvtx_range, nvtx_wrap
 
 
 @dataclass(frozen=True)
@@ -106,12 +113,14 @@ class _Plan:
         self.x = torch.empty_like(x0)
         self.stage_x = torch.empty_like(x0) if len(tableau.c) > 1 else None
         self.traj = x0.new_empty((len(dts) + 1, *x0.shape)) if return_trajectory else None
+        self.step_ranges = tuple(f"integrate.step{n}" for n in range(len(dts)))   # NVTX names, built once
 
     def run(self, velocity: Callable, x0: torch.Tensor, z: torch.Tensor | None, cond: dict) -> None:
         tab, S = self.tab, len(self.tab.c)
         prepared = None
         if z is not None and self.prepared_ok:
-            prepared = velocity.prepare(self.times32, z)
+            with nvtx_range("integrate.prepare"):
+                prepared = velocity.prepare(self.times32, z)
         elif z is not None:
             cond = {**cond, "z": z}
         t_rows = self.t_rows
@@ -126,16 +135,17 @@ class _Plan:
         if traj is not None:
             traj[0].copy_(x0)
         for n, dt in enumerate(self.dts):
-            ks = []
-            for i in range(S):
-                xi = x if i == 0 else ops.rk_combine(x, dt, ks, tab.a[i], out=stage_x)
-                ks.append(f(n * S + i, xi))
-            if S == 1:
-                ops.euler_step_(x, ks[0], dt)
-            else:
-                ops.rk_combine(x, dt, ks, tab.b, out=x)
-            if traj is not None:
-                traj[n + 1].copy_(x)
+            with nvtx_range(self.step_ranges[n]):
+                ks = []
+                for i in range(S):
+                    xi = x if i == 0 else ops.rk_combine(x, dt, ks, tab.a[i], out=stage_x)
+                    ks.append(f(n * S + i, xi))
+                if S == 1:
+                    ops.euler_step_(x, ks[0], dt)
+                else:
+                    ops.rk_combine(x, dt, ks, tab.b, out=x)
+                if traj is not None:
+                    traj[n + 1].copy_(x)
 
 
 class _Graphed:
@@ -151,6 +161,7 @@ class _Graphed:
         with torch.no_grad():
             self._capture(velocity)
 
+    @nvtx_wrap("integrate.graph_capture")
     def _capture(self, velocity) -> None:
         plan, dev = self.plan, self.static_x0.device
         # Warm-up on a side stream (as torch.cuda.graph's docs ask): compiles and autotunes every
@@ -180,7 +191,9 @@ class _Graphed:
         for k, v in cond.items():
             if isinstance(v, torch.Tensor):
                 self.static_cond[k].copy_(v)
-        self._replay()
+        # One range for the whole replay: the graph holds no NVTX calls (see the module docstring).
+        with nvtx_range("integrate.graph_replay"):
+            self._replay()
         self.replays += 1
         # Copy out: the static buffers are overwritten by the next replay.
         x = self.plan.x.clone()

@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from ..profiling import nvtx_range
+
 SCHEDULE_OFFSET = 0.008
 MAX_BETA = 0.999
 # Rows of conditioning computed per batched ``prepare`` call: at 1000 steps the modulations of
@@ -121,14 +123,15 @@ def ddpm_sample(net, z: torch.Tensor, x_T: torch.Tensor, sch: CosineSchedule, st
     ab = sch.alpha_bar
     x = x_T.clone()
     for i, (k, kp) in enumerate(zip(ks[:-1], ks[1:])):
-        a, ap = float(ab[k]), float(ab[kp])
-        beta = 1.0 - a / ap
-        x0 = _x0_hat(x, eps(x, i), a, clip_x0)
-        x = (math.sqrt(ap) * beta / (1.0 - a)) * x0 + (math.sqrt(1.0 - beta) * (1.0 - ap) / (1.0 - a)) * x
-        if kp > 0:
-            var = beta * (1.0 - ap) / (1.0 - a)
-            noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-            x = x + math.sqrt(var) * noise
+        with nvtx_range("ddpm.step"):
+            a, ap = float(ab[k]), float(ab[kp])
+            beta = 1.0 - a / ap
+            x0 = _x0_hat(x, eps(x, i), a, clip_x0)
+            x = (math.sqrt(ap) * beta / (1.0 - a)) * x0 + (math.sqrt(1.0 - beta) * (1.0 - ap) / (1.0 - a)) * x
+            if kp > 0:
+                var = beta * (1.0 - ap) / (1.0 - a)
+                noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+                x = x + math.sqrt(var) * noise
     return x
 
 
@@ -146,13 +149,14 @@ def ddim_sample(net, z: torch.Tensor, x_T: torch.Tensor, sch: CosineSchedule, st
     ab = sch.alpha_bar
     x = x_T.clone()
     for i, (k, kp) in enumerate(zip(ks[:-1], ks[1:])):
-        a, ap = float(ab[k]), float(ab[kp])
-        e = eps(x, i)
-        x0 = _x0_hat(x, e, a, clip_x0)
-        if clip_x0 is not None:
-            e = (x - math.sqrt(a) * x0) / math.sqrt(1.0 - a)
-        sigma = eta * math.sqrt((1.0 - ap) / (1.0 - a)) * math.sqrt(max(0.0, 1.0 - a / ap))
-        x = math.sqrt(ap) * x0 + math.sqrt(max(0.0, 1.0 - ap - sigma ** 2)) * e
-        if sigma > 0 and kp > 0:
-            x = x + sigma * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        with nvtx_range("ddim.step"):
+            a, ap = float(ab[k]), float(ab[kp])
+            e = eps(x, i)
+            x0 = _x0_hat(x, e, a, clip_x0)
+            if clip_x0 is not None:
+                e = (x - math.sqrt(a) * x0) / math.sqrt(1.0 - a)
+            sigma = eta * math.sqrt((1.0 - ap) / (1.0 - a)) * math.sqrt(max(0.0, 1.0 - a / ap))
+            x = math.sqrt(ap) * x0 + math.sqrt(max(0.0, 1.0 - ap - sigma ** 2)) * e
+            if sigma > 0 and kp > 0:
+                x = x + sigma * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
     return x

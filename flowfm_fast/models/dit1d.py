@@ -12,6 +12,7 @@ from torch import nn
 
 from .. import ops
 from ..nn import AdaLNModulation
+from ..profiling import nvtx_range
 from .configs import DiTConfig
 from .velocity import ConditionedVelocity
 
@@ -54,6 +55,7 @@ class DiT1D(ConditionedVelocity):
         self.patchify = nn.Conv1d(channels, cfg.dim, cfg.patch, stride=cfg.patch)
         self.register_buffer("pos", sincos_positions(length // cfg.patch, cfg.dim)[None], persistent=False)
         self.blocks = nn.ModuleList(DiTBlock(cfg.dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self._block_ranges = tuple(f"dit.block{i}" for i in range(cfg.depth))   # NVTX names, built once
         self.final_adaLN = AdaLNModulation(cfg.dim, cfg.dim, 2)
         self.out = nn.Linear(cfg.dim, cfg.patch * channels)
         nn.init.zeros_(self.out.weight)
@@ -78,10 +80,12 @@ class DiT1D(ConditionedVelocity):
         res = tokens
         n = len(self.blocks)
         for i, blk in enumerate(self.blocks):
-            _, _, gate1, shift2, scale2, gate2 = mods[6 * i: 6 * i + 6]
-            res, h = ops.gated_residual_norm_modulate(res, blk.attention(h), gate1, shift2, scale2, "layer", eps=EPS)
-            # The MLP's residual is fused with the next sub-layer's norm (next block, or the final norm).
-            nshift, nscale = (mods[6 * (i + 1)], mods[6 * (i + 1) + 1]) if i + 1 < n else (mods[-2], mods[-1])
-            res, h = ops.gated_residual_norm_modulate(res, blk.mlp(h), gate2, nshift, nscale, "layer", eps=EPS)
+            with nvtx_range(self._block_ranges[i]):
+                _, _, gate1, shift2, scale2, gate2 = mods[6 * i: 6 * i + 6]
+                res, h = ops.gated_residual_norm_modulate(res, blk.attention(h), gate1, shift2, scale2, "layer",
+                                                          eps=EPS)
+                # The MLP's residual is fused with the next sub-layer's norm (next block, or the final norm).
+                nshift, nscale = (mods[6 * (i + 1)], mods[6 * (i + 1) + 1]) if i + 1 < n else (mods[-2], mods[-1])
+                res, h = ops.gated_residual_norm_modulate(res, blk.mlp(h), gate2, nshift, nscale, "layer", eps=EPS)
         out = self.out(h)                                              # (B, T, patch * C)
         return out.reshape(B, -1, self.patch, C).permute(0, 3, 1, 2).reshape(B, C, L)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..profiling import nvtx_range
 from .configs import EncoderConfig
 
 
@@ -51,4 +52,5 @@ class ResNet1DEncoder(nn.Module):
         return torch.relu(self.out_norm(h)).mean(dim=-1)
 
     def forward(self, x):
-        return self.head(self.features(x))
+        with nvtx_range("encoder"):
+            return self.head(self.features(x))

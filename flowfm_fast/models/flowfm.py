@@ -12,6 +12,7 @@ from torch import nn
 
 from .. import ops
 from ..integrate import sample as ode_sample
+from ..profiling import nvtx_wrap
 from . import diffusion
 from .configs import FlowFMConfig
 from .dit1d import DiT1D
@@ -54,6 +55,7 @@ class FlowFM(nn.Module):
             return torch.sigmoid(torch.randn(batch, device=device, generator=generator))
         return torch.rand(batch, device=device, generator=generator)
 
+    @nvtx_wrap("flowfm.loss")
     def loss(self, x1: torch.Tensor, x_enc: torch.Tensor | None = None, generator=None,
              weight: torch.Tensor | None = None) -> torch.Tensor:
         """Flow-matching loss of reconstructing x1 from noise given z = E(x_enc) (x_enc defaults to

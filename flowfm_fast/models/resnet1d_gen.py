@@ -8,6 +8,7 @@ from torch import nn
 
 from .. import ops
 from ..nn import AdaLNModulation
+from ..profiling import nvtx_range
 from .configs import ResNetGenConfig
 from .velocity import ConditionedVelocity
 
@@ -42,6 +43,7 @@ class ResNet1DGenerator(ConditionedVelocity):
         self.inp = nn.Conv1d(channels, cfg.width, cfg.kernel_size, padding=cfg.kernel_size // 2)
         self.blocks = nn.ModuleList(
             FiLMBlock(cfg.width, cond_dim, cfg.groups, cfg.kernel_size, 2 ** (i % 4)) for i in range(cfg.depth))
+        self._block_ranges = tuple(f"resnet.block{i}" for i in range(cfg.depth))   # NVTX names, built once
         self.out_weight, self.out_bias = nn.Parameter(torch.ones(cfg.width)), nn.Parameter(torch.zeros(cfg.width))
         self.out = nn.Conv1d(cfg.width, channels, cfg.kernel_size, padding=cfg.kernel_size // 2)
         nn.init.zeros_(self.out.weight)
@@ -56,6 +58,7 @@ class ResNet1DGenerator(ConditionedVelocity):
     def forward_modulated(self, x, mods):
         h = self.inp(x)
         for i, blk in enumerate(self.blocks):
-            h = blk(h, *mods[4 * i: 4 * i + 4])
+            with nvtx_range(self._block_ranges[i]):
+                h = blk(h, *mods[4 * i: 4 * i + 4])
         h = ops.norm_modulate(h, None, None, "group", self.out_weight, self.out_bias, EPS, "silu", self.groups)
         return self.out(h)
