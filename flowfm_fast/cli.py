@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -15,7 +16,10 @@ from ._malloc import tune_cpu_allocator
 from .data import DataError
 from .train import CheckpointError
 
-USER_ERRORS = (DataError, CheckpointError, ValueError, TypeError, FileNotFoundError)
+# What input validation raises (the data and checkpoint loaders, configs, argument checks) and what a
+# bad path the user gave raises. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (DataError, CheckpointError, ValueError, TypeError, FileNotFoundError, NotADirectoryError,
+               IsADirectoryError, PermissionError)
 
 
 def _add_data_args(p):
@@ -29,7 +33,10 @@ def _device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but CUDA is not available")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:  # torch's message for an unknown device type lists every backend it knows
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
 
 
 def cmd_pretrain(a) -> int:
@@ -162,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=cmd_sample)
 
     q = sub.add_parser("compare", help="FlowFM vs its DDPM counterpart: time to quality, FID vs steps, report")
-    q.add_argument("--data", default=None, help="hapt | synthetic (default: hapt; synthetic with --quick)")
+    q.add_argument("--data", default=None, choices=("hapt", "synthetic"),
+                   help="hapt | synthetic (default: hapt; synthetic with --quick)")
     q.add_argument("--config", default=None, choices=CONFIG_NAMES, help="default: small (tiny with --quick)")
     q.add_argument("--steps", type=int, default=None, help="training steps per objective (default 2000)")
     q.add_argument("--eval-every", type=float, default=None, help="training seconds between probe/FID evaluations")
@@ -199,8 +207,16 @@ def main(argv=None) -> int:
     try:
         return args.fn(args)
     except USER_ERRORS as exc:
-        print(f"flowfm-fast {args.cmd}: error: {exc}", file=sys.stderr)
+        if os.environ.get("FLOWFM_DEBUG", "") not in ("", "0"):
+            raise  # the traceback, for telling a validation error from a bug
+        print(f"flowfm-fast {args.cmd}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    """The exception's message on one line, as argparse prints its errors."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return "; ".join(lines) or type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -233,6 +233,30 @@ def _write_bad(kind: str, tmp_path: Path) -> Path:
         np.save(p, rng.standard_normal((8, 3, 101)).astype(np.float32))  # not a multiple of the patch
     elif kind == "missing":
         p = tmp_path / "missing.npy"
+    elif kind in ("bool", "complex", "strings"):
+        p = tmp_path / "bad.npy"
+        x = rng.standard_normal((8, 3, 300))
+        np.save(p, {"bool": x > 0, "complex": x.astype(np.complex64), "strings": x.astype(str)}[kind])
+    elif kind == "inf":
+        p = tmp_path / "bad.npz"
+        x = rng.standard_normal((8, 3, 300)).astype(np.float32)
+        x[0, 0, 0] = -np.inf
+        np.savez(p, x=x)
+    elif kind == "zero-windows":
+        p = tmp_path / "bad.npy"
+        np.save(p, np.zeros((0, 3, 300), np.float32))
+    elif kind == "huge-header":   # claims 10^12 float32 elements: refused from the header, nothing allocated
+        p = tmp_path / "bad.npy"
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False,
+                                                   "shape": (10 ** 6, 3, 333334)})
+        p.write_bytes(buf.getvalue() + b"\0" * 4096)
+    elif kind == "object-labels":
+        p = tmp_path / "bad.npz"
+        y = np.empty(8, dtype=object)
+        y[:] = 0
+        y[0] = _Evil(tmp_path / "pwned")
+        np.savez(p, x=rng.standard_normal((8, 3, 300)).astype(np.float32), y=y)
     elif kind == "truncated-npz":
         p = tmp_path / "bad.npz"
         np.savez(p, x=rng.standard_normal((8, 3, 300)).astype(np.float32))
@@ -242,10 +266,11 @@ def _write_bad(kind: str, tmp_path: Path) -> Path:
     return p
 
 
-@pytest.mark.parametrize("kind", [
-    "2d", "nan", "object", "pickle", "wrong-length", "missing",
-    "truncated-npz",
-])
+HOSTILE = ["2d", "nan", "inf", "object", "object-labels", "pickle", "wrong-length", "missing", "truncated-npz",
+           "bool", "complex", "strings", "zero-windows", "huge-header"]
+
+
+@pytest.mark.parametrize("kind", HOSTILE)
 def test_pretrain_hostile_data(kind, tmp_path):
     bad = _write_bad(kind, tmp_path)
     out_dir = tmp_path / "out"
@@ -257,6 +282,63 @@ def test_pretrain_hostile_data(kind, tmp_path):
     assert not out_dir.exists() or not (out_dir / "checkpoints").exists()
     assert not out_dir.exists(), "nothing should be written for unusable data"
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("kind", ["object", "huge-header", "nan", "strings"])
+@pytest.mark.parametrize("flag", ["--data", "--test-data"])
+def test_probe_and_sample_hostile_data(kind, flag, run_dir, tmp_path):
+    """The subcommands that read user arrays with a trained model: one line, exit 2, nothing written."""
+    bad = _write_bad(kind, tmp_path)
+    good = tmp_path / "good.npz"
+    w = make_synthetic(n=16, length=300, seed=3)
+    np.savez(good, x=w.x, y=w.y)
+    data = {"--data": good, "--test-data": good, flag: bad}
+    for cmd, extra in (("probe", ()), ("sample", ("--out", tmp_path / "s" / "s.npz"))):
+        rc, out, err = run_cli(cmd, "--ckpt", run_dir, "--data", data["--data"], "--test-data", data["--test-data"],
+                               "--device", "cpu", *extra)
+        assert rc == 2, (cmd, err)
+        _assert_one_error_line(err, cmd)
+        assert str(bad) in err
+        assert out.strip() == ""
+    assert not (tmp_path / "s").exists()
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_bad_device_is_one_error_line(tmp_path):
+    rc, out, err = run_cli(*PRETRAIN, "--steps", 1, "--device", "not-a-device", "--out", tmp_path / "out")
+    assert rc == 2
+    _assert_one_error_line(err, "pretrain")
+    assert "--device" in err
+
+
+def test_compare_takes_only_named_datasets(tmp_path):
+    bad = _write_bad("2d", tmp_path)
+    with contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit) as ei:
+        main(["compare", "--quick", "--data", str(bad), "--out", str(tmp_path / "out")])
+    assert ei.value.code == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_user_error_message_is_one_line_and_bugs_keep_tracebacks(monkeypatch, tmp_path):
+    import flowfm_fast.cli as cli
+
+    def multi_line(_a):
+        raise ValueError("first line\n\n  second line\n")
+
+    def bug(_a):
+        raise RuntimeError("an internal bug")
+
+    monkeypatch.setattr(cli, "cmd_demo", multi_line)
+    rc, out, err = run_cli("demo", "--out", tmp_path)
+    assert rc == 2
+    assert err == "flowfm-fast demo: error: first line; second line\n"
+    monkeypatch.setenv("FLOWFM_DEBUG", "1")   # validation errors with their traceback, for bug reports
+    with pytest.raises(ValueError, match="second line"):
+        run_cli("demo", "--out", tmp_path)
+    monkeypatch.delenv("FLOWFM_DEBUG")
+    monkeypatch.setattr(cli, "cmd_demo", bug)
+    with pytest.raises(RuntimeError, match="internal bug"):
+        run_cli("demo", "--out", tmp_path)
 
 
 def test_console_script_hostile_data_exit_code(tmp_path, _env):

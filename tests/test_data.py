@@ -666,6 +666,115 @@ def test_missing_file_and_directory_refused(tmp_path):
     _assert_data_error(tmp_path)
 
 
+def _npy_with_header(shape, descr="<f4", data=b"\0" * 64, version=(1, 0), fortran=False) -> bytes:
+    """A .npy whose header claims ``shape``, followed by ``data`` (whatever the header says)."""
+    buf = io.BytesIO()
+    header = {"descr": descr, "fortran_order": fortran, "shape": shape}
+    (np.lib.format.write_array_header_1_0 if version == (1, 0) else np.lib.format.write_array_header_2_0)(buf, header)
+    return buf.getvalue() + data
+
+
+@pytest.mark.parametrize("container", ["npy", "npz"])
+@pytest.mark.parametrize("shape", [(10 ** 6, 3, 10 ** 6), (1, 1, 2 ** 62), (2 ** 40, 2 ** 40, 2 ** 40)])
+def test_huge_header_refused_without_allocating(container, shape, tmp_path):
+    import tracemalloc
+    p = tmp_path / f"huge.{container}"
+    raw = _npy_with_header(shape)
+    if container == "npy":
+        p.write_bytes(raw)
+    else:
+        with zipfile.ZipFile(p, "w") as z:
+            z.writestr("x.npy", raw)
+    tracemalloc.start()
+    try:
+        msg = _assert_data_error(p)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert "too large" in msg
+    assert peak < 8 * 2 ** 20, peak
+
+
+@pytest.mark.parametrize("container", ["npy", "npz"])
+def test_header_promising_more_data_than_there_refused(container, tmp_path):
+    p = tmp_path / f"short.{container}"
+    raw = _npy_with_header((4, 3, 100), data=b"\0" * 400)    # 4800 bytes promised
+    if container == "npy":
+        p.write_bytes(raw)
+    else:
+        with zipfile.ZipFile(p, "w") as z:
+            z.writestr("x.npy", raw)
+    assert "truncated" in _assert_data_error(p)
+
+
+@pytest.mark.parametrize("shape", [(2, -3, 4), (-1,)])
+def test_negative_dimension_in_header_refused(shape, tmp_path):
+    p = tmp_path / "neg.npy"
+    p.write_bytes(_npy_with_header(shape))
+    _assert_data_error(p)
+
+
+@pytest.mark.parametrize("descr", ["|O", "<U4", "|b1", "<c8", "<M8[s]", [("a", "<f4")], "|V8"])
+def test_non_numeric_header_refused_before_reading(descr, tmp_path):
+    p = tmp_path / "w.npy"
+    p.write_bytes(_npy_with_header((1, 1, 2), descr=descr))
+    _assert_data_error(p)
+
+
+def test_pickle_disguised_as_npz_member_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    p = tmp_path / "w.npz"
+    with zipfile.ZipFile(p, "w") as z:
+        z.writestr("x.npy", pickle.dumps(_Reduce(os.system, (f"touch {marker}",))))
+    _assert_data_error(p)
+    assert not marker.exists()
+
+
+def test_encrypted_npz_member_refused(tmp_path):
+    p = tmp_path / "w.npz"
+    np.savez(p, x=_windows())
+    b = bytearray(p.read_bytes())
+    b[6] |= 0x1   # the local header's "encrypted" flag ...
+    cd = b.rfind(b"PK\x01\x02")
+    b[cd + 8] |= 0x1   # ... and the central directory's
+    p.write_bytes(bytes(b))
+    _assert_data_error(p)
+
+
+def test_npz_with_trailing_corruption_refused(tmp_path):
+    """A flipped byte in the last bytes of x's data is caught by zipfile's CRC check."""
+    p = tmp_path / "w.npz"
+    np.savez(p, x=_windows(2))
+    b = bytearray(p.read_bytes())
+    member_end = b.find(b"PK\x01\x02")
+    b[member_end - 1] ^= 0xFF
+    p.write_bytes(bytes(b))
+    _assert_data_error(p)
+
+
+@pytest.mark.parametrize("labels", [[0, 1, -2, 0, 1], [0, 1, 10 ** 9, 0, 1]])
+def test_out_of_range_labels_refused(labels, tmp_path):
+    p = tmp_path / "w.npz"
+    np.savez(p, x=_windows(5), y=np.array(labels, np.int64))
+    assert "labels" in _assert_data_error(p)
+
+
+def test_unusual_but_valid_layouts_load(tmp_path):
+    x = _windows(4, 3, 40)
+    for i, arr in enumerate([x.astype(">f4"), np.asfortranarray(x), x.astype(np.float16), x.astype(">f8"),
+                             (x * 100).astype(np.int8), (x * 100).astype(np.int64)]):
+        p = tmp_path / f"w{i}.npy"
+        np.save(p, arr)
+        ws = load_windows(p)
+        assert ws.x.dtype == np.float32 and ws.x.flags.c_contiguous and ws.x.flags.writeable
+        np.testing.assert_allclose(ws.x, arr.astype(np.float32))
+    p = tmp_path / "v2.npy"
+    p.write_bytes(_npy_with_header((1, 1, 4), data=np.arange(4, dtype="<f4").tobytes(), version=(2, 0)))
+    np.testing.assert_array_equal(load_windows(p).x.ravel(), np.arange(4))
+    np.savez(tmp_path / "big_endian_labels.npz", x=x, y=np.array([0, 1, -1, 3], ">i2"))
+    assert load_windows(tmp_path / "big_endian_labels.npz").y.tolist() == [0, 1, -1, 3]
+
+
 def test_channel_and_length_mismatch_refused(tmp_path):
     p = tmp_path / "w.npy"
     np.save(p, _windows(4, 3, 40))
