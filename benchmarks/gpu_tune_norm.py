@@ -3,7 +3,12 @@ elements per program, values per thread -> warps)
 at large rows, timing the public op with triton.testing.do_bench (CUDA events, median), next to
 the cuda backend, eager and torch.compile of the reference in the same process.
 
-    python benchmarks/gpu_tune_norm.py            # prints a table; GB/s against a 1 GiB copy
+    python benchmarks/gpu_tune_norm.py [fwd|bwd|both]   # a table per case; GB/s against a 1 GiB copy
+
+fwd sweeps GPU_ROW_TILE / GPU_GROUP_TILE and the forward warps (fwd_warps); bwd times
+forward + backward while sweeping the backward's GPU_TILE, warps (num_warps) and GPU_PROGRAMS,
+the forward at its default. Bytes: fwd reads x and writes y; fwd+bwd also reads dy and x and
+writes dx (the modulation tensors are small).
 """
 from __future__ import annotations
 
@@ -30,43 +35,75 @@ def cases():
     g = torch.Generator(dev).manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(64, 1024, 1024, device=dev, generator=g).to(dtype)
-        sh, sc = (0.1 * torch.randn(64, 1024, device=dev, generator=g)).to(dtype), (0.1 * torch.randn(64, 1024, device=dev, generator=g)).to(dtype)
-        yield f"layer {dtype} 64x1024x1024", (lambda x=x, sh=sh, sc=sc: ops.norm_modulate(x, sh, sc, "layer", eps=1e-6)), 2 * x.numel() * x.element_size(), (x, sh, sc)
+        sh, sc = ((0.1 * torch.randn(64, 1024, device=dev, generator=g)).to(dtype) for _ in range(2))
+        yield f"layer {dtype} 64x1024x1024", (lambda x, sh, sc: ops.norm_modulate(x, sh, sc, "layer", eps=1e-6)), (x, sh, sc)
     x = torch.randn(256, 128, 2048, device=dev, generator=g)
     w, b = torch.ones(128, device=dev), torch.zeros(128, device=dev)
-    sh = sc = 0.1 * torch.randn(256, 128, device=dev, generator=g)
-    yield "group32+silu 256x128x2048", (lambda: ops.norm_modulate(x, sh, sc, "group", w, b, 1e-5, "silu", 32)), 2 * x.numel() * 4, (x, sh, sc)
+    sh, sc = (0.1 * torch.randn(256, 128, device=dev, generator=g) for _ in range(2))
+    yield "group32+silu 256x128x2048", (lambda x, sh, sc: ops.norm_modulate(x, sh, sc, "group", w, b, 1e-5, "silu", 32)), (x, sh, sc)
 
 
 def t_ms(fn):
     return do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
-rows = []
-orig = K.GPU_ROW_TILE, K.GPU_GROUP_TILE, K.fwd_warps
-for name, fn, nbytes, _ in cases():
-    ref = _registry._IMPLS["norm_modulate"]["torch"]
-    with use_backend("torch"):
-        rows.append((name, "eager", t_ms(fn)))
-        _registry._IMPLS["norm_modulate"]["torch"] = _registry.Impl(torch.compile(ref.fn, dynamic=False), ref.can_use)
-        try:
-            rows.append((name, "compile", t_ms(fn)))
-        finally:
-            _registry._IMPLS["norm_modulate"]["torch"] = ref
-    if "cuda" in ops.backends_for("norm_modulate"):
-        with use_backend("cuda"):
-            rows.append((name, "cuda", t_ms(fn)))
-    for tile, per_thread in itertools.product((1024, 2048, 4096, 8192, 16384), (4, 8, 16, 32)):
-        K.GPU_ROW_TILE = K.GPU_GROUP_TILE = tile
-        K.fwd_warps = lambda e, _=None, p=per_thread: max(1, min(16, triton.next_power_of_2(max(1, e // (32 * p)))))
-        try:
-            with use_backend("triton"):
-                rows.append((name, f"triton tile={tile} vals/thread={per_thread}", t_ms(fn)))
-        except Exception as exc:  # a config the compiler refuses: say so, go on
-            print(name, tile, per_thread, "failed:", str(exc)[:200], file=sys.stderr)
-    K.GPU_ROW_TILE, K.GPU_GROUP_TILE, K.fwd_warps = orig
-    best = min((r for r in rows if r[0] == name), key=lambda r: r[2])
-    for r in rows:
-        if r[0] == name:
-            print(f"{r[0]:28s} {r[1]:36s} {r[2]*1e3:8.1f} us {nbytes / (r[2] * 1e-3) / 1e9:7.0f} GB/s "
-                  f"{100 * nbytes / (r[2] * 1e-3) / 1e9 / copy_gbps:4.0f}%{'  <- best' if r is best else ''}")
+def timed(op, inputs, mode):
+    """A callable running ``op`` once in ``mode`` and the bytes that must move."""
+    x = inputs[0]
+    n = x.numel() * x.element_size()
+    if mode == "fwd":
+        return (lambda: op(*inputs)), 2 * n
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    gy = torch.randn_like(x)
+    return (lambda: torch.autograd.grad(op(*leaves), leaves, gy)), 5 * n
+
+
+def warps_per_thread(p):
+    return lambda e, _=None: max(1, min(16, triton.next_power_of_2(max(1, e // (32 * p)))))
+
+
+def sweeps(mode):
+    """(label, settings) pairs: module attributes of kernels.norm_modulate to set for one run."""
+    if mode == "fwd":
+        for tile, p in itertools.product((1024, 2048, 4096, 8192, 16384), (4, 8, 16, 32)):
+            yield f"tile={tile} vals/thread={p}", dict(GPU_ROW_TILE=tile, GPU_GROUP_TILE=tile, fwd_warps=warps_per_thread(p))
+    else:
+        for tile, p, progs in itertools.product((2048, 4096, 8192), (8, 16, 32), (2, 4, 8)):
+            yield (f"bwd tile={tile} vals/thread={p} programs={progs}x132",
+                   dict(GPU_TILE=tile, num_warps=warps_per_thread(p), GPU_PROGRAMS=progs * 132))
+
+
+modes = {"fwd": ["fwd"], "bwd": ["fwd+bwd"], "both": ["fwd", "fwd+bwd"]}[sys.argv[1] if len(sys.argv) > 1 else "both"]
+for mode in modes:
+    for name, op, inputs in cases():
+        rows = []
+        fn, nbytes = timed(op, inputs, mode)
+        ref = _registry._IMPLS["norm_modulate"]["torch"]
+        with use_backend("torch"):
+            rows.append(("eager", t_ms(fn)))
+            _registry._IMPLS["norm_modulate"]["torch"] = _registry.Impl(torch.compile(ref.fn, dynamic=False), ref.can_use)
+            try:
+                rows.append(("compile", t_ms(fn)))
+            finally:
+                _registry._IMPLS["norm_modulate"]["torch"] = ref
+        if "cuda" in ops.backends_for("norm_modulate"):
+            with use_backend("cuda"):
+                rows.append(("cuda", t_ms(fn)))
+        with use_backend("triton"):
+            rows.append(("triton (defaults)", t_ms(fn)))
+            for label, settings in sweeps("fwd" if mode == "fwd" else "bwd"):
+                saved = {k: getattr(K, k) for k in settings}
+                try:
+                    for k, v in settings.items():
+                        setattr(K, k, v)
+                    rows.append((f"triton {label}", t_ms(fn)))
+                except Exception as exc:  # a config the compiler refuses: say so, go on
+                    print(name, label, "failed:", str(exc)[:200], file=sys.stderr)
+                finally:
+                    for k, v in saved.items():
+                        setattr(K, k, v)
+        best = min(rows, key=lambda r: r[1])
+        for label, ms in rows:
+            gbps = nbytes / (ms * 1e-3) / 1e9
+            print(f"{mode:7s} {name:28s} {label:48s} {ms*1e3:8.1f} us {gbps:7.0f} GB/s "
+                  f"{100 * gbps / copy_gbps:4.0f}%{'  <- best' if label == best[0] else ''}")

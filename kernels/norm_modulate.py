@@ -126,8 +126,9 @@ def inv_sqrt(v, ACC: tl.constexpr):
         return tl.rsqrt(v)
 
 
-def _tile(gpu_tile: int = GPU_TILE) -> int:
-    return INTERPRETER_TILE if interpreting() else gpu_tile
+def _tile(gpu_tile: int | None = None) -> int:
+    """Elements per tile: ``gpu_tile`` (GPU_TILE unless given) on a GPU, INTERPRETER_TILE interpreted."""
+    return INTERPRETER_TILE if interpreting() else (GPU_TILE if gpu_tile is None else gpu_tile)
 
 
 def num_warps(elements: int) -> int:
@@ -614,9 +615,9 @@ def _group_bwd_whole(DY, X, MEAN, RSTD, SHIFT, SCALE, W, BIAS, DX, DSHIFT, DSCAL
     tl.store(DX + mod[:, :, None] * L + li, dx.to(DX.dtype.element_ty), mask=m3)
 
 
-def _group_tiles(B: int, G: int, cg: int, L: int, gpu_tile: int = GPU_TILE):
+def _group_tiles(B: int, G: int, cg: int, L: int, gpu_tile: int | None = None):
     """(whole, BLOCK_G, BLOCK_C, BLOCK_L): whole groups per tile when one fits, else one program
-    per group looping over channel and position blocks."""
+    per group looping over channel and position blocks. ``gpu_tile``: GPU_TILE unless given."""
     budget = _tile(gpu_tile)
     pc, pl = next_pow2(cg), next_pow2(L)
     if pc * pl <= budget:

@@ -26,12 +26,15 @@ pytestmark = pytest.mark.skipif(
     reason="triton is not installed, or no GPU and TRITON_INTERPRET is not 1")
 
 
+GPU_TILES = ("GPU_TILE", "GPU_ROW_TILE", "GPU_GROUP_TILE")  # backward, token forward, group forward
+
+
 @pytest.fixture
 def small_tiles(monkeypatch):
     """Tiles of 32 elements: one row per tile for D = 37, several chunks per sample and several
     rows per chunk in the backward, group loops over channel and position blocks."""
     from flowfm_fast.kernels import norm_modulate as K
-    for name in ("INTERPRETER_TILE", "GPU_TILE"):
+    for name in ("INTERPRETER_TILE", *GPU_TILES):
         monkeypatch.setattr(K, name, SMALL_TILE)
 
 
@@ -68,8 +71,8 @@ def test_small_tiles_match_reference(monkeypatch, tile):
     """Many programs, row loops and partial-sum tables give the reference's values and gradients
     (tile 32: GroupNorm loops over channel and position blocks; 256: one whole group per program)."""
     from flowfm_fast.kernels import norm_modulate as K
-    monkeypatch.setattr(K, "INTERPRETER_TILE", tile)
-    monkeypatch.setattr(K, "GPU_TILE", tile)
+    for name in ("INTERPRETER_TILE", *GPU_TILES):
+        monkeypatch.setattr(K, name, tile)
     with use_backend("torch"):
         want = _run_all()
     with use_backend("triton"):
@@ -83,8 +86,8 @@ def test_small_and_large_tiles_agree():
         large = _run_all()
     from flowfm_fast.kernels import norm_modulate as K
     mp = pytest.MonkeyPatch()
-    mp.setattr(K, "INTERPRETER_TILE", SMALL_TILE)
-    mp.setattr(K, "GPU_TILE", SMALL_TILE)
+    for name in ("INTERPRETER_TILE", *GPU_TILES):
+        mp.setattr(K, name, SMALL_TILE)
     try:
         with use_backend("triton"):
             small = _run_all()
@@ -109,8 +112,8 @@ def test_deterministic(request, dtype, tiles):
 def test_partition_covers_every_row_once(monkeypatch, tile):
     from flowfm_fast.kernels import norm_modulate as K
     if tile is not None:
-        monkeypatch.setattr(K, "INTERPRETER_TILE", tile)
-        monkeypatch.setattr(K, "GPU_TILE", tile)
+        for name in ("INTERPRETER_TILE", *GPU_TILES):
+            monkeypatch.setattr(K, name, tile)
     for B, T, D in [(1, 1, 7), (123, 1, 127), (3, 7, 300), (2, 4096, 1536), (64, 1, 8), (3, 5, 37)]:
         P = K.row_partition(B, T, D)
         assert P.block_d >= D
