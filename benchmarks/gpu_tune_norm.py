@@ -68,7 +68,7 @@ def sweeps(mode):
         for tile, p in itertools.product((1024, 2048, 4096, 8192, 16384), (4, 8, 16, 32)):
             yield f"tile={tile} vals/thread={p}", dict(GPU_ROW_TILE=tile, GPU_GROUP_TILE=tile, fwd_warps=warps_per_thread(p))
     else:
-        for tile, p, progs in itertools.product((2048, 4096, 8192), (8, 16, 32), (2, 4, 8)):
+        for tile, p, progs in itertools.product((2048, 4096), (8, 16, 32), (4, 8, 16, 32)):
             yield (f"bwd tile={tile} vals/thread={p} programs={progs}x132",
                    dict(GPU_TILE=tile, num_warps=warps_per_thread(p), GPU_PROGRAMS=progs * 132))
 
