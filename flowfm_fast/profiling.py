@@ -96,7 +96,7 @@ def add_profile_parser(subparsers) -> argparse.ArgumentParser:
                                               "(Chrome trace + top-ops table)")
     q.add_argument("--config", default="small", choices=CONFIG_NAMES)
     q.add_argument("--velocity", default="dit", choices=("dit", "resnet"))
-    q.add_argument("--batch", type=int, default=64)
+    q.add_argument("--batch", type=int, default=64, help="windows per training step and per sampling")
     q.add_argument("--steps", type=int, default=3, help="profiled training steps")
     q.add_argument("--warmup", type=int, default=1, help="unprofiled training steps and samplings first")
     q.add_argument("--sample-steps", type=int, default=8, help="K of the profiled sampling")
@@ -116,6 +116,13 @@ def _phase(name: str):
     """A named span in both the torch.profiler trace and Nsight."""
     with torch.profiler.record_function(name), nvtx_range(name):
         yield
+
+
+def top_ops_text(averages, rows: int, cuda: bool) -> str:
+    """torch.profiler's op table sorted by self CPU time, and by self CUDA time when ``cuda``."""
+    sorts = [("self CPU time", "self_cpu_time_total")] + ([("self CUDA time", "self_cuda_time_total")] if cuda else [])
+    return "".join(f"\n== top {rows} ops by {title} ==\n{averages.table(sort_by=key, row_limit=rows)}\n"
+                   for title, key in sorts)
 
 
 def run_profile(a) -> int:
@@ -191,16 +198,8 @@ def run_profile(a) -> int:
     out.mkdir(parents=True, exist_ok=True)
     trace, top = out / "trace.json", out / "top_ops.txt"
     prof.export_chrome_trace(str(trace))
-    avg = prof.key_averages()
-    sorts = [("self CPU time", "self_cpu_time_total")]
-    if dev.type == "cuda":
-        sorts.append(("self CUDA time", "self_cuda_time_total"))
     header = (f"flowfm-fast profile: config={a.config} velocity={a.velocity} batch={a.batch} device={dev} "
               f"train steps={a.steps} sampling={a.method} x {a.sample_steps}")
-    with open(top, "w") as f:
-        f.write(header + "\n")
-        for title, key in sorts:
-            f.write(f"\n== top {a.rows} ops by {title} ==\n")
-            f.write(avg.table(sort_by=key, row_limit=a.rows) + "\n")
+    top.write_text(header + "\n" + top_ops_text(prof.key_averages(), a.rows, cuda=dev.type == "cuda"))
     print(json.dumps({"trace": str(trace), "top_ops": str(top), "device": str(dev)}))
     return 0

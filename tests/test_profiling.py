@@ -159,6 +159,14 @@ def test_profile_command_writes_trace_and_top_ops(tmp_path):
     assert "self CPU time" in top and "aten::" in top
 
 
+def test_top_ops_table_sorts_by_device_time_too():
+    """The CUDA branch's sort key, checked without a GPU (device times are zero here)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        torch.randn(64, 64) @ torch.randn(64, 64)
+    text = profiling.top_ops_text(prof.key_averages(), 5, cuda=True)
+    assert "by self CPU time" in text and "by self CUDA time" in text and "aten::mm" in text
+
+
 def test_profile_command_rejects_bad_arguments(tmp_path):
     code, _, err = run_cli("profile", "--config", "tiny", "--steps", "0", "--out", str(tmp_path))
     assert code == 2 and "--steps" in err
