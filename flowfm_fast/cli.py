@@ -42,7 +42,7 @@ def _device(name: str) -> torch.device:
 def cmd_pretrain(a) -> int:
     from .datasets import load_bundle
     from .models import get_config
-    from .train import TrainConfig, train_flowfm
+    from .train import TrainConfig, current_world, init_from_env, train_flowfm
     from .data import AugmentConfig
     b = load_bundle(a.data, None, a.gyro, length=None)
     try:
@@ -51,12 +51,20 @@ def cmd_pretrain(a) -> int:
     except ValueError as exc:  # the windows' shape does not fit the model config
         raise DataError(f"{a.data}: windows of shape {b.pretrain.x.shape[1:]} do not fit --config {a.config}: {exc}") from None
     tc = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, ema_decay=a.ema, seed=a.seed,
-                     warmup_steps=min(a.warmup, max(1, a.steps // 10)), ckpt_every=a.ckpt_every,
+                     warmup_steps=min(a.warmup, max(1, a.steps // 10)), ckpt_every=a.ckpt_every, log_every=a.log_every,
                      max_minutes=a.max_minutes, augment=AugmentConfig(enabled=not a.no_augment))
-    res = train_flowfm(cfg, b.pretrain.x, tc, a.out, b.standardizer, resume=a.resume, device=_device(a.device),
-                       progress=not a.quiet, extra_state={"channels": list(b.channels), "classes": list(b.classes)})
-    print(json.dumps({"step": res.step, "seconds": round(res.seconds, 1), "loss": res.last_loss,
-                      "checkpoint": str(res.checkpoint)}))
+    # Under torchrun (WORLD_SIZE > 1) every process joins one DDP group; alone, nothing changes.
+    device, joined = init_from_env(_device(a.device))
+    world = current_world()
+    try:
+        res = train_flowfm(cfg, b.pretrain.x, tc, a.out, b.standardizer, resume=a.resume, device=device,
+                           progress=not a.quiet, extra_state={"channels": list(b.channels), "classes": list(b.classes)})
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
+    if world.is_main:
+        print(json.dumps({"step": res.step, "seconds": round(res.seconds, 1), "loss": res.last_loss,
+                          "checkpoint": str(res.checkpoint)}))
     return 0
 
 
@@ -138,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ema", type=float, default=0.999, help="EMA decay (0 = off); evaluation uses the EMA weights")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--ckpt-every", type=int, default=250)
+    q.add_argument("--log-every", type=int, default=25, help="steps between metrics.jsonl records")
     q.add_argument("--max-minutes", type=float, default=None)
     q.add_argument("--no-augment", action="store_true")
     q.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")

@@ -6,12 +6,17 @@
 
 Everything is written into a hidden temporary directory, fsynced, then renamed into place (a
 rename is atomic), and only then does the ``latest`` pointer (itself replaced atomically) move.
-A directory without every file is never loaded. Nothing is unpickled: safetensors and JSON only.
+A process killed at any moment therefore leaves either the previous checkpoint or the new one:
+temporary directories and step directories without every file are never loaded (and are removed
+by the next save). ``state.json`` carries the SHA-256 of both tensor files, so damage inside a
+file that still parses is caught as well. Nothing is unpickled: safetensors and JSON only.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -22,6 +27,8 @@ STATE = "state.json"
 MODEL = "model.safetensors"
 OPTIM = "optim.safetensors"
 FILES = (MODEL, OPTIM, STATE)
+TMP_PREFIX = ".tmp-"
+STEP_DIR = re.compile(r"step_\d{8}")
 
 
 class CheckpointError(ValueError):
@@ -44,6 +51,23 @@ def _write_json(path: Path, obj) -> None:
         json.dump(obj, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def step_dir(root, step: int) -> Path:
+    """Where checkpoint ``step`` lives under ``root``."""
+    return Path(root) / f"step_{step:08d}"
+
+
+def _is_complete(d: Path) -> bool:
+    return STEP_DIR.fullmatch(d.name) is not None and all((d / f).is_file() for f in FILES)
 
 
 def _contiguous(tensors: dict) -> dict:
@@ -80,17 +104,20 @@ def save_checkpoint(root: Path, step: int, model_tensors: dict, optim_tensors: d
     """Write checkpoint ``step`` under ``root`` atomically; keep the newest ``keep``."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
-    tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    # Leftovers of a writer killed mid-save (one writer per run directory: rank 0).
+    for p in root.glob(TMP_PREFIX + "*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(".latest-*"):
+        p.unlink(missing_ok=True)
+    final = step_dir(root, step)
+    tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
     tmp.mkdir()
     save_file(_contiguous(model_tensors), str(tmp / MODEL))
     save_file(_contiguous(optim_tensors), str(tmp / OPTIM))
-    _write_json(tmp / STATE, {**state, "step": step})
     for name in (MODEL, OPTIM):
         with open(tmp / name, "rb") as f:
             os.fsync(f.fileno())
+    _write_json(tmp / STATE, {**state, "step": step, "sha256": {n: _sha256(tmp / n) for n in (MODEL, OPTIM)}})
     _fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
@@ -100,16 +127,22 @@ def save_checkpoint(root: Path, step: int, model_tensors: dict, optim_tensors: d
     pointer_tmp.write_text(final.name)
     os.replace(pointer_tmp, root / "latest")
     _fsync_dir(root)
-    old = sorted(p for p in root.glob("step_*") if p.is_dir())
+    old = sorted(p for p in root.glob("step_*") if p.is_dir() and STEP_DIR.fullmatch(p.name))
     for p in old[:-keep] if keep > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
     return final
 
 
 def find_checkpoint(path) -> Path:
-    """Resolve a run directory, its ``checkpoints`` folder or a step directory to a complete checkpoint."""
+    """Resolve a run directory, its ``checkpoints`` folder or a step directory to a complete checkpoint.
+
+    The ``latest`` pointer wins when it names a complete ``step_*`` directory; otherwise the
+    highest complete one. Temporary (``.tmp-*``) and incomplete directories are never chosen."""
     p = Path(path)
     if (p / STATE).is_file():
+        missing = [f for f in (MODEL, OPTIM) if not (p / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{p}: incomplete checkpoint, missing {', '.join(missing)}")
         return p
     root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
     if not root.is_dir():
@@ -117,9 +150,9 @@ def find_checkpoint(path) -> Path:
     pointer = root / "latest"
     if pointer.is_file():
         cand = root / pointer.read_text().strip()
-        if all((cand / f).is_file() for f in FILES):
+        if _is_complete(cand):
             return cand
-    complete = [d for d in sorted(root.glob("step_*")) if all((d / f).is_file() for f in FILES)]
+    complete = [d for d in sorted(root.glob("step_*")) if _is_complete(d)]
     if not complete:
         raise CheckpointError(f"{path}: no complete checkpoint found")
     return complete[-1]
@@ -130,14 +163,25 @@ def read_checkpoint(path) -> tuple[dict, dict, dict, Path]:
     ckpt = find_checkpoint(path)
     try:
         state = json.loads((ckpt / STATE).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{ckpt}: damaged {STATE} ({exc})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{ckpt}: {STATE} lacks a step")
+    # Checkpoints written before checksums existed have none; every newer one is verified first,
+    # so a damaged file is named as such rather than by whatever its parse trips over.
+    digests = state.get("sha256") or {}
+    if not isinstance(digests, dict):
+        raise CheckpointError(f"{ckpt}: {STATE} has a malformed sha256 entry")
+    for name in (MODEL, OPTIM):
+        if name in digests and _sha256(ckpt / name) != digests[name]:
+            raise CheckpointError(f"{ckpt}: {name} is corrupted (its SHA-256 differs from the one in {STATE})")
+    try:
         model = load_file(str(ckpt / MODEL))
         optim = load_file(str(ckpt / OPTIM))
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{ckpt}: damaged checkpoint ({exc})") from None
     except Exception as exc:  # safetensors raises its own error type on a corrupt header
         raise CheckpointError(f"{ckpt}: damaged checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(state, dict) or "step" not in state:
-        raise CheckpointError(f"{ckpt}: state.json lacks a step")
     return model, optim, state, ckpt
 
 

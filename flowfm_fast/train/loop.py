@@ -1,8 +1,10 @@
 """Joint FlowFM training: one flow-matching loss trains encoder and generator together.
 
 Deterministic on CPU for a fixed seed: model init, data order (a permutation per epoch derived
-from seed and epoch) and every random draw (noise, t, augmentation, from one generator whose
-state is checkpointed) are reproducible, so a resumed run continues exactly.
+from seed and epoch) and every random draw (noise, t, augmentation, from a generator reseeded each
+step from seed, step and rank) are functions of the step, so a resumed run continues exactly.
+Under ``torchrun`` the model is wrapped in DDP and each rank trains on its slice of the global
+batch (:mod:`flowfm_fast.train.distributed`); rank 0 alone logs and writes checkpoints.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from ..data.augment import AugmentConfig, augment
 from ..data.windows import Standardizer
 from ..models import FlowFM, FlowFMConfig
 from .checkpoint import (CheckpointError, load_weights, optimizer_from_flat, optimizer_to_flat,
-                         read_checkpoint, save_checkpoint)
+                         read_checkpoint, save_checkpoint, step_dir)
+from .distributed import current_world, step_seed
 
 
 @dataclass
@@ -49,7 +52,13 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         return self
+
+    # What fixes the sequence of batches and draws, and whether EMA weights exist: resuming with
+    # any of these changed would silently continue a different run.
+    RESUME_FIELDS = ("seed", "batch_size", "ema_decay", "augment")
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -105,6 +114,34 @@ def build_model(cfg: FlowFMConfig, seed: int) -> FlowFM:
     return FlowFM(cfg)
 
 
+class _Loss(torch.nn.Module):
+    """``model.loss`` as a forward, the call DDP wraps to overlap its gradient all-reduce with backward."""
+
+    def __init__(self, model: FlowFM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x1, x_enc, generator):
+        return self.model.loss(x1, x_enc, generator=generator)
+
+
+def _check_resume_config(state: dict, model_cfg: FlowFMConfig, cfg: TrainConfig, where) -> None:
+    try:
+        same_model = FlowFMConfig.from_dict(state.get("model_config") or {}) == model_cfg
+    except (TypeError, ValueError):
+        same_model = False
+    if not same_model:
+        raise CheckpointError(f"{where}: checkpoint was made with another model config")
+    saved = state.get("train_config")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{where}: state.json lacks the training config")
+    now = cfg.to_dict()
+    differ = [k for k in TrainConfig.RESUME_FIELDS if k in saved and saved[k] != now[k]]
+    if differ:
+        diffs = ", ".join(f"{k}: checkpoint {saved[k]!r}, now {now[k]!r}" for k in differ)
+        raise CheckpointError(f"{where}: checkpoint was made with another training config ({diffs})")
+
+
 def train_flowfm(model_cfg: FlowFMConfig, windows: np.ndarray, cfg: TrainConfig, out_dir, standardizer: Standardizer,
                  resume: bool = False, device: str | torch.device = "cpu", progress: bool = True,
                  extra_state: dict | None = None, callback=None) -> TrainResult:
@@ -112,52 +149,66 @@ def train_flowfm(model_cfg: FlowFMConfig, windows: np.ndarray, cfg: TrainConfig,
 
     ``callback(step, seconds, eval_model)`` runs after every step (``eval_model``: the EMA model
     when EMA is on); the time it takes is left out of the training clock, so evaluations made
-    from it (the probe curve of ``flowfm-fast compare``) do not count as training time."""
+    from it (the probe curve of ``flowfm-fast compare``) do not count as training time.
+
+    When a torch.distributed process group is initialised (``flowfm-fast pretrain`` under torchrun
+    joins one), every rank calls this with the same arguments and its own ``device``: each trains
+    on its slice of the global ``cfg.batch_size`` batch, rank 0 alone writes metrics and
+    checkpoints (the others wait for it) and the callback runs on every rank. ``out_dir`` must be
+    one directory all ranks see for ``resume``."""
     cfg.validate()
     device = torch.device(device)
+    world = current_world()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     if windows.ndim != 3 or tuple(windows.shape[1:]) != (model_cfg.channels, model_cfg.length):
         raise ValueError(f"windows must have shape (N, {model_cfg.channels}, {model_cfg.length}), got {windows.shape}")
+    if world.size > min(cfg.batch_size, windows.shape[0]):
+        raise ValueError(f"batch_size {cfg.batch_size} over {windows.shape[0]} windows leaves some of the "
+                         f"{world.size} processes without a window; use a batch_size >= the number of processes")
     model = build_model(model_cfg, cfg.seed).to(device)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.99))
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    gen = torch.Generator(device=device)
     start, elapsed_before = 0, 0.0
 
     if resume and (out / "checkpoints").is_dir():
         tensors, optim_tensors, state, where = read_checkpoint(out)
-        try:
-            same_cfg = FlowFMConfig.from_dict(state.get("model_config") or {}) == model_cfg
-        except (TypeError, ValueError):
-            same_cfg = False
-        if not same_cfg:
-            raise CheckpointError(f"{where}: checkpoint was made with another model config")
+        _check_resume_config(state, model_cfg, cfg, where)
         load_weights(model, tensors, "model.", str(where))
         if ema is not None:
             load_weights(ema, tensors, "ema.", str(where))
-        optimizer_from_flat(opt, {k: v.to(device) for k, v in optim_tensors.items()}, state["optimizer"])
-        gen.set_state(optim_tensors["rng.generator"])
+        try:
+            optimizer_from_flat(opt, {k: v.to(device) for k, v in optim_tensors.items()}, state["optimizer"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{where}: optimizer state does not fit the model ({exc})") from None
         start, elapsed_before = int(state["step"]), float(state.get("train_seconds", 0.0))
+    # A rank that resumed from another step (out_dir not shared between machines) would train a
+    # different model under the same all-reduce: stop all of them instead.
+    world.check_same(start, "the step to resume from (is --out on a filesystem every node shares?)", device)
+    loss_fn = _Loss(model)
+    if world.active:
+        loss_fn = torch.nn.parallel.DistributedDataParallel(
+            loss_fn, device_ids=[device.index] if device.type == "cuda" else None)
 
     X = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32))
     mean = torch.as_tensor(standardizer.mean, device=device)
     std = torch.as_tensor(standardizer.std, device=device)
     use_amp = device.type == "cuda"
-    log_f = open(out / "metrics.jsonl", "a")
+    log_f = open(out / "metrics.jsonl", "a") if world.is_main else None
 
     def checkpoint(step: int, seconds: float) -> Path:
         model_t = {f"model.{k}": v for k, v in model.state_dict().items()}
         if ema is not None:
             model_t.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
         opt_t, opt_rest = optimizer_to_flat(opt)
-        opt_t["rng.generator"] = gen.get_state()
         state = {"model_config": model_cfg.to_dict(), "train_config": cfg.to_dict(), "optimizer": opt_rest,
                  "standardizer": standardizer.to_dict(), "train_seconds": seconds, **(extra_state or {})}
         return save_checkpoint(out / "checkpoints", step, model_t, opt_t, state, cfg.keep_checkpoints)
 
     bar = None
-    if progress:
+    if progress and world.is_main:
         from tqdm.auto import tqdm
         bar = tqdm(total=cfg.steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True)
     t0 = time.perf_counter()
@@ -167,13 +218,18 @@ def train_flowfm(model_cfg: FlowFMConfig, windows: np.ndarray, cfg: TrainConfig,
         while step < cfg.steps:
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * lr_factor(step, cfg)
-            idx = batch_indices(step, X.shape[0], cfg.batch_size, cfg.seed)
+            batch = batch_indices(step, X.shape[0], cfg.batch_size, cfg.seed)
+            idx = world.shard(batch)
+            gen.manual_seed(step_seed(cfg.seed, step, world.rank))
             x1 = X[idx].to(device, non_blocking=True)
             x_enc = augment(x1, mean, std, cfg.augment, gen)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = model.loss(x1, x_enc, generator=gen)
+                loss = loss_fn(x1, x_enc, gen)
+            # DDP averages gradients over ranks; weighting each rank's batch mean by its share makes
+            # that average the gradient of the global batch mean, also when slices differ in size.
+            share = len(idx) * world.size / len(batch)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * share if share != 1 else loss).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             if ema is not None:
@@ -184,13 +240,15 @@ def train_flowfm(model_cfg: FlowFMConfig, windows: np.ndarray, cfg: TrainConfig,
             step += 1
             seconds = elapsed_before + time.perf_counter() - t0
             if step % cfg.log_every == 0 or step == cfg.steps:
-                loss_val = float(loss.detach())
+                loss_val = (float(world.sum(loss.detach().float() * len(idx))) / len(batch) if world.active
+                            else float(loss.detach()))
                 if not math.isfinite(loss_val):
                     raise FloatingPointError(f"loss became {loss_val} at step {step}")
                 rec = {"step": step, "loss": loss_val, "lr": opt.param_groups[0]["lr"],
                        "grad_norm": float(grad_norm), "seconds": round(seconds, 3)}
-                log_f.write(json.dumps(rec) + "\n")
-                log_f.flush()
+                if log_f is not None:
+                    log_f.write(json.dumps(rec) + "\n")
+                    log_f.flush()
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss_val:.4f}")
             if bar is not None:
@@ -200,15 +258,22 @@ def train_flowfm(model_cfg: FlowFMConfig, windows: np.ndarray, cfg: TrainConfig,
                 callback(step, seconds, ema if ema is not None else model)
                 model.train()
                 t0 += time.perf_counter() - c0
-            out_of_time = cfg.max_minutes is not None and seconds >= 60 * cfg.max_minutes
+            # Rank clocks differ: rank 0's decides, so every rank stops after the same step.
+            out_of_time = cfg.max_minutes is not None and world.any(
+                world.is_main and seconds >= 60 * cfg.max_minutes, device)
             if step % cfg.ckpt_every == 0 or step == cfg.steps or out_of_time:
-                last_ckpt = checkpoint(step, seconds)
+                last_ckpt = checkpoint(step, seconds) if world.is_main else step_dir(out / "checkpoints", step)
+                world.barrier()
             if out_of_time:
                 break
     finally:
-        log_f.close()
+        if log_f is not None:
+            log_f.close()
         if bar is not None:
             bar.close()
+    # DDP hands rank 0's BatchNorm running statistics to every rank before each forward, but each
+    # rank then updates its own; after the last step every rank returns what rank 0 saved.
+    world.broadcast_([b for m in (model, ema) if m is not None for b in m.buffers()])
     model.eval()
     if ema is not None:
         ema.eval()
