@@ -3,6 +3,7 @@ run; a crash at any point inside a checkpoint write never leaves a half-written 
 gets loaded; damaged checkpoints and checkpoints of another config fail with a clear error."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -40,6 +41,10 @@ STEPS = 60   # 512 synthetic windows / 16 per batch = 32 steps an epoch: the fir
 PRETRAIN = [sys.executable, "-m", "flowfm_fast.cli", "pretrain", "--data", "synthetic", "--config", "tiny",
             "--steps", str(STEPS), "--batch-size", "16", "--lr", "3e-3", "--ema", "0.9", "--ckpt-every", "5",
             "--log-every", "5", "--device", "cpu", "--quiet"]
+
+
+def losses(out: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
 
 
 def latest_step(out: Path) -> int:
@@ -93,6 +98,8 @@ def test_sigkill_twice_then_resume_equals_uninterrupted(tmp_path):
     assert tensors_equal(model_a, model_b)
     assert tensors_equal(optim_a, optim_b)
     assert not list((cut / "checkpoints").glob(ckpt_mod.TMP_PREFIX + "*"))
+    # one clean loss curve, the uninterrupted one: steps logged before a kill are replaced on resume
+    assert losses(cut) == losses(full)
 
 
 # ---- a crash at each point of a checkpoint write (in process) --------------------------------

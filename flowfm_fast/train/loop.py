@@ -125,6 +125,23 @@ class _Loss(torch.nn.Module):
         return self.model.loss(x1, x_enc, generator=generator)
 
 
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records of steps <= ``step`` (what the checkpoint resumed from covers): a killed
+    run logged steps it will train again, and may have died inside a line. Replaced atomically."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in keep))
+    tmp.replace(path)
+
+
 def _check_resume_config(state: dict, model_cfg: FlowFMConfig, cfg: TrainConfig, where) -> None:
     try:
         same_model = FlowFMConfig.from_dict(state.get("model_config") or {}) == model_cfg
@@ -196,7 +213,11 @@ def train_flowfm(model_cfg: FlowFMConfig, windows: np.ndarray, cfg: TrainConfig,
     mean = torch.as_tensor(standardizer.mean, device=device)
     std = torch.as_tensor(standardizer.std, device=device)
     use_amp = device.type == "cuda"
-    log_f = open(out / "metrics.jsonl", "a") if world.is_main else None
+    log_f = None
+    if world.is_main:
+        if resume:
+            _truncate_metrics(out / "metrics.jsonl", start)
+        log_f = open(out / "metrics.jsonl", "a")
 
     def checkpoint(step: int, seconds: float) -> Path:
         model_t = {f"model.{k}": v for k, v in model.state_dict().items()}
