@@ -7,6 +7,7 @@ is the worker of :func:`test_ranks_stay_identical_and_resume_exactly`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -120,13 +121,14 @@ def test_two_process_loss_curve_matches_one_process(tmp_path):
 def test_ranks_stay_identical_and_resume_exactly(tmp_path):
     """Two ranks end with identical weights; a 2-process run resumed from its middle checkpoint
     ends bit for bit where the uninterrupted 2-process run does (two ranks' gloo all-reduce is one
-    addition, so it is deterministic)."""
+    addition, so it is deterministic); ``max_minutes`` stops every rank after the same step."""
     from safetensors.torch import load_file
     torchrun(2, str(Path(__file__).resolve()), str(tmp_path))
     ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
     assert ranks[0].keys() == ranks[1].keys()
     for k in ranks[0]:
         assert torch.equal(ranks[0][k], ranks[1][k]), k
+    assert ranks[0]["timed.step"].tolist() == [1, 1]
     for k in [k for k in ranks[0] if k.startswith("full.")]:
         assert torch.equal(ranks[0][k], ranks[0]["resumed." + k[len("full."):]]), k
     # not trivially equal: training moved the weights
@@ -160,7 +162,10 @@ def _worker(out: Path) -> None:
         (root / "latest").write_text(step_dir(root, 6).name)
     world.barrier()
     resumed = train_flowfm(mcfg, X, tcfg, out / "cut", std, resume=True, device=device, progress=False)
-    tensors = {}
+    # out of time after the first step by rank 0's clock: every rank stops there, checkpointed
+    timed = train_flowfm(mcfg, X, dataclasses.replace(tcfg, max_minutes=1e-9), out / "timed", std, device=device,
+                         progress=False)
+    tensors = {"timed.step": torch.tensor([timed.step, int(timed.checkpoint.is_dir())])}
     for name, m in (("init.model", build_model(mcfg, tcfg.seed)), ("full.model", full.model),
                     ("full.ema", full.ema), ("resumed.model", resumed.model), ("resumed.ema", resumed.ema)):
         tensors.update({f"{name}.{k}": v.detach().clone() for k, v in m.state_dict().items()})
