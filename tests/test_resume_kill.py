@@ -137,12 +137,14 @@ class Killed(BaseException):
     """Stands in for SIGKILL: no ``except Exception`` handler runs, nothing is cleaned up."""
 
 
-# (function to break, which of its calls dies); the second checkpoint (step 8) is the one cut short.
+# (function to break, which of its calls dies): the second checkpoint (step 8) is cut short, or
+# the first (step 4), when there is nothing to resume from and the run starts again.
 CRASH_POINTS = {
     "after_model_file": ("save_file", 4),       # model.safetensors written, optim not
     "before_state_json": ("_write_json", 2),     # both tensor files, no state.json
     "before_rename": ("rename", 2),              # a complete temporary directory
     "before_pointer": ("replace", 2),            # step_00000008 in place, `latest` still on step 4
+    "first_before_rename": ("rename", 1),        # only a temporary directory
 }
 
 
@@ -167,9 +169,13 @@ def test_crash_inside_checkpoint_write_is_never_loaded(data, uninterrupted, tmp_
     leftovers = list(root.glob(ckpt_mod.TMP_PREFIX + "*"))
     assert leftovers or point == "before_pointer"
     # whatever was left, the checkpoint found is a complete one from before the crash
-    assert find_checkpoint(tmp_path).name == "step_00000004"
-    _, _, state, _ = read_checkpoint(tmp_path)
-    assert state["step"] == 4
+    if point.startswith("first"):
+        with pytest.raises(CheckpointError, match="no complete checkpoint"):
+            find_checkpoint(tmp_path)
+    else:
+        assert find_checkpoint(tmp_path).name == "step_00000004"
+        _, _, state, _ = read_checkpoint(tmp_path)
+        assert state["step"] == 4
     train_flowfm(model_cfg(), X, train_cfg(), tmp_path, std, resume=True, progress=False)
     assert tensors_equal(final_tensors(tmp_path, 12)[0], final_tensors(uninterrupted, 12)[0])
     assert tensors_equal(final_tensors(tmp_path, 12)[1], final_tensors(uninterrupted, 12)[1])

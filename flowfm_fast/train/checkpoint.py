@@ -133,6 +133,13 @@ def save_checkpoint(root: Path, step: int, model_tensors: dict, optim_tensors: d
     return final
 
 
+def has_checkpoint(root) -> bool:
+    """Whether ``root`` (a ``checkpoints`` folder) ever received a checkpoint: a run killed inside
+    its first write leaves only a temporary directory, and then there is nothing to resume."""
+    root = Path(root)
+    return root.is_dir() and any(STEP_DIR.fullmatch(p.name) for p in root.iterdir())
+
+
 def find_checkpoint(path) -> Path:
     """Resolve a run directory, its ``checkpoints`` folder or a step directory to a complete checkpoint.
 

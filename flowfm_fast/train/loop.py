@@ -23,7 +23,7 @@ from ..data.augment import AugmentConfig, augment
 from ..data.windows import Standardizer
 from ..models import FlowFM, FlowFMConfig
 from .checkpoint import (CheckpointError, load_weights, optimizer_from_flat, optimizer_to_flat,
-                         read_checkpoint, save_checkpoint, step_dir)
+                         has_checkpoint, read_checkpoint, save_checkpoint, step_dir)
 from .distributed import current_world, step_seed
 
 
@@ -190,7 +190,7 @@ def train_flowfm(model_cfg: FlowFMConfig, windows: np.ndarray, cfg: TrainConfig,
     gen = torch.Generator(device=device)
     start, elapsed_before = 0, 0.0
 
-    if resume and (out / "checkpoints").is_dir():
+    if resume and has_checkpoint(out / "checkpoints"):
         tensors, optim_tensors, state, where = read_checkpoint(out)
         _check_resume_config(state, model_cfg, cfg, where)
         load_weights(model, tensors, "model.", str(where))
