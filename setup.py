@@ -33,9 +33,9 @@ def extension_kwargs():
         return {}
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-    # C++17 in every translation unit, the standard torch compiles the .cu files with: they share
-    # c10's inline functions with the .cpp files, and one library should hold one definition of each.
-    cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
+    # No -std: torch's build adds the standard its headers are written for (C++20 from torch 2.10,
+    # C++17 before), the same for the .cpp and the .cu files; the sources compile under both.
+    cxx_flags = ["-O3", "-fopenmp"]
     # The extension is built on the machine that runs it, so let the compiler use its SIMD width
     # (AVX/FMA here); FLOWFM_PORTABLE=1 builds a generic x86-64 binary instead.
     if os.environ.get("FLOWFM_PORTABLE", "0") != "1":
@@ -50,7 +50,7 @@ def extension_kwargs():
                             define_macros=[("FLOWFM_WITH_CUDA", "1")],
                             # No --use_fast_math: it turns tanhf into tanh.approx (~5e-4 relative
                             # error in GELU-tanh); these kernels are memory-bound, exact math is free.
-                            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
+                            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
                             extra_link_args=["-fopenmp"])
     else:
         ext = CppExtension("flowfm_fast._C", sources, extra_compile_args={"cxx": cxx_flags},

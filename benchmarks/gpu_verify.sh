@@ -49,6 +49,10 @@ fi
 if [[ " $STAGES " == *" profile "* ]]; then
   timeout -s INT 60 python3 benchmarks/gpu_profile_step.py dit > "$OUT/profile.log" 2>&1
   at "profile rc=$?"; grep -E "=====" "$OUT/profile.log"
+  # The CLI's profiler with NVTX ranges on: must run on CUDA without error.
+  FLOWFM_NVTX=1 timeout -s INT 60 python3 -m flowfm_fast.cli profile --device cuda --out /tmp/flowfm_prof \
+    >> "$OUT/profile.log" 2>&1
+  at "flowfm-fast profile rc=$?"; head -15 /tmp/flowfm_prof/top_ops.txt 2>/dev/null
 fi
 if [[ " $STAGES " == *" bench "* ]]; then
   B="python3 -m pytest -q -p no:cacheprovider --benchmark-max-time=0.2 --benchmark-min-rounds=5"
