@@ -38,12 +38,16 @@ class DataError(ValueError):
 def _read_header(fp, where: str, name: str):
     """(shape, fortran_order, dtype) of the .npy stream at ``fp``; leaves ``fp`` at the data."""
     version = np.lib.format.read_magic(fp)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
-    elif version == (2, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
-    else:  # 3.0 only differs for structured dtypes with unicode field names, which are refused anyway
+    if version not in ((1, 0), (2, 0)):  # 3.0 only differs for unicode field names, refused anyway
         raise DataError(f"{where}: {name} has an unsupported .npy format version {version}")
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    try:
+        shape, fortran, dtype = read(fp)
+    except (EOFError, OSError, zipfile.BadZipFile, zlib.error):
+        raise
+    except Exception as exc:  # noqa: BLE001 - numpy parses a hostile header with ast and tokenize,
+        # which raise more than ValueError (tokenize.TokenError, SyntaxError, RecursionError, ...)
+        raise DataError(f"{where}: {name} has an unreadable .npy header ({type(exc).__name__}: {exc})") from None
     if any(d < 0 for d in shape):
         raise DataError(f"{where}: {name} has a negative dimension in its header {shape}")
     return shape, fortran, dtype

@@ -40,6 +40,40 @@ def shape(name: str, x: torch.Tensor, expected: Sequence[int], what: str) -> Non
         raise ValueError(f"{name} must have shape {tuple(expected)} ({what}), got {tuple(x.shape)}")
 
 
+def written_in_place(name: str, x: torch.Tensor) -> None:
+    """``x`` can take an in-place write: no two of its elements share memory (as in an expanded
+    tensor, stride 0), and autograd allows it (not a leaf that requires grad)."""
+    if any(st == 0 and n > 1 for st, n in zip(x.stride(), x.shape)):
+        raise ValueError(f"{name} is written in place but some of its elements share memory (stride 0 in "
+                         f"strides {tuple(x.stride())}, as from expand()); pass a contiguous tensor")
+    if x.requires_grad and x.is_leaf and torch.is_grad_enabled():
+        raise ValueError(f"{name} is written in place but is a leaf tensor that requires grad; "
+                         "call under torch.no_grad() or pass a copy")
+
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    start = t.data_ptr()
+    return start, start + (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+
+def no_partial_overlap(out_name: str, out: torch.Tensor, **inputs) -> None:
+    """Each input is ``out`` itself (same memory, same layout: an in-place update) or shares none of
+    its bytes: a kernel that reads an input while writing a shifted view of it gets an order-dependent
+    answer. Conservative for interleaved views (compares byte spans); skipped while torch.compile
+    traces (fake tensors have no addresses)."""
+    if torch.compiler.is_compiling() or out.device.type == "meta":
+        return
+    for name, t in inputs.items():
+        if t.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
+            continue
+        if t.data_ptr() == out.data_ptr() and t.stride() == out.stride() and t.dtype == out.dtype:
+            continue
+        (a0, a1), (b0, b1) = _byte_span(out), _byte_span(t)
+        if a0 < b1 and b0 < a1:
+            raise ValueError(f"{out_name} is written while {name} is read, and they share memory without "
+                             f"being the same tensor; pass {out_name} as {name} itself or a separate tensor")
+
+
 def times(name: str, t, batch: int | None = None) -> torch.Tensor:
     """``t`` is a finite (B,) float tensor within [0, 1] (checking range costs one small sync; the value
     check is skipped while torch.compile traces, shapes and dtypes are still checked)."""

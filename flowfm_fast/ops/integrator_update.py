@@ -27,6 +27,12 @@ def euler_step_reference_(x, v, dt):
 @register(OP_COMBINE, "torch")
 def rk_combine_reference(x, dt, ks, bs, out):
     terms = [(k, b) for k, b in zip(ks, bs) if b != 0.0]
+    if out is None and torch.is_grad_enabled() and any(t.requires_grad for t in (x, *ks)):
+        # out= writes are not differentiable: the same sum, out of place, for autograd.
+        y = x
+        for k, b in terms:
+            y = torch.add(y, k, alpha=dt * b)
+        return y.to(x.dtype) if terms else x.clone()
     if out is None:
         out = torch.empty_like(x)
     if not terms:
@@ -138,12 +144,17 @@ def euler_step_(x: torch.Tensor, v: torch.Tensor, dt: float) -> torch.Tensor:
     V.tensor("v", v)
     V.shape("v", v, x.shape, "same as x")
     V.same_device("x", x, v=v)
+    V.written_in_place("x", x)
+    V.no_partial_overlap("x", x, v=v)
     return select(OP_EULER, x.device, x, v).fn(x, v, _dt(dt))
 
 
 def rk_combine(x: torch.Tensor, dt: float, ks: Sequence[torch.Tensor], bs: Sequence[float],
                out: torch.Tensor | None = None) -> torch.Tensor:
-    """``x + dt * sum_i bs[i] * ks[i]`` written to ``out`` (new tensor when None; may be x)."""
+    """``x + dt * sum_i bs[i] * ks[i]`` written to ``out`` (new tensor when None; may be x).
+
+    Differentiable with ``out=None``; ``out=`` writes record no gradients, so they are refused
+    while x or ks require grad (under grad mode)."""
     V.tensor("x", x)
     if len(ks) == 0 or len(ks) != len(bs):
         raise ValueError(f"ks and bs must be non-empty and of equal length, got {len(ks)} and {len(bs)}")
@@ -160,4 +171,9 @@ def rk_combine(x: torch.Tensor, dt: float, ks: Sequence[torch.Tensor], bs: Seque
         V.tensor("out", out)
         V.shape("out", out, x.shape, "same as x")
         V.same_device("x", x, out=out)
+        V.written_in_place("out", out)
+        V.no_partial_overlap("out", out, x=x, **{f"ks[{i}]": k for i, k in enumerate(ks)})
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *ks)):
+            raise ValueError("rk_combine(out=...) cannot record gradients (x or ks require grad): "
+                             "pass out=None, or call under torch.no_grad()")
     return select(OP_COMBINE, x.device, x, *ks).fn(x, _dt(dt), list(ks), bs, out)

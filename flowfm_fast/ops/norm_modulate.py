@@ -41,8 +41,9 @@ def apply_act(y: torch.Tensor, act: str | None) -> torch.Tensor:
 @register(OP, "torch")
 def norm_modulate_reference(x, shift, scale, kind, weight, bias, eps, act, num_groups):
     xf = V.upcast(x)
-    w = None if weight is None else V.upcast(weight)
-    b = None if bias is None else V.upcast(bias)
+    # Parameters of another float dtype than x are fine here, but the built-in norms insist on one.
+    w = None if weight is None else weight.to(xf.dtype)
+    b = None if bias is None else bias.to(xf.dtype)
     if kind == "layer":
         y = F.layer_norm(xf, (x.shape[-1],), w, b, eps)
     elif kind == "rms":
@@ -50,7 +51,9 @@ def norm_modulate_reference(x, shift, scale, kind, weight, bias, eps, act, num_g
         if b is not None:
             y = y + b
     else:
-        y = F.group_norm(xf, num_groups, w, b, eps)
+        # torch.group_norm, not F.group_norm: the latter refuses a batch with one value per group
+        # ("when training"), which the fused kernels take (each value normalises to 0).
+        y = torch.group_norm(xf, num_groups, w, b, eps, torch.backends.cudnn.enabled)
     # Modulation is per sample: (B, D) broadcast over T, (B, C) over L, or (N, D) row by row.
     if kind == "group":
         mod_view = (x.shape[0], x.shape[1], 1)
