@@ -23,12 +23,12 @@ MAX_CLASSES = 4096      # labels size the probe's classifier: a stray 10^9 must 
 
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a zip with members / an empty zip
-# What reading a damaged or hostile file can raise: numpy's header parser (ValueError, and
-# SyntaxError for odd literals), short reads (EOFError), zip damage (BadZipFile, zlib.error),
-# encrypted or exotic zip members (RuntimeError / NotImplementedError from zipfile), and
-# OverflowError for header values no C integer holds.
-_READ_ERRORS = (OSError, EOFError, ValueError, TypeError, SyntaxError, OverflowError, zipfile.BadZipFile,
-                zlib.error, RuntimeError, NotImplementedError)
+# What reading a damaged or hostile file can raise outside the header parser (see _read_header):
+# bad magic (ValueError), short reads (EOFError), zip damage (BadZipFile, zlib.error), encrypted or
+# exotic zip members (RuntimeError / NotImplementedError from zipfile), and OverflowError for
+# sizes no C integer holds.
+_READ_ERRORS = (OSError, EOFError, ValueError, TypeError, OverflowError, zipfile.BadZipFile, zlib.error,
+                RuntimeError, NotImplementedError)
 
 
 class DataError(ValueError):
