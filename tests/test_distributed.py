@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -86,10 +88,17 @@ def test_batch_smaller_than_world_is_rejected(monkeypatch, tmp_path):
 
 STEPS, BLOCK = 40, 10
 PRETRAIN = ["pretrain", "--data", "synthetic", "--config", "tiny", "--steps", str(STEPS), "--batch-size", "32",
-            "--lr", "3e-3", "--ema", "0", "--log-every", "1", "--ckpt-every", "20", "--device", "cpu", "--quiet"]
+            "--lr", "3e-3", "--ema", "0", "--log-every", "1", "--ckpt-every", "10", "--device", "cpu", "--quiet"]
 
 
-def test_two_process_loss_curve_matches_one_process(tmp_path):
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """(run directory, torchrun's result) of an uninterrupted 2-rank ``flowfm-fast pretrain``."""
+    out = tmp_path_factory.mktemp("two")
+    return out, torchrun(2, "-m", "flowfm_fast.cli", *PRETRAIN, "--out", str(out))
+
+
+def test_two_process_loss_curve_matches_one_process(two_process_run, tmp_path):
     """``flowfm-fast pretrain`` under torchrun with 2 ranks x 16 windows against 1 process x 32.
 
     Both see the same batches (same seeded permutation; each rank takes half) from the same
@@ -99,14 +108,14 @@ def test_two_process_loss_curve_matches_one_process(tmp_path):
     by at most 3.5% in such means and the 2-process run from 1 process (seed 0) by at most 5%,
     while a run that does not learn stays ~50% above the trained loss, so 10% passes seed noise
     and fails a broken run."""
-    r2 = torchrun(2, "-m", "flowfm_fast.cli", *PRETRAIN, "--out", str(tmp_path / "two"))
+    two_dir, r2 = two_process_run
     _run([sys.executable, "-m", "flowfm_fast.cli", *PRETRAIN, "--out", str(tmp_path / "one")])
     # rank 0 alone prints the summary, logs and checkpoints
     summaries = [json.loads(line) for line in r2.stdout.splitlines() if line.startswith("{")]
     assert len(summaries) == 1 and summaries[0]["step"] == STEPS
-    ckpts = sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir())
-    assert ckpts == ["latest", "step_00000020", "step_00000040"]
-    two, one = read_losses(tmp_path / "two"), read_losses(tmp_path / "one")
+    ckpts = sorted(p.name for p in (two_dir / "checkpoints").iterdir())
+    assert ckpts == ["latest", "step_00000030", "step_00000040"]
+    two, one = read_losses(two_dir), read_losses(tmp_path / "one")
     assert list(two) == list(one) == list(range(1, STEPS + 1))
     a, b = np.array(list(two.values())), np.array(list(one.values()))
     assert np.isfinite(a).all()
@@ -116,6 +125,36 @@ def test_two_process_loss_curve_matches_one_process(tmp_path):
     np.testing.assert_allclose(ma, mb, rtol=0.10)
     assert ma[-1] < 0.8 * ma[0] and mb[-1] < 0.8 * mb[0]   # both learn
     assert summaries[0]["loss"] == pytest.approx(two[STEPS])
+
+
+def test_sigkill_of_every_rank_then_resume_equals_uninterrupted(two_process_run, tmp_path):
+    """The whole 2-rank job killed at once (a machine lost) after its step-10 checkpoint, then
+    resumed under torchrun, ends with the uninterrupted 2-rank run's weights and AdamW state."""
+    from safetensors.torch import load_file
+    cut = tmp_path / "cut"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "flowfm_fast.cli", *PRETRAIN, "--out", str(cut)]
+    # its own session, so one killpg reaches torchrun and both ranks
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    latest = cut / "checkpoints" / "latest"
+    try:
+        deadline = time.monotonic() + 120
+        while not (latest.is_file() and latest.read_text().strip() >= "step_00000010"):
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(30)
+    killed_at = latest.read_text().strip()
+    assert killed_at < f"step_{STEPS:08d}", "the run finished before the kill landed"
+    torchrun(2, "-m", "flowfm_fast.cli", *PRETRAIN, "--resume", "--out", str(cut))
+    for name in ("model.safetensors", "optim.safetensors"):
+        a = load_file(str(two_process_run[0] / "checkpoints" / f"step_{STEPS:08d}" / name))
+        b = load_file(str(cut / "checkpoints" / f"step_{STEPS:08d}" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (name, killed_at)
+    assert read_losses(cut) == read_losses(two_process_run[0])
 
 
 def test_ranks_stay_identical_and_resume_exactly(tmp_path):

@@ -9,11 +9,26 @@ rank 0 of a world of one. BatchNorm statistics stay per process, as in plain DDP
 from __future__ import annotations
 
 import os
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+
+# Gloo's worker thread drops its reference to a finished collective after the caller's wait has
+# returned; when that reference is the last one, it frees the work's tensors, and a tensor with a
+# Python object needs the GIL for that. Once the main thread no longer releases the GIL (the
+# process is exiting), that worker aborts the process ("terminate called without an active
+# exception"; seen with torch 2.13, where DDP keeps the group and its threads alive past
+# destroy_process_group). Holding the latest works here keeps the last reference on our side.
+_recent_works: deque = deque(maxlen=8)
+
+
+def _wait(work) -> None:
+    work.wait()
+    _recent_works.append(work)
 
 
 @dataclass(frozen=True)
@@ -36,21 +51,21 @@ class World:
 
     def barrier(self) -> None:
         if self.active:
-            dist.barrier()
+            _wait(dist.barrier(async_op=True))
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of ``x`` over ranks (a new tensor; ``x`` itself on one process)."""
         if not self.active:
             return x
         x = x.clone()
-        dist.all_reduce(x)
+        _wait(dist.all_reduce(x, async_op=True))
         return x
 
     def broadcast_(self, tensors) -> None:
         """Overwrite ``tensors`` on every rank with rank 0's, in place."""
         if self.active:
             for t in tensors:
-                dist.broadcast(t, 0)
+                _wait(dist.broadcast(t, 0, async_op=True))
 
     def any(self, flag: bool, device) -> bool:
         """True on every rank when it is true on one: keeps decisions such as an early stop collective."""
@@ -62,8 +77,8 @@ class World:
             return
         v = torch.tensor([float(value)], device=device)
         lo, hi = v.clone(), v.clone()
-        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        _wait(dist.all_reduce(lo, op=dist.ReduceOp.MIN, async_op=True))
+        _wait(dist.all_reduce(hi, op=dist.ReduceOp.MAX, async_op=True))
         if lo.item() != hi.item():
             raise RuntimeError(f"ranks disagree on {what}: from {int(lo.item())} to {int(hi.item())} "
                                f"(rank {self.rank} has {value})")
