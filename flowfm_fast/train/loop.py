@@ -206,8 +206,10 @@ def train_flowfm(model_cfg: FlowFMConfig, windows: np.ndarray, cfg: TrainConfig,
     world.check_same(start, "the step to resume from (is --out on a filesystem every node shares?)", device)
     loss_fn = _Loss(model)
     if world.active:
-        loss_fn = torch.nn.parallel.DistributedDataParallel(
-            loss_fn, device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = None
+        if device.type == "cuda":
+            device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
+        loss_fn = torch.nn.parallel.DistributedDataParallel(loss_fn, device_ids=device_ids)
 
     X = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32))
     mean = torch.as_tensor(standardizer.mean, device=device)
