@@ -233,6 +233,18 @@ def test_resume_with_other_training_config_raises(data, uninterrupted, tmp_path,
         train_flowfm(model_cfg(), X, cfg, tmp_path / "run", std, resume=True, progress=False)
 
 
+@pytest.mark.parametrize("change", ["fewer", "reordered", "one_value"])
+def test_resume_on_other_windows_raises(data, uninterrupted, tmp_path, change):
+    import shutil
+    X, std = data
+    shutil.copytree(uninterrupted, tmp_path / "run")
+    other = {"fewer": X[:-1], "reordered": X[::-1].copy(), "one_value": X.copy()}[change]
+    if change == "one_value":
+        other[3, 1, 7] += 1e-3
+    with pytest.raises(CheckpointError, match="other pretraining windows"):
+        train_flowfm(model_cfg(), other, train_cfg(steps=16), tmp_path / "run", std, resume=True, progress=False)
+
+
 def test_resume_may_extend_the_run(data, uninterrupted, tmp_path):
     import shutil
     X, std = data

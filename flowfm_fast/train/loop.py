@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import time
@@ -142,7 +143,13 @@ def _truncate_metrics(path: Path, step: int) -> None:
     tmp.replace(path)
 
 
-def _check_resume_config(state: dict, model_cfg: FlowFMConfig, cfg: TrainConfig, where) -> None:
+def _windows_fingerprint(X: torch.Tensor) -> dict:
+    """Shape and SHA-256 of the pretraining windows: batches are drawn by index, so resuming on
+    other windows (or the same ones reordered) would silently continue a different run."""
+    return {"shape": list(X.shape), "sha256": hashlib.sha256(X.numpy().data).hexdigest()}
+
+
+def _check_resume_config(state: dict, model_cfg: FlowFMConfig, cfg: TrainConfig, data: dict, where) -> None:
     try:
         same_model = FlowFMConfig.from_dict(state.get("model_config") or {}) == model_cfg
     except (TypeError, ValueError):
@@ -157,6 +164,10 @@ def _check_resume_config(state: dict, model_cfg: FlowFMConfig, cfg: TrainConfig,
     if differ:
         diffs = ", ".join(f"{k}: checkpoint {saved[k]!r}, now {now[k]!r}" for k in differ)
         raise CheckpointError(f"{where}: checkpoint was made with another training config ({diffs})")
+    saved = state.get("windows")   # absent in checkpoints older than the check
+    if saved is not None and saved != data:
+        raise CheckpointError(f"{where}: checkpoint was made on other pretraining windows "
+                              f"(shape {saved.get('shape') if isinstance(saved, dict) else '?'}, now {data['shape']})")
 
 
 def train_flowfm(model_cfg: FlowFMConfig, windows: np.ndarray, cfg: TrainConfig, out_dir, standardizer: Standardizer,
@@ -190,9 +201,11 @@ def train_flowfm(model_cfg: FlowFMConfig, windows: np.ndarray, cfg: TrainConfig,
     gen = torch.Generator(device=device)
     start, elapsed_before = 0, 0.0
 
+    X = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32))
+    data = _windows_fingerprint(X)
     if resume and has_checkpoint(out / "checkpoints"):
         tensors, optim_tensors, state, where = read_checkpoint(out)
-        _check_resume_config(state, model_cfg, cfg, where)
+        _check_resume_config(state, model_cfg, cfg, data, where)
         load_weights(model, tensors, "model.", str(where))
         if ema is not None:
             load_weights(ema, tensors, "ema.", str(where))
@@ -211,7 +224,6 @@ def train_flowfm(model_cfg: FlowFMConfig, windows: np.ndarray, cfg: TrainConfig,
             device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
         loss_fn = torch.nn.parallel.DistributedDataParallel(loss_fn, device_ids=device_ids)
 
-    X = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32))
     mean = torch.as_tensor(standardizer.mean, device=device)
     std = torch.as_tensor(standardizer.std, device=device)
     use_amp = device.type == "cuda"
@@ -227,7 +239,8 @@ def train_flowfm(model_cfg: FlowFMConfig, windows: np.ndarray, cfg: TrainConfig,
             model_t.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
         opt_t, opt_rest = optimizer_to_flat(opt)
         state = {"model_config": model_cfg.to_dict(), "train_config": cfg.to_dict(), "optimizer": opt_rest,
-                 "standardizer": standardizer.to_dict(), "train_seconds": seconds, **(extra_state or {})}
+                 "standardizer": standardizer.to_dict(), "windows": data, "train_seconds": seconds,
+                 **(extra_state or {})}
         return save_checkpoint(out / "checkpoints", step, model_t, opt_t, state, cfg.keep_checkpoints)
 
     bar = None
