@@ -7,8 +7,6 @@ valid inputs (mixed float dtypes, strided, expanded, requiring grad) run or are 
 """
 from __future__ import annotations
 
-import io
-import math
 import os
 import tempfile
 import zipfile
