@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -233,16 +234,26 @@ def test_resume_with_other_training_config_raises(data, uninterrupted, tmp_path,
         train_flowfm(model_cfg(), X, cfg, tmp_path / "run", std, resume=True, progress=False)
 
 
-@pytest.mark.parametrize("change", ["fewer", "reordered", "one_value"])
+@pytest.mark.parametrize("change", ["fewer", "reordered", "other_file"])
 def test_resume_on_other_windows_raises(data, uninterrupted, tmp_path, change):
     import shutil
     X, std = data
     shutil.copytree(uninterrupted, tmp_path / "run")
-    other = {"fewer": X[:-1], "reordered": X[::-1].copy(), "one_value": X.copy()}[change]
-    if change == "one_value":
-        other[3, 1, 7] += 1e-3
+    other = {"fewer": X[:-1], "reordered": X[::-1].copy(),
+             "other_file": std.apply(make_synthetic(n=64, channels=3, length=L, classes=4, seed=5).x)}[change]
     with pytest.raises(CheckpointError, match="other pretraining windows"):
         train_flowfm(model_cfg(), other, train_cfg(steps=16), tmp_path / "run", std, resume=True, progress=False)
+
+
+def test_resume_tolerates_last_bit_differences_in_the_windows(data, uninterrupted, tmp_path):
+    """The same windows loaded on another machine may differ in the last bit: that still resumes."""
+    import shutil
+    X, std = data
+    shutil.copytree(uninterrupted, tmp_path / "run")
+    nudged = np.nextafter(X, np.float32(np.inf))
+    r = train_flowfm(model_cfg(), nudged, train_cfg(steps=14, warmup_steps=2), tmp_path / "run", std, resume=True,
+                     progress=False)
+    assert r.step == 14
 
 
 def test_resume_may_extend_the_run(data, uninterrupted, tmp_path):
