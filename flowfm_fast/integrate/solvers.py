@@ -8,7 +8,9 @@ call before the loop (:meth:`prepare`), so the loop runs only the network's bloc
 No allocation inside the loop: the state, the one stage-input buffer and the trajectory are
 allocated once per solve, and the updates are the in-place ``ops.euler_step_`` /
 ``ops.rk_combine`` (fused backends take them over). Only the velocity network allocates (its
-output, one per stage).
+output, one per stage). A solve that needs gradients (grad mode on and x0, z, a conditioning
+tensor or a parameter requiring grad) updates out of place instead, so backpropagation through the
+K steps works (in-place updates would overwrite tensors autograd saved).
 
 CUDA graphs (``graph=None`` means on for CUDA inputs and an ``nn.Module`` velocity when no
 gradient is needed, ``graph=True`` for any callable; ignored on other devices): the whole K-step solve, conditioning included, is captured in one CUDA graph
@@ -115,7 +117,11 @@ class _Plan:
         self.traj = x0.new_empty((len(dts) + 1, *x0.shape)) if return_trajectory else None
         self.step_ranges = tuple(f"integrate.step{n}" for n in range(len(dts)))   # NVTX names, built once
 
-    def run(self, velocity: Callable, x0: torch.Tensor, z: torch.Tensor | None, cond: dict) -> None:
+    def run(self, velocity: Callable, x0: torch.Tensor, z: torch.Tensor | None, cond: dict,
+            differentiable: bool = False):
+        """Integrate into ``self.x`` / ``self.traj``; ``differentiable``: out-of-place updates that
+        keep autograd history (in-place updates of a tensor autograd saved would break backward),
+        returning (x, trajectory or None) instead."""
         tab, S = self.tab, len(self.tab.c)
         prepared = None
         if z is not None and self.prepared_ok:
@@ -130,6 +136,8 @@ class _Plan:
                 return velocity.forward_modulated(xs, prepared[j])
             return velocity(xs, t_rows[j], **cond)
 
+        if differentiable:
+            return self._run_out_of_place(f, x0, S)
         x, stage_x, traj = self.x, self.stage_x, self.traj
         x.copy_(x0)
         if traj is not None:
@@ -146,6 +154,19 @@ class _Plan:
                     ops.rk_combine(x, dt, ks, tab.b, out=x)
                 if traj is not None:
                     traj[n + 1].copy_(x)
+
+    def _run_out_of_place(self, f, x0, S):
+        tab, x = self.tab, x0
+        xs = [x0] if self.traj is not None else None
+        for n, dt in enumerate(self.dts):
+            with nvtx_range(self.step_ranges[n]):
+                ks = []
+                for i in range(S):
+                    ks.append(f(n * S + i, x if i == 0 else ops.rk_combine(x, dt, ks, tab.a[i])))
+                x = ops.rk_combine(x, dt, ks, tab.b)
+                if xs is not None:
+                    xs.append(x)
+        return x, (torch.stack(xs) if xs is not None else None)
 
 
 class _Graphed:
@@ -205,6 +226,17 @@ _GRAPHED = _Graphed   # tests swap in an eager stand-in to check the cache logic
 # velocity (weakly) -> OrderedDict[key -> _Graphed]; bound methods are keyed on their object.
 _GRAPHS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _STATS = {"captures": 0, "replays": 0}
+
+
+def _needs_grad(velocity, x0, z, cond) -> bool:
+    """Grad mode is on and x0, z, a conditioning tensor or a parameter of the velocity module
+    requires grad: the solve must then keep autograd history."""
+    if not torch.is_grad_enabled():
+        return False
+    mod = velocity.__self__ if inspect.ismethod(velocity) else velocity
+    tensors = [x0, *([z] if z is not None else []), *(v for v in cond.values() if isinstance(v, torch.Tensor))]
+    params = mod.parameters() if isinstance(mod, torch.nn.Module) else ()
+    return any(t.requires_grad for t in tensors) or any(p.requires_grad for p in params)
 
 
 def graph_cache_info() -> dict:
@@ -281,6 +313,9 @@ class FixedStepSolver:
                 return (x, traj) if return_trajectory else x
         plan = _Plan(self.tableau, self.stage_times(g), (g[1:] - g[:-1]).tolist(), x0, prepared_ok,
                      return_trajectory)
+        if _needs_grad(velocity, x0, z, cond):
+            x, traj = plan.run(velocity, x0, z, cond, differentiable=True)
+            return (x, traj) if return_trajectory else x
         plan.run(velocity, x0, z, cond)
         return (plan.x, plan.traj) if return_trajectory else plan.x
 
@@ -294,15 +329,12 @@ class FixedStepSolver:
             # Plain functions only on request: a fresh lambda per call would pay a capture per call,
             # and a closure's captured tensors are invisible to the cache key.
             return False
-        if torch.is_grad_enabled():
-            tensors = [x0, *([z] if z is not None else []), *(v for v in cond.values() if isinstance(v, torch.Tensor))]
-            params = list(mod.parameters()) if isinstance(mod, torch.nn.Module) else []
-            if any(t.requires_grad for t in (*tensors, *params)):
-                if graph is True:
-                    raise ValueError("graph=True gives results without autograd history, but gradients are "
-                                     "enabled for these inputs/parameters: call under torch.no_grad() "
-                                     "or pass graph=False")
-                return False
+        if _needs_grad(velocity, x0, z, cond):
+            if graph is True:
+                raise ValueError("graph=True gives results without autograd history, but gradients are "
+                                 "enabled for these inputs/parameters: call under torch.no_grad() "
+                                 "or pass graph=False")
+            return False
         return True
 
     def _solve_graphed(self, velocity, x0, g, z, cond, return_trajectory, prepared_ok):
