@@ -8,6 +8,7 @@ batch (:mod:`flowfm_fast.train.distributed`); rank 0 alone logs and writes check
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -24,6 +25,7 @@ from ..data.windows import Standardizer
 from ..models import FlowFM, FlowFMConfig
 from .checkpoint import (CheckpointError, load_weights, optimizer_from_flat, optimizer_to_flat,
                          has_checkpoint, read_checkpoint, save_checkpoint, step_dir)
+from ..profiling import nvtx_range
 from .distributed import current_world, step_seed
 
 
@@ -107,6 +109,20 @@ class TrainResult:
     @property
     def eval_model(self) -> FlowFM:
         return self.ema if self.ema is not None else self.model
+
+
+@contextlib.contextmanager
+def _cudnn_autotuned():
+    """cuDNN times its convolution algorithms once per shape (the step's shapes never change): its
+    default pick for the encoder's backward was an FFT algorithm taking ~8 of the ~10 ms of GPU work
+    in a `small` step on an H200 (benchmarks/results/h200/profile.log). Only this flag is touched
+    (torch.backends.cudnn.flags would reset the user's other cuDNN settings), and restored."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def build_model(cfg: FlowFMConfig, seed: int) -> FlowFM:
@@ -269,15 +285,19 @@ def train_flowfm(model_cfg: FlowFMConfig, windows: np.ndarray, cfg: TrainConfig,
             gen.manual_seed(step_seed(cfg.seed, step, world.rank))
             x1 = X[idx].to(device, non_blocking=True)
             x_enc = augment(x1, mean, std, cfg.augment, gen)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = loss_fn(x1, x_enc, gen)
-            # DDP averages gradients over ranks; weighting each rank's batch mean by its share makes
-            # that average the gradient of the global batch mean, also when slices differ in size.
-            share = len(idx) * world.size / len(batch)
-            opt.zero_grad(set_to_none=True)
-            (loss * share if share != 1 else loss).backward()
+            with _cudnn_autotuned():
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    loss = loss_fn(x1, x_enc, gen)
+                # DDP averages gradients over ranks; weighting each rank's batch mean by its share
+                # makes that average the gradient of the global batch mean, also when slices differ
+                # in size.
+                share = len(idx) * world.size / len(batch)
+                opt.zero_grad(set_to_none=True)
+                with nvtx_range("train.backward"):
+                    (loss * share if share != 1 else loss).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            with nvtx_range("train.optimizer_step"):
+                opt.step()
             if ema is not None:
                 with torch.no_grad():
                     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - cfg.ema_decay)
