@@ -67,7 +67,10 @@ class TritonOp:
     def __init__(self, name: str, fn: Callable, schema: str | None, mutates_args):
         self.qualname = f"{NAMESPACE}::{name}"
         if schema is None:
-            schema = torch.library.infer_schema(fn, mutates_args=mutates_args)
+            infer = getattr(torch.library, "infer_schema", None)  # public from torch 2.5
+            if infer is None:
+                from torch._library.infer_schema import infer_schema as infer
+            schema = infer(fn, mutates_args=mutates_args)
         lib = _lib()
         lib.define(name + schema)
         for key in ("CPU", "CUDA"):
