@@ -1,6 +1,7 @@
 // The op surface of flowfm_fast._C: every schema in one place. Kernels register per device in
-// csrc/cpu/<op>.cpp (CPU) and csrc/cuda/<op>_binding.cpp (CUDA); autograd, fake (meta) kernels and
-// validation live beside each op's reference in flowfm_fast/ops/<op>.py.
+// csrc/cpu/<op>.cpp (CPU) and csrc/cuda/<op>_binding.cpp (CUDA); fake (meta) kernels, validation
+// and autograd live beside each op's reference in flowfm_fast/ops/<op>.py, except the autograd of
+// fm_loss, which is in C++ (csrc/fm_loss_autograd.cpp: the Python one cost more than the kernel).
 //
 // Conventions: "kind" is "layer" | "rms" | "group"; "act" is "none" | "silu" | "gelu_tanh".
 // mean/rstd are fp32 statistics saved for backward (float64 for float64 inputs). Gradients of

@@ -64,7 +64,8 @@ def _need_grad(*tensors) -> bool:
 # ---------------------------------------------------------------- compiled (cpp / cuda) backends
 if _ext.has_kernel("fm_loss", "cpp") or _ext.has_kernel("fm_loss", "cuda"):
     torch.library.register_fake("flowfm::fm_loss")(_fused_fake)
-    torch.library.register_autograd("flowfm::fm_loss", _fused_backward, setup_context=_fused_setup)
+    # Its autograd is registered in C++ (csrc/fm_loss_autograd.cpp, the same formula as
+    # _fused_backward): the Python path cost more host time than the kernel.
 
     def _fm_loss_compiled(v, x0, x1, t, weight, sigma_min):
         return _ext.op("fm_loss")(v, x0, x1, weight, sigma_min, _need_grad(v, x0, x1, weight))[0]
