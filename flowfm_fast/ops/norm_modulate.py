@@ -85,20 +85,8 @@ if _ext.has_kernel("norm_modulate", "cpp") or _ext.has_kernel("norm_modulate", "
         like = lambda t: x.new_empty((0,)) if t is None else _ext.empty(t)  # noqa: E731
         return _ext.empty(x), like(shift), like(scale), like(weight), like(bias)
 
-    def _nm_setup(ctx, inputs, output):
-        x, shift, scale, weight, bias, kind, _eps, act, num_groups = inputs
-        ctx.mark_non_differentiable(output[1], output[2])
-        ctx.save_for_backward(x, output[1], output[2], shift, scale, weight, bias)
-        ctx.args = (kind, act, num_groups)
-
-    def _nm_backward(ctx, dy, _dmean, _drstd):
-        x, mean, rstd, shift, scale, weight, bias = ctx.saved_tensors
-        grads = _ext.op("norm_modulate_backward")(dy, x, mean, rstd, shift, scale, weight, bias, *ctx.args)
-        need = ctx.needs_input_grad
-        return (grads[0] if need[0] else None, *(_ext.grad_or_none(g, n) for g, n in zip(grads[1:], need[1:5])),
-                None, None, None, None)
-
-    torch.library.register_autograd("flowfm::norm_modulate", _nm_backward, setup_context=_nm_setup)
+    # Autograd: in C++ (csrc/norm_modulate_autograd.cpp, the formula of _tr_nm_bwd below), as the
+    # Python register_autograd path cost as much host time as a small layer's kernels.
 
     def _norm_modulate_compiled(x, shift, scale, kind, weight, bias, eps, act, num_groups):
         groups = num_groups if kind == "group" else 1
