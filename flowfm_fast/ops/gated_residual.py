@@ -40,17 +40,9 @@ if _ext.has_kernel("gated_residual", "cpp") or _ext.has_kernel("gated_residual",
     def _gated_residual_backward_fake(dy, h, gate):
         return _ext.empty(h), _ext.empty(gate)
 
-    def _gr_setup(ctx, inputs, output):
-        res, h, gate = inputs
-        ctx.save_for_backward(h, gate)
-        ctx.res_dtype = res.dtype
-
-    def _gr_backward(ctx, dy):
-        h, gate = ctx.saved_tensors
-        dh, dgate = _ext.op("gated_residual_backward")(dy, h, gate)
-        return dy.to(ctx.res_dtype), dh, dgate
-
-    torch.library.register_autograd("flowfm::gated_residual", _gr_backward, setup_context=_gr_setup)
+    # Autograd of both compiled ops: in C++ (csrc/gated_residual_autograd.cpp, the formulas of the
+    # Triton ops' _tr_gr_bwd / _tr_grnm_bwd below), as the Python register_autograd path cost as much
+    # host time as a small block's kernels.
     _ext.register_compiled(OP, "gated_residual", lambda res, h, gate: _ext.op("gated_residual")(res, h, gate))
 
 
@@ -67,27 +59,6 @@ if _ext.has_kernel("gated_residual_norm_modulate", "cpp") or _ext.has_kernel("ga
         like = lambda t: new_res.new_empty((0,)) if t is None else _ext.empty(t)  # noqa: E731
         return (_ext.empty(new_res), _ext.empty(h), _ext.empty(gate), like(shift), like(scale),
                 like(weight), like(bias))
-
-    def _grnm_setup(ctx, inputs, output):
-        res, h, gate, shift, scale, weight, bias, kind, _eps, act = inputs
-        new_res, _, mean, rstd = output
-        ctx.mark_non_differentiable(mean, rstd)
-        ctx.save_for_backward(new_res, h, gate, mean, rstd, shift, scale, weight, bias)
-        ctx.args = (kind, act)
-        ctx.res_dtype = res.dtype
-
-    def _grnm_backward(ctx, dnew_res, dy, _dmean, _drstd):
-        new_res, h, gate, mean, rstd, shift, scale, weight, bias = ctx.saved_tensors
-        if dy is None:
-            dy = torch.zeros_like(new_res)
-        grads = _ext.op("gated_residual_norm_modulate_backward")(dnew_res, dy, new_res, h, gate, mean, rstd, shift,
-                                                                 scale, weight, bias, *ctx.args)
-        need = ctx.needs_input_grad
-        dres = grads[0].to(ctx.res_dtype) if need[0] else None
-        return (dres, *(_ext.grad_or_none(g, n) for g, n in zip(grads[1:], need[1:7])), None, None, None)
-
-    torch.library.register_autograd("flowfm::gated_residual_norm_modulate", _grnm_backward,
-                                    setup_context=_grnm_setup)
 
     def _grnm_compiled(res, h, gate, shift, scale, kind, weight, bias, eps, act):
         new_res, y, _, _ = _ext.op("gated_residual_norm_modulate")(res, h, gate, shift, scale, weight, bias, kind,
