@@ -242,6 +242,27 @@ def test_fused_fp32_grads(fused_backend, kind, shape, act):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda m: f"grad {name}: {m}")
 
 
+@pytest.mark.parametrize("used", ["new_res", "y"])
+def test_fused_grads_through_one_output(fused_backend, used):
+    """Only one output reaches the loss (the other's gradient is absent, not zeros): the gradients
+    are those of the float64 reference for that output alone."""
+    shape = (3, 5, 16)
+    raw = make(shape, seed=22) + make_mod(shape, seed=23)
+    ins32 = [t.clone().requires_grad_(True) for t in raw]
+    ins64 = [d64(t, grad=True) for t in raw]
+    g = torch.randn(shape)
+    out = gated_residual_norm_modulate(*ins32[:5], kind="layer", weight=ins32[5], bias=ins32[6], eps=1e-5)
+    out64 = naive_fused(*ins64[:5], "layer", ins64[5], ins64[6], 1e-5, None)
+    k = 0 if used == "new_res" else 1
+    got = torch.autograd.grad(out[k], ins32, g, allow_unused=True)
+    want = torch.autograd.grad(out64[k], ins64, g.double(), allow_unused=True)
+    for name, a, b in zip(("res", "h", "gate", "shift", "scale", "weight", "bias"), got, want):
+        if b is None or not b.abs().any():  # no path from this input to the used output
+            assert a is None or not a.abs().any(), f"grad {name} should be zero"
+            continue
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda m: f"grad {name}: {m}")
+
+
 @pytest.mark.parametrize("kwargs,exc,match", [
     (dict(kind="group"), ValueError, "kind"),
     (dict(kind="batch"), ValueError, "kind"),
