@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 from flowfm_fast.cli import main
-from flowfm_fast.data import Standardizer, make_synthetic
-from flowfm_fast.models import get_config
+from flowfm_fast.data import make_synthetic
 from flowfm_fast.train import CheckpointError, TrainConfig, find_checkpoint, read_checkpoint, train_flowfm
 from flowfm_fast.train import checkpoint as ckpt_mod
+from tiny_training import L, model_cfg, synthetic_windows
 
 ROOT = Path(__file__).resolve().parents[1]
 # The same thread count in every process compared: CPU reductions may depend on it.
@@ -105,18 +105,9 @@ def test_sigkill_twice_then_resume_equals_uninterrupted(tmp_path):
 
 # ---- a crash at each point of a checkpoint write (in process) --------------------------------
 
-L = 60
-
-
 @pytest.fixture(scope="module")
 def data():
-    ws = make_synthetic(n=64, channels=3, length=L, classes=4, seed=0)
-    std = Standardizer.fit(ws.x)
-    return std.apply(ws.x), std
-
-
-def model_cfg(**kw):
-    return get_config("tiny", length=L, **kw)
+    return synthetic_windows()
 
 
 def train_cfg(**kw):

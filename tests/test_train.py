@@ -12,23 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from flowfm_fast.data import AugmentConfig, Standardizer, augment, make_synthetic, random_rotations
-from flowfm_fast.models import get_config
+from flowfm_fast.data import AugmentConfig, augment, random_rotations
 from flowfm_fast.train import (CheckpointError, TrainConfig, batch_indices, find_checkpoint, load_trained,
                                lr_factor, read_checkpoint, train_flowfm)
-
-L = 60
+from tiny_training import model_cfg, synthetic_windows
 
 
 @pytest.fixture(scope="module")
 def data():
-    ws = make_synthetic(n=64, channels=3, length=L, classes=4, seed=0)
-    std = Standardizer.fit(ws.x)
-    return std.apply(ws.x), std
-
-
-def model_cfg(**kw):
-    return get_config("tiny", length=L, **kw)
+    return synthetic_windows()
 
 
 def train_cfg(**kw):
