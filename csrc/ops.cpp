@@ -1,10 +1,9 @@
 // The op surface of flowfm_fast._C: every schema in one place. Kernels register per device in
 // csrc/cpu/<op>.cpp (CPU) and csrc/cuda/<op>_binding.cpp (CUDA); fake (meta) kernels and validation
-// live beside each op's reference in flowfm_fast/ops/<op>.py. Autograd: in C++ for the ops a
-// training step differentiates (csrc/<family>_autograd.cpp: fm_loss, norm_modulate, gated_residual,
-// gated_residual_norm_modulate; Python's register_autograd path cost ~50 us of host time a call,
-// as much as their kernels at model sizes), in Python for the rest (fm_interpolate,
-// timestep_embedding: their inputs rarely need gradients).
+// live beside each op's reference in flowfm_fast/ops/<op>.py. Autograd: in C++, one file per op
+// family (csrc/<family>_autograd.cpp), registered for every device; Python's register_autograd
+// path cost ~50 us of host time a call, as much as the kernels at model sizes. (The Triton ops,
+// defined in Python, keep Python formulas that these mirror.)
 //
 // Conventions: "kind" is "layer" | "rms" | "group"; "act" is "none" | "silu" | "gelu_tanh".
 // mean/rstd are fp32 statistics saved for backward (float64 for float64 inputs). Gradients of

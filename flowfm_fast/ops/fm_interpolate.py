@@ -40,18 +40,7 @@ if _ext.has_kernel("fm_interpolate", "cpp") or _ext.has_kernel("fm_interpolate",
     def _fi_backward_fake(dx_t, du_t, x0, x1, t, sigma_min):
         return _ext.empty(x0), _ext.empty(x1), _ext.empty(t)
 
-    def _fi_setup(ctx, inputs, output):
-        x0, x1, t, sigma_min = inputs
-        ctx.save_for_backward(x0, x1, t)
-        ctx.sigma_min = sigma_min
-
-    def _fi_backward(ctx, dx_t, du_t):
-        x0, x1, t = ctx.saved_tensors
-        dx0, dx1, dt = _ext.op("fm_interpolate_backward")(dx_t, du_t, x0, x1, t, ctx.sigma_min)
-        need = ctx.needs_input_grad
-        return dx0 if need[0] else None, dx1 if need[1] else None, dt if need[2] else None, None
-
-    torch.library.register_autograd("flowfm::fm_interpolate", _fi_backward, setup_context=_fi_setup)
+    # Autograd: in C++ (csrc/fm_interpolate_autograd.cpp, the formula of _fi_triton_bwd below).
     _ext.register_compiled(OP, "fm_interpolate",
                            lambda x0, x1, t, sigma_min: _ext.op("fm_interpolate")(x0, x1, t, sigma_min))
 

@@ -62,9 +62,7 @@ def _real_dtype(t):
 if _ext.has_kernel("timestep_embedding", "cpp") or _ext.has_kernel("timestep_embedding", "cuda"):
     torch.library.register_fake("flowfm::timestep_embedding")(_emb_fake)
     torch.library.register_fake("flowfm::timestep_embedding_backward")(_dt_fake)
-    torch.library.register_autograd("flowfm::timestep_embedding",
-                                    _backward_via(lambda *a: _ext.op("timestep_embedding_backward")(*a)),
-                                    setup_context=_setup)
+    # Autograd: in C++ (csrc/timestep_embedding_autograd.cpp, the formula of _backward_via below).
 
     for _backend_name, _dev in (("cpp", "cpu"), ("cuda", "cuda")):
         if _ext.has_kernel("timestep_embedding", _backend_name):
