@@ -1,9 +1,11 @@
 """The compiled ops of ``flowfm_fast._C`` (``torch.ops.flowfm.*``) as registry backends.
 
-The extension defines each op's schema and its CPU (``cpp`` backend) and CUDA C++ (``cuda``
-backend) kernels; the op files here add autograd and fake (meta) kernels with
-:func:`torch.library.register_autograd` / :func:`torch.library.register_fake`, so the ops are
-opaque to torch.compile and differentiable. A stale or missing extension registers nothing.
+The extension defines each op's schema, its CPU (``cpp`` backend) and CUDA C++ (``cuda`` backend)
+kernels and its autograd (C++, ``csrc/<family>_autograd.cpp``); the op files here add fake (meta)
+kernels with :func:`torch.library.register_fake`, so the ops are opaque to torch.compile and
+differentiable. C++ autograd functions do not run under torch.func transforms (grad, vmap, vjp):
+there the compiled backends step aside and the dispatch picks the next one (the reference).
+A stale or missing extension registers nothing.
 """
 from __future__ import annotations
 
@@ -36,10 +38,16 @@ def op(name: str):
     return getattr(torch.ops.flowfm, name)
 
 
+def in_functorch_transform() -> bool:
+    """Inside torch.func.grad / vmap / vjp / jacrev ...: C++ autograd functions refuse to run there."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def _predicate(device_type: str) -> Callable[..., bool]:
     def can_use(*tensors) -> bool:
-        return all(t is None or not isinstance(t, torch.Tensor)
-                   or (t.device.type == device_type and t.dtype in SUPPORTED_DTYPES) for t in tensors)
+        return not in_functorch_transform() and all(
+            t is None or not isinstance(t, torch.Tensor)
+            or (t.device.type == device_type and t.dtype in SUPPORTED_DTYPES) for t in tensors)
     return can_use
 
 

@@ -66,7 +66,8 @@ if _ext.has_kernel("timestep_embedding", "cpp") or _ext.has_kernel("timestep_emb
 
     for _backend_name, _dev in (("cpp", "cpu"), ("cuda", "cuda")):
         if _ext.has_kernel("timestep_embedding", _backend_name):
-            register(OP, _backend_name, lambda t, _d=_dev: t.device.type == _d and _real_dtype(t))(
+            register(OP, _backend_name,
+                     lambda t, _d=_dev: t.device.type == _d and _real_dtype(t) and not _ext.in_functorch_transform())(
                 lambda t, dim, max_period: _ext.op("timestep_embedding")(t, dim, max_period))
 
 

@@ -143,3 +143,25 @@ def test_direct_calls_check_their_inputs(call, exc):
     """Python validates first; the kernels still refuse what would read out of bounds."""
     with pytest.raises(exc):
         call()
+
+
+def test_torch_func_transforms_fall_back_to_the_reference():
+    """C++ autograd functions refuse torch.func transforms: inside one the dispatch skips the
+    compiled backends (same values as autograd outside), and forcing cpp there is a clear error."""
+    torch.manual_seed(3)
+    x0, x1, t = torch.randn(4, 3, 5), torch.randn(4, 3, 5), torch.rand(4)
+    v = torch.randn(4, 3, 5)
+
+    def loss(v):
+        return ops.fm_loss(v, x0, x1, t)
+
+    g_func = torch.func.grad(loss)(v)
+    vl = v.clone().requires_grad_(True)
+    g_autograd = torch.autograd.grad(loss(vl), vl)[0]   # outside the transform: the cpp kernels
+    torch.testing.assert_close(g_func, g_autograd, rtol=1e-5, atol=1e-6)
+    xs, mods = torch.randn(3, 2, 5, 16), torch.randn(3, 2, 16)
+    batched = torch.vmap(lambda x, m: ops.norm_modulate(x, m, m, "layer"))(xs, mods)
+    looped = torch.stack([ops.norm_modulate(x, m, m, "layer") for x, m in zip(xs, mods)])
+    torch.testing.assert_close(batched, looped, rtol=1e-5, atol=1e-5)
+    with use_backend("cpp"), pytest.raises(RuntimeError, match="cpp.*fm_loss"):
+        torch.func.grad(loss)(v)
