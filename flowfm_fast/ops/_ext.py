@@ -39,8 +39,9 @@ def op(name: str):
 
 
 def in_functorch_transform() -> bool:
-    """Inside torch.func.grad / vmap / vjp / jacrev ...: C++ autograd functions refuse to run there."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
+    """Inside torch.func.grad / vmap / vjp / jacrev ...: C++ autograd functions refuse to run there.
+    (Not asked while torch.compile traces: Dynamo reports an interpreter of its own there.)"""
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def _predicate(device_type: str) -> Callable[..., bool]:
