@@ -1,10 +1,7 @@
 // Autograd of flowfm::fm_interpolate in C++, for every device's kernel (the Triton op keeps its
 // Python formula in flowfm_fast/ops/fm_interpolate.py, which this mirrors). The backward is one call
 // of flowfm::fm_interpolate_backward; an unused output's gradient stays absent.
-#include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/autograd.h>
-#include <torch/library.h>
+#include "autograd_common.h"
 
 #include <optional>
 #include <tuple>
@@ -14,7 +11,6 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using OptT = std::optional<at::Tensor>;
 using Pair = std::tuple<at::Tensor, at::Tensor>;
 using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
@@ -22,9 +18,7 @@ class FmInterpolate : public torch::autograd::Function<FmInterpolate> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x0, const at::Tensor& x1, const at::Tensor& t,
                                double sigma_min) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("flowfm::fm_interpolate", "")
-                         .typed<Pair(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+    static auto op = op_handle<Pair(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>("flowfm::fm_interpolate");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [x_t, u_t] = op.call(x0, x1, t, sigma_min);
     ctx->set_materialize_grads(false);
@@ -34,12 +28,9 @@ class FmInterpolate : public torch::autograd::Function<FmInterpolate> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("flowfm::fm_interpolate_backward", "")
-                         .typed<Triple(const OptT&, const OptT&, const at::Tensor&, const at::Tensor&,
-                                       const at::Tensor&, double)>();
+    static auto op = op_handle<Triple(const OptT&, const OptT&, const at::Tensor&, const at::Tensor&,
+                                       const at::Tensor&, double)>("flowfm::fm_interpolate_backward");
     const auto s = ctx->get_saved_variables();
-    auto opt = [](const at::Tensor& g) { return g.defined() ? OptT(g) : std::nullopt; };
     if (!grads[0].defined() && !grads[1].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     auto [dx0, dx1, dt] = op.call(opt(grads[0]), opt(grads[1]), s[0], s[1], s[2],
                                   ctx->saved_data["sigma_min"].toDouble());

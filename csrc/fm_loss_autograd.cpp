@@ -6,10 +6,7 @@
 // setup_context, a Python backward) added ~50 us a call. The formula is the one of
 // flowfm_fast/ops/fm_loss.py: the forward already wrote dv = dloss/dv for dloss = 1, so the backward
 // only scales it (u_t is never formed), and d/dw_b = per_sample_b / B.
-#include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/autograd.h>
-#include <torch/library.h>
+#include "autograd_common.h"
 
 #include <optional>
 #include <tuple>
@@ -23,10 +20,8 @@ using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 Outputs call_fm_loss(const at::Tensor& v, const at::Tensor& x0, const at::Tensor& x1,
                      const std::optional<at::Tensor>& weight, double sigma_min, bool need_grad) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("flowfm::fm_loss", "")
-                       .typed<Outputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                      const std::optional<at::Tensor>&, double, bool)>();
+  static auto op = op_handle<Outputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                      const std::optional<at::Tensor>&, double, bool)>("flowfm::fm_loss");
   return op.call(v, x0, x1, weight, sigma_min, need_grad);
 }
 

@@ -2,10 +2,7 @@
 // device's kernel (the Triton ops keep their Python formulas in flowfm_fast/ops/gated_residual.py,
 // which these mirror). In C++ because the Python register_autograd path cost ~50 us of host time a
 // call (see csrc/fm_loss_autograd.cpp), as much as a small block's kernels.
-#include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/autograd.h>
-#include <torch/library.h>
+#include "autograd_common.h"
 
 #include <optional>
 #include <string>
@@ -16,14 +13,6 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using OptT = std::optional<at::Tensor>;
-
-OptT opt(const at::Tensor& t) { return t.defined() ? OptT(t) : std::nullopt; }
-at::Tensor or_undefined(const OptT& t) { return t.has_value() ? *t : at::Tensor(); }
-
-template <typename Sig> c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
 
 // ------------------------------------------------------------------------- gated_residual
 class GatedResidual : public torch::autograd::Function<GatedResidual> {

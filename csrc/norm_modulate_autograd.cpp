@@ -3,10 +3,7 @@
 // mirrors). The forward saves x and the statistics; the backward is one call of
 // flowfm::norm_modulate_backward. In C++ because the Python register_autograd path cost ~50 us of
 // host time a call (see csrc/fm_loss_autograd.cpp), as much as a small layer's kernels.
-#include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/autograd.h>
-#include <torch/library.h>
+#include "autograd_common.h"
 
 #include <optional>
 #include <string>
@@ -17,16 +14,13 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using OptT = std::optional<at::Tensor>;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_forward(const at::Tensor& x, const OptT& shift, const OptT& scale,
                                                             const OptT& weight, const OptT& bias, c10::string_view kind,
                                                             double eps, c10::string_view act, int64_t num_groups) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("flowfm::norm_modulate", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+  static auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const OptT&, const OptT&, const OptT&, const OptT&, c10::string_view,
-                           double, c10::string_view, int64_t)>();
+                           double, c10::string_view, int64_t)>("flowfm::norm_modulate");
   return op.call(x, shift, scale, weight, bias, kind, eps, act, num_groups);
 }
 
@@ -35,16 +29,11 @@ using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Ten
 Grads call_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
                     const OptT& shift, const OptT& scale, const OptT& weight, const OptT& bias,
                     c10::string_view kind, c10::string_view act, int64_t num_groups) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("flowfm::norm_modulate_backward", "")
-                       .typed<Grads(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+  static auto op = op_handle<Grads(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                     const OptT&, const OptT&, const OptT&, const OptT&, c10::string_view,
-                                    c10::string_view, int64_t)>();
+                                    c10::string_view, int64_t)>("flowfm::norm_modulate_backward");
   return op.call(dy, x, mean, rstd, shift, scale, weight, bias, kind, act, num_groups);
 }
-
-OptT opt(const at::Tensor& t) { return t.defined() ? OptT(t) : std::nullopt; }
-at::Tensor or_undefined(const OptT& t) { return t.has_value() ? *t : at::Tensor(); }
 
 class NormModulate : public torch::autograd::Function<NormModulate> {
  public:

@@ -1,10 +1,7 @@
 // Autograd of flowfm::timestep_embedding in C++, for every device's kernel (the Triton op keeps its
 // Python formula in flowfm_fast/ops/timestep_embedding.py, which this mirrors): d emb / d t by one
 // call of flowfm::timestep_embedding_backward. Integer step indices take no gradient.
-#include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/autograd.h>
-#include <torch/library.h>
+#include "autograd_common.h"
 
 namespace flowfm {
 namespace {
@@ -15,9 +12,7 @@ using torch::autograd::variable_list;
 class TimestepEmbedding : public torch::autograd::Function<TimestepEmbedding> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& t, int64_t dim, double max_period) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("flowfm::timestep_embedding", "")
-                         .typed<at::Tensor(const at::Tensor&, int64_t, double)>();
+    static auto op = op_handle<at::Tensor(const at::Tensor&, int64_t, double)>("flowfm::timestep_embedding");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     ctx->save_for_backward({t});
     ctx->saved_data["dim"] = dim;
@@ -26,9 +21,7 @@ class TimestepEmbedding : public torch::autograd::Function<TimestepEmbedding> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("flowfm::timestep_embedding_backward", "")
-                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, double)>();
+    static auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, double)>("flowfm::timestep_embedding_backward");
     if (!ctx->needs_input_grad(0)) return {at::Tensor(), at::Tensor(), at::Tensor()};
     const auto s = ctx->get_saved_variables();
     return {op.call(grads[0], s[0], ctx->saved_data["dim"].toInt(), ctx->saved_data["max_period"].toDouble()),

@@ -292,10 +292,7 @@ def _plots(out: Path, results: dict) -> dict:
     ax.set_xlabel("training wall time (s)")
     ax.set_ylabel("linear-probe macro-F1")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    p1 = out / "probe_f1_vs_time.png"
-    fig.savefig(p1, dpi=110)
-    plt.close(fig)
+    p1 = _save(fig, out / "probe_f1_vs_time.png")
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for o, rows in results["sampling"].items():
@@ -310,11 +307,16 @@ def _plots(out: Path, results: dict) -> dict:
     ax.set_xlabel("sampling wall time per window (ms, log)")
     ax.set_ylabel("sensor-FID")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    p2 = out / "fid_vs_sampling_time.png"
-    fig.savefig(p2, dpi=110)
-    plt.close(fig)
+    p2 = _save(fig, out / "fid_vs_sampling_time.png")
     return {"probe": p1.name, "fid": p2.name}
+
+
+def _save(fig, path):
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _report(res: dict, cfg: CompareConfig, data: str, bundle, plots: dict) -> str:

@@ -306,14 +306,15 @@ class FixedStepSolver:
         g = make_grid(8 if steps is None and grid is None else steps, grid)
         prepared_ok = z is not None and hasattr(velocity, "prepare") and not cond
 
-        if self._use_graph(graph, velocity, x0, z, cond):
+        needs_grad = _needs_grad(velocity, x0, z, cond)   # once: it walks the module's parameters
+        if self._use_graph(graph, velocity, x0, needs_grad):
             out = self._solve_graphed(velocity, x0, g, z, cond, return_trajectory, prepared_ok)
             if out is not None:
                 x, traj = out
                 return (x, traj) if return_trajectory else x
         plan = _Plan(self.tableau, self.stage_times(g), (g[1:] - g[:-1]).tolist(), x0, prepared_ok,
                      return_trajectory)
-        if _needs_grad(velocity, x0, z, cond):
+        if needs_grad:
             x, traj = plan.run(velocity, x0, z, cond, differentiable=True)
             return (x, traj) if return_trajectory else x
         plan.run(velocity, x0, z, cond)
@@ -321,7 +322,7 @@ class FixedStepSolver:
 
     # ---------------------------------------------------------------- CUDA graph path
     @staticmethod
-    def _use_graph(graph, velocity, x0, z, cond) -> bool:
+    def _use_graph(graph, velocity, x0, needs_grad: bool) -> bool:
         if graph is False or x0.device.type not in _GRAPH_DEVICES:
             return False
         mod = velocity.__self__ if inspect.ismethod(velocity) else velocity
@@ -329,7 +330,7 @@ class FixedStepSolver:
             # Plain functions only on request: a fresh lambda per call would pay a capture per call,
             # and a closure's captured tensors are invisible to the cache key.
             return False
-        if _needs_grad(velocity, x0, z, cond):
+        if needs_grad:
             if graph is True:
                 raise ValueError("graph=True gives results without autograd history, but gradients are "
                                  "enabled for these inputs/parameters: call under torch.no_grad() "
