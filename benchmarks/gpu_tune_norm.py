@@ -74,36 +74,43 @@ def sweeps(mode):
 
 
 modes = {"fwd": ["fwd"], "bwd": ["fwd+bwd"], "both": ["fwd", "fwd+bwd"]}[sys.argv[1] if len(sys.argv) > 1 else "both"]
+def report(mode, name, label, ms, nbytes, mark=""):
+    gbps = nbytes / (ms * 1e-3) / 1e9
+    print(f"{mode:7s} {name:28s} {label:48s} {ms*1e3:8.1f} us {gbps:7.0f} GB/s {100 * gbps / copy_gbps:4.0f}%{mark}",
+          flush=True)  # row by row: a sweep cut off by its deadline still reports what it measured
+
+
 for mode in modes:
     for name, op, inputs in cases():
         rows = []
         fn, nbytes = timed(op, inputs, mode)
+
+        def measure(label, fn=fn):
+            rows.append((label, t_ms(fn)))
+            report(mode, name, *rows[-1], nbytes)
+
         ref = _registry._IMPLS["norm_modulate"]["torch"]
         with use_backend("torch"):
-            rows.append(("eager", t_ms(fn)))
+            measure("eager")
             _registry._IMPLS["norm_modulate"]["torch"] = _registry.Impl(torch.compile(ref.fn, dynamic=False), ref.can_use)
             try:
-                rows.append(("compile", t_ms(fn)))
+                measure("compile")
             finally:
                 _registry._IMPLS["norm_modulate"]["torch"] = ref
         if "cuda" in ops.backends_for("norm_modulate"):
             with use_backend("cuda"):
-                rows.append(("cuda", t_ms(fn)))
+                measure("cuda")
         with use_backend("triton"):
-            rows.append(("triton (defaults)", t_ms(fn)))
+            measure("triton (defaults)")
             for label, settings in sweeps("fwd" if mode == "fwd" else "bwd"):
                 saved = {k: getattr(K, k) for k in settings}
                 try:
                     for k, v in settings.items():
                         setattr(K, k, v)
-                    rows.append((f"triton {label}", t_ms(fn)))
+                    measure(f"triton {label}")
                 except Exception as exc:  # a config the compiler refuses: say so, go on
                     print(name, label, "failed:", str(exc)[:200], file=sys.stderr)
                 finally:
                     for k, v in saved.items():
                         setattr(K, k, v)
-        best = min(rows, key=lambda r: r[1])
-        for label, ms in rows:
-            gbps = nbytes / (ms * 1e-3) / 1e9
-            print(f"{mode:7s} {name:28s} {label:48s} {ms*1e3:8.1f} us {gbps:7.0f} GB/s "
-                  f"{100 * gbps / copy_gbps:4.0f}%{'  <- best' if label == best[0] else ''}")
+        report(mode, name, *min(rows, key=lambda r: r[1]), nbytes, "  <- best")

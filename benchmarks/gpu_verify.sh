@@ -3,11 +3,12 @@
 #   build the extension (CPU + CUDA kernels, sm_90); a direct bad-input call of the compiled ops
 #   (backtrace through cuda-gdb if it crashes); the whole test suite on CUDA; the Triton norm
 #   launch sweep; a profiled training step; the GPU benchmark selection (copy roofline, large-row op cases, sampling K=8,
-#   end-to-end step). Stages: STAGES="tests tune bench" (default: all). Every stage has a deadline
+#   end-to-end step), in that order (tuning last: it takes what time is left). Stages:
+#   STAGES="tests bench profile tune" (default: all), TUNE=fwd|bwd|both. Every stage has a deadline
 #   inside TOTAL_S so the logs and JSON always come back under $OUT. COMMIT (env): what was measured.
 set -u
 OUT=${OUT:-/tmp/flowfm_gpu}; mkdir -p "$OUT"
-TOTAL_S=${TOTAL_S:-450}; STAGES=${STAGES:-"tests tune profile bench"}
+TOTAL_S=${TOTAL_S:-450}; STAGES=${STAGES:-"tests bench profile tune"}
 T0=$(date +%s)
 left() { echo $(( TOTAL_S - ($(date +%s) - T0) )); }
 at() { echo "$1 at $(( $(date +%s) - T0 ))s"; }
@@ -42,9 +43,19 @@ if [[ " $STAGES " == *" tests "* ]]; then
     --durations=10 > "$OUT/tests.log" 2>&1
   at "tests rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | grep -v test_data.py | tail -40
 fi
-if [[ " $STAGES " == *" tune "* ]]; then
-  timeout -s INT $(( $(left) - ${AFTER_TUNE_S:-120} )) python3 benchmarks/gpu_tune_norm.py > "$OUT/tune.log" 2>&1
-  at "tune rc=$?"; grep -E "copy|best|eager|compile|cuda" "$OUT/tune.log"
+if [[ " $STAGES " == *" bench "* ]]; then
+  A=${AFTER_BENCH_S:-0}
+  B="python3 -m pytest -q -p no:cacheprovider --benchmark-max-time=0.2 --benchmark-min-rounds=5"
+  timeout -s INT $(( $(left) - A - 90 )) $B benchmarks/bench_copy.py benchmarks/bench_norm_modulate.py benchmarks/bench_fm.py \
+    -k "copy or 1024-1024 or 2048 or 65536" --benchmark-json="$OUT/ops.json" > "$OUT/bench.log" 2>&1
+  at "ops bench rc=$?"
+  timeout -s INT $(( $(left) - A - 40 )) $B benchmarks/bench_sample.py -k "K8-" --benchmark-json="$OUT/sample.json" >> "$OUT/bench.log" 2>&1
+  at "sample bench rc=$?"
+  if [ "${E2E:-1}" = 1 ]; then
+    timeout -s INT $(( $(left) - A - 5 )) $B benchmarks/bench_e2e.py --benchmark-json="$OUT/e2e.json" >> "$OUT/bench.log" 2>&1
+    at "e2e bench rc=$?"
+  fi
+  grep -E "passed|failed|Error" "$OUT/bench.log" | tail -10
 fi
 if [[ " $STAGES " == *" profile "* ]]; then
   timeout -s INT 60 python3 benchmarks/gpu_profile_step.py dit > "$OUT/profile.log" 2>&1
@@ -54,16 +65,7 @@ if [[ " $STAGES " == *" profile "* ]]; then
     >> "$OUT/profile.log" 2>&1
   at "flowfm-fast profile rc=$?"; head -15 /tmp/flowfm_prof/top_ops.txt 2>/dev/null
 fi
-if [[ " $STAGES " == *" bench "* ]]; then
-  B="python3 -m pytest -q -p no:cacheprovider --benchmark-max-time=0.2 --benchmark-min-rounds=5"
-  timeout -s INT $(( $(left) - 90 )) $B benchmarks/bench_copy.py benchmarks/bench_norm_modulate.py benchmarks/bench_fm.py \
-    -k "copy or 1024-1024 or 2048 or 65536" --benchmark-json="$OUT/ops.json" > "$OUT/bench.log" 2>&1
-  at "ops bench rc=$?"
-  timeout -s INT $(( $(left) - 40 )) $B benchmarks/bench_sample.py -k "K8-" --benchmark-json="$OUT/sample.json" >> "$OUT/bench.log" 2>&1
-  at "sample bench rc=$?"
-  if [ "${E2E:-1}" = 1 ]; then
-    timeout -s INT $(( $(left) - 5 )) $B benchmarks/bench_e2e.py --benchmark-json="$OUT/e2e.json" >> "$OUT/bench.log" 2>&1
-    at "e2e bench rc=$?"
-  fi
-  grep -E "passed|failed|Error" "$OUT/bench.log" | tail -10
+if [[ " $STAGES " == *" tune "* ]]; then
+  timeout -s INT $(( $(left) - ${AFTER_TUNE_S:-5} )) python3 benchmarks/gpu_tune_norm.py ${TUNE:-both} > "$OUT/tune.log" 2>&1
+  at "tune rc=$?"; grep -E "copy|best|eager|compile|cuda" "$OUT/tune.log"
 fi
