@@ -4,11 +4,12 @@
 #   (backtrace through cuda-gdb if it crashes); the whole test suite on CUDA; the Triton norm
 #   launch sweep; a profiled training step; the GPU benchmark selection (copy roofline, large-row op cases, sampling K=8,
 #   end-to-end step), in that order (tuning last: it takes what time is left). Stages:
-#   STAGES="tests bench profile tune" (default: all), TUNE=fwd|bwd|both. Every stage has a deadline
+#   STAGES="tests host bench profile tune" (default: all), TESTS (pytest paths), SUITES="ops sample e2e",
+#   TUNE=fwd|bwd|both. Every stage has a deadline
 #   inside TOTAL_S so the logs and JSON always come back under $OUT. COMMIT (env): what was measured.
 set -u
 OUT=${OUT:-/tmp/flowfm_gpu}; mkdir -p "$OUT"
-TOTAL_S=${TOTAL_S:-450}; STAGES=${STAGES:-"tests bench profile tune"}
+TOTAL_S=${TOTAL_S:-450}; STAGES=${STAGES:-"tests host bench profile tune"}
 T0=$(date +%s)
 left() { echo $(( TOTAL_S - ($(date +%s) - T0) )); }
 at() { echo "$1 at $(( $(date +%s) - T0 ))s"; }
@@ -39,19 +40,24 @@ fi
 
 if [[ " $STAGES " == *" tests "* ]]; then
   TEST_S=$(( $(left) - ${AFTER_TESTS_S:-170} ))
-  OMP_NUM_THREADS=2 timeout -s INT $TEST_S python3 -m pytest tests -q -n 12 --timeout=240 -p no:cacheprovider -rfE \
+  OMP_NUM_THREADS=2 timeout -s INT $TEST_S python3 -m pytest ${TESTS:-tests} -q -n 12 --timeout=240 -p no:cacheprovider -rfE \
     --durations=10 > "$OUT/tests.log" 2>&1
   at "tests rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | grep -v test_data.py | tail -40
+fi
+if [[ " $STAGES " == *" host "* ]]; then
+  timeout -s INT 60 python3 benchmarks/gpu_host_overhead.py 2>&1 | tee "$OUT/host.log"
+  at "host overhead rc=$?"
 fi
 if [[ " $STAGES " == *" bench "* ]]; then
   A=${AFTER_BENCH_S:-0}
   B="python3 -m pytest -q -p no:cacheprovider --benchmark-max-time=0.2 --benchmark-min-rounds=5"
-  timeout -s INT $(( $(left) - A - 90 )) $B benchmarks/bench_copy.py benchmarks/bench_norm_modulate.py benchmarks/bench_fm.py \
+  SUITES=${SUITES:-"ops sample e2e"}
+  [[ " $SUITES " == *" ops "* ]] && timeout -s INT $(( $(left) - A - 90 )) $B benchmarks/bench_copy.py benchmarks/bench_norm_modulate.py benchmarks/bench_fm.py \
     -k "copy or 1024-1024 or 2048 or 65536" --benchmark-json="$OUT/ops.json" > "$OUT/bench.log" 2>&1
   at "ops bench rc=$?"
-  timeout -s INT $(( $(left) - A - 40 )) $B benchmarks/bench_sample.py -k "K8-" --benchmark-json="$OUT/sample.json" >> "$OUT/bench.log" 2>&1
+  [[ " $SUITES " == *" sample "* ]] && timeout -s INT $(( $(left) - A - 40 )) $B benchmarks/bench_sample.py -k "K8-" --benchmark-json="$OUT/sample.json" >> "$OUT/bench.log" 2>&1
   at "sample bench rc=$?"
-  if [ "${E2E:-1}" = 1 ]; then
+  if [[ " $SUITES " == *" e2e "* ]]; then
     timeout -s INT $(( $(left) - A - 5 )) $B benchmarks/bench_e2e.py --benchmark-json="$OUT/e2e.json" >> "$OUT/bench.log" 2>&1
     at "e2e bench rc=$?"
   fi

@@ -55,6 +55,16 @@ def _lib() -> torch.library.Library:
     return _LIB
 
 
+def _eager_ok(args) -> bool:
+    """The op may skip the dispatcher: plain tensors, no torch.compile trace, no torch.func
+    transform, no Python dispatch mode (FakeTensor, FlopCounter, ...) and no TorchScript trace:
+    all of those need the registered op."""
+    return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+            and torch._C._functorch.peek_interpreter_stack() is None and not torch._C._get_tracing_state()
+            and all(type(a) is torch.Tensor or type(a) is torch.nn.Parameter or not isinstance(a, torch.Tensor)
+                    for a in args))
+
+
 class TritonOp:
     """A ``flowfm_triton`` op: its schema, one Python kernel for CPU (interpreter) and CUDA tensors,
     and ``register_fake`` / ``register_autograd`` as on :func:`torch.library.custom_op`'s ops.
@@ -62,7 +72,14 @@ class TritonOp:
     Defined through :class:`torch.library.Library` rather than ``torch.library.custom_op``, whose
     per-call Python layers (default filling, a dynamo-disable wrapper, ...) took ~40 us of host time
     a call here with the launches stubbed out; on the H200 the fused ops' host time made a ``small``
-    training step CPU-bound (benchmarks/results/h200/NOTES.md)."""
+    training step CPU-bound (benchmarks/results/h200/NOTES.md).
+
+    Calls in eager mode skip the dispatcher too: the kernel runs directly, inside a
+    :class:`torch.autograd.Function` built from the same autograd formula when a gradient is
+    needed. (torch.library's autograd wrapper re-fills the schema's defaults and redispatches on
+    every call: with the dispatcher's Python trampoline, ~0.3-0.5 ms of host time per fwd+bwd of
+    one op on the H200.) torch.compile, torch.func transforms, dispatch modes and tensor subclasses
+    get the registered op, so what they see is unchanged."""
 
     def __init__(self, name: str, fn: Callable, schema: str | None, mutates_args):
         self.qualname = f"{NAMESPACE}::{name}"
@@ -76,9 +93,36 @@ class TritonOp:
         for key in ("CPU", "CUDA"):
             lib.impl(name, fn, key)
         self._op = getattr(getattr(torch.ops, NAMESPACE), name).default
+        self._fn = fn
+        self._function = None  # the eager autograd.Function, once register_autograd gave a formula
+        # Positions of the arguments the op writes to (from the schema's alias annotations).
+        self._mutates = tuple(i for i, a in enumerate(self._op._schema.arguments)
+                              if a.alias_info is not None and a.alias_info.is_write)
 
     def __call__(self, *args):
-        return self._op(*args)
+        if _eager_ok(args):
+            if not (torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
+                return self._call(self._fn, args)
+            if self._function is None or self._mutates:
+                # torch's fallback for such an op would warn and hand back zero gradients.
+                raise RuntimeError(f"{self.qualname} has no derivative (in-place updates and the backward "
+                                   "kernels themselves): double backward and in-place updates of tensors "
+                                   "that require grad need the reference backend (flowfm_fast.ops.use_backend('torch'))")
+            return self._call(self._function.apply, args)
+        return self._op(*args)  # tracing, transforms, dispatch modes: the registered op
+
+    def _call(self, fn, args):
+        if torch.autograd._profiler_enabled():  # the op's name in torch.profiler traces, as the dispatcher gives
+            with torch.autograd.profiler.record_function(self.qualname):
+                return self._bump(fn(*args), args)
+        return self._bump(fn(*args), args)
+
+    def _bump(self, out, args):
+        # In-place ops outside the dispatcher: bump the mutated tensors' version counters, so
+        # autograd still notices a tensor it saved being overwritten.
+        if self._mutates:
+            torch.autograd.graph.increment_version([args[i] for i in self._mutates if i < len(args)])
+        return out
 
     def register_fake(self, fn: Callable) -> Callable:
         torch.library.register_fake(self.qualname, fn, lib=_lib())
@@ -86,6 +130,24 @@ class TritonOp:
 
     def register_autograd(self, backward: Callable, *, setup_context: Callable | None = None) -> None:
         torch.library.register_autograd(self.qualname, backward, setup_context=setup_context, lib=_lib())
+        fn = self._fn
+
+        # The old-style forward(ctx, ...): with a separate setup_context, Function.apply binds the
+        # arguments through inspect.signature on every call (~60 us here).
+        class Function(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, *args):
+                output = fn(*args)
+                if setup_context is not None:
+                    setup_context(ctx, args, output)
+                return output
+
+            @staticmethod
+            def backward(ctx, *grads):
+                return backward(ctx, *grads)
+
+        Function.__name__ = Function.__qualname__ = self.qualname.replace("::", "_")
+        self._function = Function
 
 
 def custom_op(name: str, *, schema: str | None = None, mutates_args=()) -> Callable[[Callable], TritonOp]:
