@@ -80,7 +80,7 @@ def sweeps(mode):
     else:
         for tile, p, progs in itertools.product((2048, 4096), (8, 16, 32), (2, 4, 8, 16)):
             yield (f"bwd tile={tile} vals/thread={p} programs={progs}x132",
-                   dict(GPU_TILE=tile, num_warps=warps_per_thread(p), GPU_PROGRAMS=progs * 132))
+                   dict(GPU_TILE=tile, num_warps=warps_per_thread(p), GROUP_BWD_PER_THREAD=p, GPU_PROGRAMS=progs * 132))
 
 
 modes = {"fwd": ["fwd"], "bwd": ["fwd+bwd"], "both": ["fwd", "fwd+bwd"]}[sys.argv[1] if len(sys.argv) > 1 else "both"]

@@ -75,9 +75,14 @@ GPU_TILE = 4096
 # whole by one program, so x is read once, at 93% (looping over blocks of the group: 62%).
 GPU_ROW_TILE = 1024
 GPU_GROUP_TILE = 8192
-# Programs a backward launch aims for: a few per SM on a GPU (132 on H100), a handful when interpreted.
+# Programs a token backward launch aims for: 8 per SM on a GPU (132 SMs on an H100/H200), a
+# handful when interpreted. Backward sweep on an H200 (GPU time from CUDA-graph replays,
+# benchmarks/results/h200/): at 64x1024x1024, 4096-element tiles with 32 values per thread and
+# 8 programs per SM ran fwd+bwd at 90% of the copy bandwidth in fp32 (349 us; 4 per SM: 512 us) and
+# 81% in bf16. The group backward did best with 16 values per thread (423 us against 611 us at 32).
 INTERPRETER_PROGRAMS = 4
-GPU_PROGRAMS = 4 * 132
+GPU_PROGRAMS = 8 * 132
+GROUP_BWD_PER_THREAD = 16
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -132,12 +137,14 @@ def _tile(gpu_tile: int | None = None) -> int:
 
 
 def num_warps(elements: int) -> int:
-    """Warps for a tile of ``elements`` (the interpreter ignores it): ~16 fp32 values per thread."""
+    """Warps of a token-backward tile (the interpreter ignores it): 4 up to 4K elements, i.e. 32
+    values per thread at GPU_TILE, which the H200 sweep found best (see GPU_PROGRAMS)."""
     return 4 if elements <= 4096 else 8 if elements <= 16384 else 16
 
 
 def fwd_warps(elements: int, per_thread: int = 16) -> int:
-    """Warps of a forward tile (see GPU_ROW_TILE): ``per_thread`` values per thread, 1 to 16 warps."""
+    """Warps of a tile with ``per_thread`` values per thread, 1 to 16 warps (the forward tiles, see
+    GPU_ROW_TILE, and the group backward, GROUP_BWD_PER_THREAD)."""
     return max(1, min(16, next_pow2(max(1, elements // (32 * per_thread)))))
 
 
@@ -702,12 +709,13 @@ def backward(dy, x, mean, rstd, shift, scale, weight, bias, kind: str, act: str 
                 _group_bwd_whole[(cdiv(B * num_groups, block_g),)](
                     dy, x, mean, rstd, shift, scale, weight, bias, dx, dshift, dscale, dw_p, db_p, B * num_groups,
                     C, L, num_groups, *x.stride(), *dy.stride(), ACT=ACTS[act], ACC=tl_acc, BLOCK_G=block_g,
-                    BLOCK_C=block_c, BLOCK_L=block_l, num_warps=num_warps(block_g * block_c * block_l), **flags)
+                    BLOCK_C=block_c, BLOCK_L=block_l,
+                    num_warps=fwd_warps(block_g * block_c * block_l, GROUP_BWD_PER_THREAD), **flags)
             else:
                 _group_bwd[(B * num_groups,)](dy, x, mean, rstd, shift, scale, weight, bias, dx, dshift, dscale,
                                               dw_p, db_p, C, L, num_groups, *x.stride(), *dy.stride(),
                                               ACT=ACTS[act], ACC=tl_acc, BLOCK_C=block_c, BLOCK_L=block_l,
-                                              num_warps=num_warps(block_c * block_l), **flags)
+                                              num_warps=fwd_warps(block_c * block_l, GROUP_BWD_PER_THREAD), **flags)
             mod_sum_dim = None
         else:
             B, T, D = row_dims(x)
