@@ -116,14 +116,20 @@ void fused_forward(const S* res, const S* h, const acc_t<S>* gate, S* new_res, S
   w = def.or_ones(w);
   bi = def.or_zeros(bi);
   at::parallel_for(0, d.B * d.T, grain_rows(d.D), [&](int64_t begin, int64_t end) {
+    std::vector<A> alpha(d.D), beta(d.D);
+    int64_t folded = -1;  // the sample alpha / beta hold
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / d.T, o = row * d.D;
       const A* g = gate + b * d.D;
+      if (b != folded) {
+        fold_sample<A>({sh ? sh + b * d.D : def.zeros.data(), sc ? sc + b * d.D : def.zeros.data(), w, bi},
+                       alpha.data(), beta.data(), d.D);
+        folded = b;
+      }
       // The norm sees r rounded to the residual's dtype, as the unfused chain does.
       gated_row<S>(res + o, h + o, g, new_res + o, d.D);
       row_stats<A, S>(new_res + o, d.D, rms, eps, mean[row], rstd[row]);
-      RowParams<A> p{sh ? sh + b * d.D : def.zeros.data(), sc ? sc + b * d.D : def.zeros.data(), w, bi};
-      row_forward<ACT, A, S, S>(new_res + o, y + o, d.D, mean[row], rstd[row], p);
+      row_forward<ACT, A, S, S>(new_res + o, y + o, d.D, mean[row], rstd[row], alpha.data(), beta.data());
     }
   });
 }
@@ -153,7 +159,8 @@ void fused_backward(const S* dnew_res, const S* dy, const S* new_res, const S* h
   w = def.or_ones(w);
   bi = def.or_zeros(bi);
   at::parallel_for(0, nblk, 1, [&](int64_t blk_begin, int64_t blk_end) {
-    std::vector<A> scratch(d.D), dr(d.D), s0(d.D), s1(d.D), dsh_scratch(d.D), dsc_scratch(d.D);
+    std::vector<A> dr(d.D), s0(d.D), s1(d.D), dsh_scratch(d.D), dsc_scratch(d.D), alpha(d.D),
+        beta(d.D);
     for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
       A* dwp = dw_part + blk * d.D;
       A* dbp = db_part + blk * d.D;
@@ -166,11 +173,12 @@ void fused_backward(const S* dnew_res, const S* dy, const S* new_res, const S* h
         std::fill(s1.begin(), s1.end(), A(0));
         const A* g = gate + b * d.D;
         RowParams<A> p{sh ? sh + b * d.D : def.zeros.data(), sc ? sc + b * d.D : def.zeros.data(), w, bi};
+        fold_sample<A>(p, alpha.data(), beta.data(), d.D);
         const RowSums<A> rs{s0.data(), s1.data()};
         for (int64_t t = 0; t < d.T; ++t) {
           const int64_t row = b * d.T + t, o = row * d.D;
-          row_backward<ACT, A, S, S, A>(new_res + o, dy + o, scratch.data(), dr.data(), d.D, rms, mean[row],
-                                         rstd[row], p, rs);
+          row_backward<ACT, A, S, S, A>(new_res + o, dy + o, dr.data(), d.D, rms, mean[row],
+                                         rstd[row], alpha.data(), beta.data(), rs);
           if (dnew_res)
             residual_row_grad<S, true>(dr.data(), dnew_res + o, h + o, g, dres + o, dh + o, dgb, d.D);
           else

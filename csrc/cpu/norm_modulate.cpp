@@ -33,14 +33,20 @@ void token_forward(const S* x, S* y, acc_t<S>* mean, acc_t<S>* rstd, Shape s, bo
   const A* w = def.or_ones(ptr_or_null<A>(m.w));
   const A* bi = def.or_zeros(ptr_or_null<A>(m.bias));
   at::parallel_for(0, s.B * s.T, grain_rows(s.D), [&](int64_t begin, int64_t end) {
+    std::vector<A> alpha(s.D), beta(s.D);
+    int64_t folded = -1;  // the sample alpha / beta hold
     // Rows are read in place (converted per element); a row of D values stays in L1 for the
     // three passes (mean, variance, output).
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / s.T;
+      if (b != folded) {
+        fold_sample<A>({sh ? sh + b * s.D : def.zeros.data(), sc ? sc + b * s.D : def.zeros.data(), w, bi},
+                       alpha.data(), beta.data(), s.D);
+        folded = b;
+      }
       const S* xr = x + row * s.D;
       row_stats<A, S>(xr, s.D, rms, eps, mean[row], rstd[row]);
-      RowParams<A> p{sh ? sh + b * s.D : def.zeros.data(), sc ? sc + b * s.D : def.zeros.data(), w, bi};
-      row_forward<ACT, A, S, S>(xr, y + row * s.D, s.D, mean[row], rstd[row], p);
+      row_forward<ACT, A, S, S>(xr, y + row * s.D, s.D, mean[row], rstd[row], alpha.data(), beta.data());
     }
   });
 }
@@ -56,7 +62,7 @@ void token_backward(const S* dy, const S* x, const acc_t<S>* mean, const acc_t<S
   const A* w = def.or_ones(ptr_or_null<A>(m.w));
   const A* bi = def.or_zeros(ptr_or_null<A>(m.bias));
   at::parallel_for(0, nblk, 1, [&](int64_t blk_begin, int64_t blk_end) {
-    std::vector<A> scratch(s.D), s0(s.D), s1(s.D), dsh_scratch(s.D), dsc_scratch(s.D);
+    std::vector<A> s0(s.D), s1(s.D), dsh_scratch(s.D), dsc_scratch(s.D), alpha(s.D), beta(s.D);
     for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
       A* dwp = dw_part + blk * s.D;
       A* dbp = db_part + blk * s.D;
@@ -66,11 +72,12 @@ void token_backward(const S* dy, const S* x, const acc_t<S>* mean, const acc_t<S
         std::fill(s0.begin(), s0.end(), A(0));
         std::fill(s1.begin(), s1.end(), A(0));
         RowParams<A> p{sh ? sh + b * s.D : def.zeros.data(), sc ? sc + b * s.D : def.zeros.data(), w, bi};
+        fold_sample<A>(p, alpha.data(), beta.data(), s.D);
         const RowSums<A> g{s0.data(), s1.data()};
         for (int64_t t = 0; t < s.T; ++t) {
           const int64_t o = (b * s.T + t) * s.D;
-          row_backward<ACT, A, S, S, S>(x + o, dy + o, scratch.data(), dx + o, s.D, rms, mean[b * s.T + t],
-                                         rstd[b * s.T + t], p, g);
+          row_backward<ACT, A, S, S, S>(x + o, dy + o, dx + o, s.D, rms, mean[b * s.T + t],
+                                         rstd[b * s.T + t], alpha.data(), beta.data(), g);
         }
         finish_sample<A>(s0.data(), s1.data(), p, dshift ? dshift + b * s.D : dsh_scratch.data(),
                          dscale ? dscale + b * s.D : dsc_scratch.data(), dwp, dbp, s.D);
