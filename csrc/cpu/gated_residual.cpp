@@ -159,7 +159,7 @@ void fused_backward(const S* dnew_res, const S* dy, const S* new_res, const S* h
   w = def.or_ones(w);
   bi = def.or_zeros(bi);
   at::parallel_for(0, nblk, 1, [&](int64_t blk_begin, int64_t blk_end) {
-    std::vector<A> dr(d.D), s0(d.D), s1(d.D), dsh_scratch(d.D), dsc_scratch(d.D), alpha(d.D),
+    std::vector<A> scratch(d.D), dr(d.D), s0(d.D), s1(d.D), dsh_scratch(d.D), dsc_scratch(d.D), alpha(d.D),
         beta(d.D);
     for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
       A* dwp = dw_part + blk * d.D;
@@ -177,7 +177,7 @@ void fused_backward(const S* dnew_res, const S* dy, const S* new_res, const S* h
         const RowSums<A> rs{s0.data(), s1.data()};
         for (int64_t t = 0; t < d.T; ++t) {
           const int64_t row = b * d.T + t, o = row * d.D;
-          row_backward<ACT, A, S, S, A>(new_res + o, dy + o, dr.data(), d.D, rms, mean[row],
+          row_backward<ACT, A, S, S, A>(new_res + o, dy + o, scratch.data(), dr.data(), d.D, rms, mean[row],
                                          rstd[row], alpha.data(), beta.data(), rs);
           if (dnew_res)
             residual_row_grad<S, true>(dr.data(), dnew_res + o, h + o, g, dres + o, dh + o, dgb, d.D);

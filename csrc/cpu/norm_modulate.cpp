@@ -62,7 +62,7 @@ void token_backward(const S* dy, const S* x, const acc_t<S>* mean, const acc_t<S
   const A* w = def.or_ones(ptr_or_null<A>(m.w));
   const A* bi = def.or_zeros(ptr_or_null<A>(m.bias));
   at::parallel_for(0, nblk, 1, [&](int64_t blk_begin, int64_t blk_end) {
-    std::vector<A> s0(s.D), s1(s.D), dsh_scratch(s.D), dsc_scratch(s.D), alpha(s.D), beta(s.D);
+    std::vector<A> scratch(s.D), s0(s.D), s1(s.D), dsh_scratch(s.D), dsc_scratch(s.D), alpha(s.D), beta(s.D);
     for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
       A* dwp = dw_part + blk * s.D;
       A* dbp = db_part + blk * s.D;
@@ -76,7 +76,7 @@ void token_backward(const S* dy, const S* x, const acc_t<S>* mean, const acc_t<S
         const RowSums<A> g{s0.data(), s1.data()};
         for (int64_t t = 0; t < s.T; ++t) {
           const int64_t o = (b * s.T + t) * s.D;
-          row_backward<ACT, A, S, S, S>(x + o, dy + o, dx + o, s.D, rms, mean[b * s.T + t],
+          row_backward<ACT, A, S, S, S>(x + o, dy + o, scratch.data(), dx + o, s.D, rms, mean[b * s.T + t],
                                          rstd[b * s.T + t], alpha.data(), beta.data(), g);
         }
         finish_sample<A>(s0.data(), s1.data(), p, dshift ? dshift + b * s.D : dsh_scratch.data(),

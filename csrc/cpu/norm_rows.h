@@ -131,24 +131,27 @@ template <typename A> struct RowSums {
 
 // dx of one row given dy, accumulating s0/s1 (alpha, beta from fold_sample). x is read as X (the
 // storage dtype, or an fp32 scratch row), dx written as DX. Two passes over the row (L1-resident):
-// the first only reduces (sum dxhat, sum dxhat * xhat), the second recomputes xhat and gu and does
-// every store; the loops are bound by loads and stores, and this order stores least.
-// Pointers are restrict-qualified arguments so the loops vectorise with plain loads and stores.
+// the first only reduces (sum dxhat, sum dxhat * xhat), the second recomputes xhat and does every
+// store: the loops are bound by loads and stores, and this order stores least. With an
+// activation, gu = dy * act'(u) (an exp and a division) is computed once, in the first pass, and
+// waits in ``scratch`` (D values). Pointers are restrict-qualified arguments so the loops
+// vectorise with plain loads and stores.
 template <Act ACT, typename A, typename X, typename S, typename DX>
-inline void row_backward(const X* __restrict x, const S* __restrict dy, DX* __restrict dx, int64_t D, bool rms,
-                         A mean, A rstd, const A* __restrict alpha, const A* __restrict beta, const RowSums<A>& g) {
+inline void row_backward(const X* __restrict x, const S* __restrict dy, A* __restrict scratch, DX* __restrict dx,
+                         int64_t D, bool rms, A mean, A rstd, const A* __restrict alpha, const A* __restrict beta,
+                         const RowSums<A>& g) {
   A* __restrict s0 = g.s0;
   A* __restrict s1 = g.s1;
-  auto grad_u = [&](int64_t i, A xh) {
-    A gu = static_cast<A>(dy[i]);
-    if constexpr (ACT != Act::None) gu *= act_grad<A>(ACT, xh * alpha[i] + beta[i]);
-    return gu;
-  };
   A sum_dxhat = A(0), sum_dxhat_xhat = A(0);
 #pragma omp simd reduction(+ : sum_dxhat, sum_dxhat_xhat)
   for (int64_t i = 0; i < D; ++i) {
     const A xh = (static_cast<A>(x[i]) - mean) * rstd;
-    const A dxhat = grad_u(i, xh) * alpha[i];
+    A gu = static_cast<A>(dy[i]);
+    if constexpr (ACT != Act::None) {
+      gu *= act_grad<A>(ACT, xh * alpha[i] + beta[i]);
+      scratch[i] = gu;
+    }
+    const A dxhat = gu * alpha[i];
     sum_dxhat += dxhat;
     sum_dxhat_xhat += dxhat * xh;
   }
@@ -157,7 +160,7 @@ inline void row_backward(const X* __restrict x, const S* __restrict dy, DX* __re
 #pragma omp simd
   for (int64_t i = 0; i < D; ++i) {
     const A xh = (static_cast<A>(x[i]) - mean) * rstd;
-    const A gu = grad_u(i, xh);
+    const A gu = ACT != Act::None ? scratch[i] : static_cast<A>(dy[i]);
     s0[i] += gu;
     s1[i] += gu * xh;
     dx[i] = to_storage<DX>(rstd * (gu * alpha[i] - c1 - xh * c2));
