@@ -147,3 +147,17 @@ def test_gradcheck_float64(backend):
     # The output is fp32 by contract, so the numerical Jacobian is only fp32-accurate.
     assert torch.autograd.gradcheck(lambda t: timestep_embedding(t, 9).double(), (t,), eps=1e-3, atol=2e-3,
                                     rtol=1e-2)
+
+
+def test_every_quadrant_and_large_arguments(backend):
+    """dim = 2: one frequency, 1, so the arguments are t itself: cos / sin over many periods
+    (every quadrant, both signs) within 2e-6 of float64 libm, and beyond the fast kernel's range
+    (|t| > 8192, inf, NaN) the same as torch.cos / torch.sin of fp32 t."""
+    t = torch.cat([torch.linspace(-8192.0, 8192.0, 200_003), torch.tensor([0.0, -0.0, 1e-30, 8191.9])])
+    emb = timestep_embedding(t, 2)
+    assert (emb[:, 0].double() - torch.cos(t.double())).abs().max() < 2e-6
+    assert (emb[:, 1].double() - torch.sin(t.double())).abs().max() < 2e-6
+    t = torch.tensor([1e5, -3.0e7, 2.0, float("inf"), float("nan")])
+    emb = timestep_embedding(t, 2)
+    torch.testing.assert_close(emb, torch.stack([torch.cos(t), torch.sin(t)], 1), equal_nan=True,
+                               atol=1e-5, rtol=0)
