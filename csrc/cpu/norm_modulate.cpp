@@ -34,6 +34,7 @@ void token_forward(const S* x, S* y, acc_t<S>* mean, acc_t<S>* rstd, Shape s, bo
   const A* bi = def.or_zeros(ptr_or_null<A>(m.bias));
   at::parallel_for(0, s.B * s.T, grain_rows(s.D), [&](int64_t begin, int64_t end) {
     std::vector<A> alpha(s.D), beta(s.D);
+    std::vector<float> wide(std::is_same_v<S, c10::BFloat16> ? s.D : 0);
     int64_t folded = -1;  // the sample alpha / beta hold
     // Rows are read in place (converted per element); a row of D values stays in L1 for the
     // three passes (mean, variance, output).
@@ -45,8 +46,15 @@ void token_forward(const S* x, S* y, acc_t<S>* mean, acc_t<S>* rstd, Shape s, bo
         folded = b;
       }
       const S* xr = x + row * s.D;
-      row_stats<A, S>(xr, s.D, rms, eps, mean[row], rstd[row]);
-      row_forward<ACT, A, S, S>(xr, y + row * s.D, s.D, mean[row], rstd[row], alpha.data(), beta.data());
+      if constexpr (std::is_same_v<S, c10::BFloat16>) {  // widened once, then the fp32 row kernels
+        widen_row<S>(xr, wide.data(), s.D);
+        row_stats<A, float>(wide.data(), s.D, rms, eps, mean[row], rstd[row]);
+        row_forward<ACT, A, float, S>(wide.data(), y + row * s.D, s.D, mean[row], rstd[row], alpha.data(),
+                                      beta.data());
+      } else {
+        row_stats<A, S>(xr, s.D, rms, eps, mean[row], rstd[row]);
+        row_forward<ACT, A, S, S>(xr, y + row * s.D, s.D, mean[row], rstd[row], alpha.data(), beta.data());
+      }
     }
   });
 }
