@@ -31,6 +31,7 @@ class FmInterpolate : public torch::autograd::Function<FmInterpolate> {
     static auto op = op_handle<Triple(const OptT&, const OptT&, const at::Tensor&, const at::Tensor&,
                                        const at::Tensor&, double)>("flowfm::fm_interpolate_backward");
     const auto s = ctx->get_saved_variables();
+    first_order_only("flowfm::fm_interpolate", grads, s);
     if (!grads[0].defined() && !grads[1].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     auto [dx0, dx1, dt] = op.call(opt(grads[0]), opt(grads[1]), s[0], s[1], s[2],
                                   ctx->saved_data["sigma_min"].toDouble());

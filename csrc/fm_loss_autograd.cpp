@@ -43,6 +43,7 @@ class FmLoss : public torch::autograd::Function<FmLoss> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
+    first_order_only("flowfm::fm_loss", grads, saved);
     const at::Tensor &dv = saved[0], &per_sample = saved[1], &weight = saved[2];
     const at::Tensor& dloss = grads[0];
     auto dtype = [&](const char* key) { return static_cast<at::ScalarType>(ctx->saved_data[key].toInt()); };

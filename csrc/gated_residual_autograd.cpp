@@ -32,6 +32,7 @@ class GatedResidual : public torch::autograd::Function<GatedResidual> {
                                                                    const at::Tensor&)>(
         "flowfm::gated_residual_backward");
     const auto s = ctx->get_saved_variables();
+    first_order_only("flowfm::gated_residual", grads, s);
     const at::Tensor& dy = grads[0];
     at::Tensor dres, dh, dgate;
     if (ctx->needs_input_grad(1) || ctx->needs_input_grad(2)) std::tie(dh, dgate) = op.call(dy, s[0], s[1]);
@@ -74,6 +75,7 @@ class GatedResidualNormModulate : public torch::autograd::Function<GatedResidual
                                           const OptT&, const OptT&, const OptT&, c10::string_view,
                                           c10::string_view)>("flowfm::gated_residual_norm_modulate_backward");
     const auto s = ctx->get_saved_variables();
+    first_order_only("flowfm::gated_residual_norm_modulate", grads, s);
     const at::Tensor& new_res = s[0];
     const at::Tensor dy = grads[1].defined() ? grads[1] : at::zeros_like(new_res);
     auto [dres, dh, dgate, dshift, dscale, dweight, dbias] =

@@ -53,6 +53,7 @@ class NormModulate : public torch::autograd::Function<NormModulate> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
+    first_order_only("flowfm::norm_modulate", grads, s);
     const auto kind = ctx->saved_data["kind"].toStringRef(), act = ctx->saved_data["act"].toStringRef();
     auto [dx, dshift, dscale, dweight, dbias] =
         call_backward(grads[0], s[0], s[1], s[2], opt(s[3]), opt(s[4]), opt(s[5]), opt(s[6]), kind, act,

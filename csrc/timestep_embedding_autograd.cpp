@@ -24,6 +24,7 @@ class TimestepEmbedding : public torch::autograd::Function<TimestepEmbedding> {
     static auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, double)>("flowfm::timestep_embedding_backward");
     if (!ctx->needs_input_grad(0)) return {at::Tensor(), at::Tensor(), at::Tensor()};
     const auto s = ctx->get_saved_variables();
+    first_order_only("flowfm::timestep_embedding", grads, s);
     return {op.call(grads[0], s[0], ctx->saved_data["dim"].toInt(), ctx->saved_data["max_period"].toDouble()),
             at::Tensor(), at::Tensor()};
   }

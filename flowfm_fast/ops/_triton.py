@@ -130,7 +130,7 @@ class TritonOp:
 
     def register_autograd(self, backward: Callable, *, setup_context: Callable | None = None) -> None:
         torch.library.register_autograd(self.qualname, backward, setup_context=setup_context, lib=_lib())
-        fn = self._fn
+        fn, qualname = self._fn, self.qualname
 
         # The old-style forward(ctx, ...): with a separate setup_context, Function.apply binds the
         # arguments through inspect.signature on every call (~60 us here).
@@ -144,6 +144,14 @@ class TritonOp:
 
             @staticmethod
             def backward(ctx, *grads):
+                # Grad mode is on inside backward only under create_graph=True. The formulas build
+                # on saved, non-differentiable kernel outputs (dv, mean, rstd): a second derivative
+                # through them would come out silently wrong, so refuse it.
+                if torch.is_grad_enabled() and (any(g is not None and g.requires_grad for g in grads) or any(
+                        t is not None and t.requires_grad for t in ctx.saved_tensors)):
+                    raise RuntimeError(f"{qualname} has no derivative in the triton backend (double backward, "
+                                       "create_graph=True): compute higher-order gradients with "
+                                       "flowfm_fast.ops.use_backend('torch')")
                 return backward(ctx, *grads)
 
         Function.__name__ = Function.__qualname__ = self.qualname.replace("::", "_")

@@ -1,0 +1,57 @@
+"""Second-order gradients: the reference backend supports them (plain autograd, gradgradcheck);
+the fused backends' backward kernels have no derivative, so create_graph=True through them raises
+a clear error instead of torch's fallback (a warning and zero second-order gradients)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flowfm_fast import ops
+from flowfm_fast.ops import use_backend
+from naive import backend_params
+
+D64 = dict(dtype=torch.float64)
+
+
+def _leaf(*shape, scale=1.0):
+    return (scale * torch.randn(*shape, **D64)).requires_grad_(True)
+
+
+def _cases():
+    torch.manual_seed(0)
+    x, h = _leaf(2, 3, 5), _leaf(2, 3, 5)
+    shift, scale, gate = _leaf(2, 5, scale=0.3), _leaf(2, 5, scale=0.3), _leaf(2, 5, scale=0.3)
+    x0, x1, v = _leaf(2, 3, 4), _leaf(2, 3, 4), _leaf(2, 3, 4)
+    t = torch.rand(2, **D64).mul(0.8).add(0.1).requires_grad_(True)
+    return {
+        "norm_modulate": (lambda x, s, c: ops.norm_modulate(x, s, c, "layer", act="silu"), (x, shift, scale)),
+        "gated_residual": (lambda r, h, g: ops.gated_residual(r, h, g), (x, h, gate)),
+        "gated_residual_norm_modulate": (
+            lambda r, h, g, s, c: ops.gated_residual_norm_modulate(r, h, g, s, c, "layer")[1], (x, h, gate, shift, scale)),
+        "fm_interpolate": (lambda a, b, t: ops.fm_interpolate(a, b, t)[0], (x0, x1, t)),
+        "fm_loss": (lambda v, a, b, t: ops.fm_loss(v, a, b, t), (v, x0, x1, t)),
+        "timestep_embedding": (lambda t: ops.timestep_embedding(t, 6), (t,)),
+    }
+
+
+@pytest.mark.parametrize("op", list(_cases()))
+def test_second_order(op):
+    fn, inputs = _cases()[op]
+    for backend in [b.values[0] for b in backend_params(op)]:
+        with use_backend(backend):
+            if backend == "torch":
+                # A true second derivative, checked numerically (timestep_embedding's reference
+                # computes in fp32 by contract: too coarse for gradgradcheck).
+                if op != "timestep_embedding":
+                    assert torch.autograd.gradgradcheck(fn, inputs)
+                continue
+            if any(t.device.type != "cpu" for t in inputs) or (backend == "triton" and not _triton_ok()):
+                continue
+            out = fn(*inputs)
+            with pytest.raises(RuntimeError, match="no derivative"):
+                torch.autograd.grad(out.pow(2).sum(), inputs, create_graph=True)
+
+
+def _triton_ok():
+    from flowfm_fast.ops import _triton
+    return _triton.interpreting()
