@@ -8,25 +8,11 @@ from __future__ import annotations
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from flowfm_fast import ops
 from flowfm_fast.ops import _registry, use_backend
+from gpu_cases import norm_cases
 
 dev = torch.device("cuda")
-g = torch.Generator(dev).manual_seed(0)
-
-
-def cases():
-    for dtype in (torch.float32, torch.bfloat16):
-        x = torch.randn(64, 1024, 1024, device=dev, generator=g).to(dtype)
-        sh, sc = ((0.1 * torch.randn(64, 1024, device=dev, generator=g)).to(dtype) for _ in range(2))
-        yield f"layer {dtype}", (lambda x, sh, sc: ops.norm_modulate(x, sh, sc, "layer", eps=1e-6)), (x, sh, sc)
-    x = torch.randn(256, 128, 2048, device=dev, generator=g)
-    w, b = torch.ones(128, device=dev), torch.zeros(128, device=dev)
-    sh, sc = (0.1 * torch.randn(256, 128, device=dev, generator=g) for _ in range(2))
-    yield "group32+silu", (lambda x, sh, sc: ops.norm_modulate(x, sh, sc, "group", w, b, 1e-5, "silu", 32)), (x, sh, sc)
-
-
-for name, op, inputs in cases():
+for name, op, inputs in norm_cases(dev):
     leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
     gy = torch.randn_like(inputs[0])
     step = lambda: torch.autograd.grad(op(*leaves), leaves, gy)  # noqa: E731

@@ -24,6 +24,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 from flowfm_fast import ops
 from flowfm_fast.ops import _registry, use_backend
 from flowfm_fast.kernels import norm_modulate as K
+from gpu_cases import norm_cases
 
 dev = torch.device("cuda")
 src = torch.randn(256 * 2 ** 20, device=dev)
@@ -31,18 +32,6 @@ dst = torch.empty_like(src)
 copy_gbps = 2 * src.numel() * 4 / (do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median") * 1e-3) / 1e9
 del src, dst
 print(f"copy {copy_gbps:.0f} GB/s")
-
-
-def cases():
-    g = torch.Generator(dev).manual_seed(0)
-    for dtype in (torch.float32, torch.bfloat16):
-        x = torch.randn(64, 1024, 1024, device=dev, generator=g).to(dtype)
-        sh, sc = ((0.1 * torch.randn(64, 1024, device=dev, generator=g)).to(dtype) for _ in range(2))
-        yield f"layer {dtype} 64x1024x1024", (lambda x, sh, sc: ops.norm_modulate(x, sh, sc, "layer", eps=1e-6)), (x, sh, sc)
-    x = torch.randn(256, 128, 2048, device=dev, generator=g)
-    w, b = torch.ones(128, device=dev), torch.zeros(128, device=dev)
-    sh, sc = (0.1 * torch.randn(256, 128, device=dev, generator=g) for _ in range(2))
-    yield "group32+silu 256x128x2048", (lambda x, sh, sc: ops.norm_modulate(x, sh, sc, "group", w, b, 1e-5, "silu", 32)), (x, sh, sc)
 
 
 TIMER = os.environ.get("TIMER", "cudagraph")
@@ -91,7 +80,7 @@ def report(mode, name, label, ms, nbytes, mark=""):
 
 
 for mode in modes:
-    for name, op, inputs in cases():
+    for name, op, inputs in norm_cases(dev):
         rows = []
         fn, nbytes = timed(op, inputs, mode)
 
