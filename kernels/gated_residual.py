@@ -27,8 +27,8 @@ import triton.language as tl
 
 from ._blocks import cdiv
 from .norm_modulate import (ACTS, acc_dtype, device_ctx, finish_grads, fwd_warps, load_affine, load_mod, num_warps,
-                            row_dims, row_partition, row_strides, row_tiles, rsum, sum01, token_bwd_tile,
-                            token_fwd_tile)
+                            row_dims, row_partition, row_strides, row_tiles, rsum, sum01, sum_partials,
+                            token_bwd_tile, token_fwd_tile)
 
 
 @triton.jit
@@ -190,7 +190,7 @@ def gated_residual_backward(dy, h, gate):
         _gr_bwd[(P.nbp, P.nchunk)](dy, h, gate_c, dh, dgate, B, T, D, P.bchunk, P.chunk, P.nchunk, *row_strides(dy),
                                    *row_strides(h), ACC=tl_acc, BLOCK_B=P.block_b, BLOCK_T=P.block_t,
                                    BLOCK_D=P.block_d, num_warps=num_warps(P.block_b * P.block_t * P.block_d))
-    dgate = dgate.sum(1)
+    dgate = sum_partials(dgate, 1)
     return dh, dgate.to(gate.dtype)
 
 
@@ -250,5 +250,5 @@ def fused_backward(dnew_res, dy, new_res, h, gate, mean, rstd, shift, scale, wei
                                      BLOCK_B=P.block_b, BLOCK_T=P.block_t, BLOCK_D=P.block_d,
                                      num_warps=num_warps(P.block_b * P.block_t * P.block_d),
                                      **_flags(shift, scale, weight, bias))
-    dgate = dgate.sum(1).to(gate.dtype)
+    dgate = sum_partials(dgate, 1).to(gate.dtype)
     return (dres, dh, dgate, *finish_grads(new_res, dshift, dscale, dw_p, db_p, shift, scale, weight, bias, 1))

@@ -83,6 +83,10 @@ GPU_GROUP_TILE = 8192
 INTERPRETER_PROGRAMS = 4
 GPU_PROGRAMS = 8 * 132
 GROUP_BWD_PER_THREAD = 16
+# Token backwards up to this many elements keep one chunk per sample: their GPU time is a few
+# microseconds, while each partial-sum reduction is one more launch (~10-30 us of host time each
+# on the H200 machine, benchmarks/results/h200/host.log).
+GPU_SMALL_ELEMS = 1 << 20
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -215,6 +219,8 @@ def row_partition(B: int, T: int, D: int) -> Partition:
     block_b = max(1, min(next_pow2(B), budget // block_t))
     target = INTERPRETER_PROGRAMS if interpreting() else GPU_PROGRAMS
     nchunk = max(1, min(cdiv(T, block_t), cdiv(target, cdiv(B, block_b))))
+    if not interpreting() and B * T * D <= GPU_SMALL_ELEMS:
+        nchunk = 1  # small: host time rules, and one chunk per sample needs no second reduction
     chunk = cdiv(cdiv(T, nchunk), block_t) * block_t
     nchunk = cdiv(T, chunk)
     nbp = max(1, min(cdiv(B, block_b), cdiv(target, nchunk)))
@@ -675,6 +681,11 @@ def forward(x, shift, scale, weight, bias, kind: str, eps: float, act: str | Non
     return y, mean, rstd
 
 
+def sum_partials(g: torch.Tensor, dim: int) -> torch.Tensor:
+    """The fixed-order sum over a partials dimension; a view when there is one partial (no launch)."""
+    return g.squeeze(dim) if g.shape[dim] == 1 else g.sum(dim)
+
+
 def finish_grads(like_x, dshift, dscale, dw_p, db_p, shift, scale, weight, bias, mod_sum_dim):
     """The second, fixed-order reduction over the partials, cast to each input's dtype; an empty
     tensor (a fresh one each: custom-op outputs must not alias) stands for absent inputs."""
@@ -683,8 +694,8 @@ def finish_grads(like_x, dshift, dscale, dw_p, db_p, shift, scale, weight, bias,
             return like_x.new_empty((0,))
         return (reduce(g) if reduce else g).to(like.dtype).reshape(like.shape)
 
-    mod = (lambda g: g.sum(mod_sum_dim)) if mod_sum_dim is not None else None
-    feat = lambda g: g.reshape(-1, g.shape[-1]).sum(0)  # noqa: E731
+    mod = (lambda g: sum_partials(g, mod_sum_dim)) if mod_sum_dim is not None else None
+    feat = lambda g: sum_partials(g.reshape(-1, g.shape[-1]), 0)  # noqa: E731
     return (out(dshift, shift, mod), out(dscale, scale, mod), out(dw_p, weight, feat), out(db_p, bias, feat))
 
 
