@@ -77,9 +77,10 @@ class TritonOp:
     Calls in eager mode skip the dispatcher too: the kernel runs directly, inside a
     :class:`torch.autograd.Function` built from the same autograd formula when a gradient is
     needed. (torch.library's autograd wrapper re-fills the schema's defaults and redispatches on
-    every call: with the dispatcher's Python trampoline, ~0.3-0.5 ms of host time per fwd+bwd of
-    one op on the H200.) torch.compile, torch.func transforms, dispatch modes and tensor subclasses
-    get the registered op, so what they see is unchanged."""
+    every call; skipping it and the dispatcher's Python trampoline saved 35-175 us of host time per
+    fwd+bwd of one op on the H200 machine, 5-25 %: benchmarks/results/h200/host.log.)
+    torch.compile, torch.func transforms, dispatch modes and tensor subclasses get the registered
+    op, so what they see is unchanged."""
 
     def __init__(self, name: str, fn: Callable, schema: str | None, mutates_args):
         self.qualname = f"{NAMESPACE}::{name}"
