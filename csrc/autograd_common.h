@@ -11,6 +11,8 @@
 namespace flowfm {
 
 using OptT = std::optional<at::Tensor>;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
 
 inline OptT opt(const at::Tensor& t) { return t.defined() ? OptT(t) : std::nullopt; }
 inline at::Tensor or_undefined(const OptT& t) { return t.has_value() ? *t : at::Tensor(); }

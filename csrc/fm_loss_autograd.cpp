@@ -14,8 +14,6 @@
 namespace flowfm {
 namespace {
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 Outputs call_fm_loss(const at::Tensor& v, const at::Tensor& x0, const at::Tensor& x1,

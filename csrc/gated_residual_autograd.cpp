@@ -11,9 +11,6 @@
 namespace flowfm {
 namespace {
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
 // ------------------------------------------------------------------------- gated_residual
 class GatedResidual : public torch::autograd::Function<GatedResidual> {
  public:

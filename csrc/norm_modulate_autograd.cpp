@@ -12,9 +12,6 @@
 namespace flowfm {
 namespace {
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_forward(const at::Tensor& x, const OptT& shift, const OptT& scale,
                                                             const OptT& weight, const OptT& bias, c10::string_view kind,
                                                             double eps, c10::string_view act, int64_t num_groups) {

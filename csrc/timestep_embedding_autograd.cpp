@@ -6,9 +6,6 @@
 namespace flowfm {
 namespace {
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
 class TimestepEmbedding : public torch::autograd::Function<TimestepEmbedding> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& t, int64_t dim, double max_period) {

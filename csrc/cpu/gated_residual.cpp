@@ -112,24 +112,17 @@ void fused_forward(const S* res, const S* h, const acc_t<S>* gate, S* new_res, S
                    Dims d, bool rms, acc_t<S> eps, const acc_t<S>* sh, const acc_t<S>* sc, const acc_t<S>* w,
                    const acc_t<S>* bi) {
   using A = acc_t<S>;
-  Defaults<A> def(d.D);
-  w = def.or_ones(w);
-  bi = def.or_zeros(bi);
+  const TokenMods<A> mods(sh, sc, w, bi, d.D);
   at::parallel_for(0, d.B * d.T, grain_rows(d.D), [&](int64_t begin, int64_t end) {
-    std::vector<A> alpha(d.D), beta(d.D);
-    int64_t folded = -1;  // the sample alpha / beta hold
+    SampleFold<A> fold(d.D);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / d.T, o = row * d.D;
       const A* g = gate + b * d.D;
-      if (b != folded) {
-        fold_sample<A>({sh ? sh + b * d.D : def.zeros.data(), sc ? sc + b * d.D : def.zeros.data(), w, bi},
-                       alpha.data(), beta.data(), d.D);
-        folded = b;
-      }
+      fold.at(mods, b);
       // The norm sees r rounded to the residual's dtype, as the unfused chain does.
       gated_row<S>(res + o, h + o, g, new_res + o, d.D);
       row_stats<A, S>(new_res + o, d.D, rms, eps, mean[row], rstd[row]);
-      row_forward<ACT, A, S, S>(new_res + o, y + o, d.D, mean[row], rstd[row], alpha.data(), beta.data());
+      row_forward<ACT, A, S, S>(new_res + o, y + o, d.D, mean[row], rstd[row], fold.alpha.data(), fold.beta.data());
     }
   });
 }
@@ -155,12 +148,10 @@ void fused_backward(const S* dnew_res, const S* dy, const S* new_res, const S* h
                     const acc_t<S>* sh, const acc_t<S>* sc, const acc_t<S>* w, const acc_t<S>* bi, acc_t<S>* dshift,
                     acc_t<S>* dscale, acc_t<S>* dw_part, acc_t<S>* db_part, int64_t nblk) {
   using A = acc_t<S>;
-  Defaults<A> def(d.D);
-  w = def.or_ones(w);
-  bi = def.or_zeros(bi);
+  const TokenMods<A> mods(sh, sc, w, bi, d.D);
   at::parallel_for(0, nblk, 1, [&](int64_t blk_begin, int64_t blk_end) {
-    std::vector<A> scratch(d.D), dr(d.D), s0(d.D), s1(d.D), dsh_scratch(d.D), dsc_scratch(d.D), alpha(d.D),
-        beta(d.D);
+    std::vector<A> scratch(d.D), dr(d.D), s0(d.D), s1(d.D), dsh_scratch(d.D), dsc_scratch(d.D);
+    SampleFold<A> fold(d.D);
     for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
       A* dwp = dw_part + blk * d.D;
       A* dbp = db_part + blk * d.D;
@@ -172,13 +163,13 @@ void fused_backward(const S* dnew_res, const S* dy, const S* new_res, const S* h
         std::fill(s0.begin(), s0.end(), A(0));
         std::fill(s1.begin(), s1.end(), A(0));
         const A* g = gate + b * d.D;
-        RowParams<A> p{sh ? sh + b * d.D : def.zeros.data(), sc ? sc + b * d.D : def.zeros.data(), w, bi};
-        fold_sample<A>(p, alpha.data(), beta.data(), d.D);
+        const RowParams<A> p = mods.of(b);
+        fold.at(mods, b);
         const RowSums<A> rs{s0.data(), s1.data()};
         for (int64_t t = 0; t < d.T; ++t) {
           const int64_t row = b * d.T + t, o = row * d.D;
           row_backward<ACT, A, S, S, A>(new_res + o, dy + o, scratch.data(), dr.data(), d.D, rms, mean[row],
-                                         rstd[row], alpha.data(), beta.data(), rs);
+                                         rstd[row], fold.alpha.data(), fold.beta.data(), rs);
           if (dnew_res)
             residual_row_grad<S, true>(dr.data(), dnew_res + o, h + o, g, dres + o, dh + o, dgb, d.D);
           else

@@ -27,33 +27,25 @@ template <typename S, Act ACT>
 void token_forward(const S* x, S* y, acc_t<S>* mean, acc_t<S>* rstd, Shape s, bool rms, acc_t<S> eps,
                    const Mods<acc_t<S>>& m) {
   using A = acc_t<S>;
-  Defaults<A> def(s.D);
-  const A* sh = ptr_or_null<A>(m.shift);
-  const A* sc = ptr_or_null<A>(m.scale);
-  const A* w = def.or_ones(ptr_or_null<A>(m.w));
-  const A* bi = def.or_zeros(ptr_or_null<A>(m.bias));
+  const TokenMods<A> mods(ptr_or_null<A>(m.shift), ptr_or_null<A>(m.scale), ptr_or_null<A>(m.w),
+                          ptr_or_null<A>(m.bias), s.D);
   at::parallel_for(0, s.B * s.T, grain_rows(s.D), [&](int64_t begin, int64_t end) {
-    std::vector<A> alpha(s.D), beta(s.D);
+    SampleFold<A> fold(s.D);
+    const A* alpha = fold.alpha.data();
+    const A* beta = fold.beta.data();
     std::vector<float> wide(std::is_same_v<S, c10::BFloat16> ? s.D : 0);
-    int64_t folded = -1;  // the sample alpha / beta hold
     // Rows are read in place (converted per element); a row of D values stays in L1 for the
     // three passes (mean, variance, output).
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / s.T;
-      if (b != folded) {
-        fold_sample<A>({sh ? sh + b * s.D : def.zeros.data(), sc ? sc + b * s.D : def.zeros.data(), w, bi},
-                       alpha.data(), beta.data(), s.D);
-        folded = b;
-      }
+      fold.at(mods, row / s.T);
       const S* xr = x + row * s.D;
       if constexpr (std::is_same_v<S, c10::BFloat16>) {  // widened once, then the fp32 row kernels
         widen_row<S>(xr, wide.data(), s.D);
         row_stats<A, float>(wide.data(), s.D, rms, eps, mean[row], rstd[row]);
-        row_forward<ACT, A, float, S>(wide.data(), y + row * s.D, s.D, mean[row], rstd[row], alpha.data(),
-                                      beta.data());
+        row_forward<ACT, A, float, S>(wide.data(), y + row * s.D, s.D, mean[row], rstd[row], alpha, beta);
       } else {
         row_stats<A, S>(xr, s.D, rms, eps, mean[row], rstd[row]);
-        row_forward<ACT, A, S, S>(xr, y + row * s.D, s.D, mean[row], rstd[row], alpha.data(), beta.data());
+        row_forward<ACT, A, S, S>(xr, y + row * s.D, s.D, mean[row], rstd[row], alpha, beta);
       }
     }
   });
@@ -64,13 +56,11 @@ void token_backward(const S* dy, const S* x, const acc_t<S>* mean, const acc_t<S
                     const Mods<acc_t<S>>& m, acc_t<S>* dshift, acc_t<S>* dscale, acc_t<S>* dw_part, acc_t<S>* db_part,
                     int64_t nblk) {
   using A = acc_t<S>;
-  Defaults<A> def(s.D);
-  const A* sh = ptr_or_null<A>(m.shift);
-  const A* sc = ptr_or_null<A>(m.scale);
-  const A* w = def.or_ones(ptr_or_null<A>(m.w));
-  const A* bi = def.or_zeros(ptr_or_null<A>(m.bias));
+  const TokenMods<A> mods(ptr_or_null<A>(m.shift), ptr_or_null<A>(m.scale), ptr_or_null<A>(m.w),
+                          ptr_or_null<A>(m.bias), s.D);
   at::parallel_for(0, nblk, 1, [&](int64_t blk_begin, int64_t blk_end) {
-    std::vector<A> scratch(s.D), s0(s.D), s1(s.D), dsh_scratch(s.D), dsc_scratch(s.D), alpha(s.D), beta(s.D);
+    std::vector<A> scratch(s.D), s0(s.D), s1(s.D), dsh_scratch(s.D), dsc_scratch(s.D);
+    SampleFold<A> fold(s.D);
     for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
       A* dwp = dw_part + blk * s.D;
       A* dbp = db_part + blk * s.D;
@@ -79,13 +69,13 @@ void token_backward(const S* dy, const S* x, const acc_t<S>* mean, const acc_t<S
       for (int64_t b = block_begin(blk, nblk, s.B); b < block_begin(blk + 1, nblk, s.B); ++b) {
         std::fill(s0.begin(), s0.end(), A(0));
         std::fill(s1.begin(), s1.end(), A(0));
-        RowParams<A> p{sh ? sh + b * s.D : def.zeros.data(), sc ? sc + b * s.D : def.zeros.data(), w, bi};
-        fold_sample<A>(p, alpha.data(), beta.data(), s.D);
+        const RowParams<A> p = mods.of(b);
+        fold.at(mods, b);
         const RowSums<A> g{s0.data(), s1.data()};
         for (int64_t t = 0; t < s.T; ++t) {
           const int64_t o = (b * s.T + t) * s.D;
           row_backward<ACT, A, S, S, S>(x + o, dy + o, scratch.data(), dx + o, s.D, rms, mean[b * s.T + t],
-                                         rstd[b * s.T + t], alpha.data(), beta.data(), g);
+                                         rstd[b * s.T + t], fold.alpha.data(), fold.beta.data(), g);
         }
         finish_sample<A>(s0.data(), s1.data(), p, dshift ? dshift + b * s.D : dsh_scratch.data(),
                          dscale ? dscale + b * s.D : dsc_scratch.data(), dwp, dbp, s.D);

@@ -46,6 +46,34 @@ inline void fold_sample(const RowParams<A>& p, A* __restrict alpha, A* __restric
   }
 }
 
+// A token kernel's modulation, shared read-only by its tasks: shift / scale (B, D) and the norm's
+// weight / bias (D,), each possibly absent (zeros / ones stand in).
+template <typename A> class TokenMods {
+ public:
+  TokenMods(const A* shift, const A* scale, const A* w, const A* bias, int64_t D)
+      : def_(D), shift_(shift), scale_(scale), w_(def_.or_ones(w)), bias_(def_.or_zeros(bias)), D_(D) {}
+  RowParams<A> of(int64_t b) const {
+    return {shift_ ? shift_ + b * D_ : def_.zeros.data(), scale_ ? scale_ + b * D_ : def_.zeros.data(), w_, bias_};
+  }
+
+ private:
+  Defaults<A> def_;  // first: the pointers below may point into it
+  const A *shift_, *scale_, *w_, *bias_;
+  int64_t D_;
+};
+
+// One task's fold_sample of the sample its rows belong to, recomputed only when the sample changes.
+template <typename A> struct SampleFold {
+  std::vector<A> alpha, beta;
+  int64_t sample = -1;
+  explicit SampleFold(int64_t D) : alpha(D), beta(D) {}
+  void at(const TokenMods<A>& mods, int64_t b) {
+    if (b == sample) return;
+    fold_sample<A>(mods.of(b), alpha.data(), beta.data(), static_cast<int64_t>(alpha.size()));
+    sample = b;
+  }
+};
+
 // fp32 rows: sums in four independent 8-lane accumulators. An `omp simd` reduction keeps one
 // vector accumulator, so a row of a few hundred values waits on the add latency (D = 128: the
 // forward ran 1.4x slower that way in a microbenchmark on this machine's EPYC).
