@@ -6,7 +6,7 @@ the cuda backend, eager and torch.compile of the reference in the same process.
     python benchmarks/gpu_tune_norm.py [fwd|bwd|both]   # a table per case; GB/s against a 1 GiB copy
     TIMER=events python benchmarks/gpu_tune_norm.py     # host overhead included (see t_ms)
 
-fwd sweeps GPU_ROW_TILE / GPU_GROUP_TILE and the forward warps (fwd_warps); bwd times
+fwd sweeps GPU_ROW_TILE / GPU_GROUP_TILE and the forward warps (warps_for); bwd times
 forward + backward while sweeping the backward's GPU_TILE, warps (num_warps) and GPU_PROGRAMS,
 the forward at its default. Bytes: fwd reads x and writes y; fwd+bwd also reads dy and x and
 writes dx (the modulation tensors are small).
@@ -65,7 +65,7 @@ def sweeps(mode):
     """(label, settings) pairs: module attributes of kernels.norm_modulate to set for one run."""
     if mode == "fwd":
         for tile, p in itertools.product((1024, 2048, 4096, 8192, 16384), (4, 8, 16, 32)):
-            yield f"tile={tile} vals/thread={p}", dict(GPU_ROW_TILE=tile, GPU_GROUP_TILE=tile, fwd_warps=warps_per_thread(p))
+            yield f"tile={tile} vals/thread={p}", dict(GPU_ROW_TILE=tile, GPU_GROUP_TILE=tile, warps_for=warps_per_thread(p))
     else:
         for tile, p, progs in itertools.product((2048, 4096), (8, 16, 32), (2, 4, 8, 16)):
             yield (f"bwd tile={tile} vals/thread={p} programs={progs}x132",

@@ -26,9 +26,9 @@ import triton
 import triton.language as tl
 
 from ._blocks import cdiv
-from .norm_modulate import (ACTS, acc_dtype, device_ctx, finish_grads, fwd_warps, load_affine, load_mod, num_warps,
-                            row_dims, row_partition, row_strides, row_tiles, rsum, sum01, sum_partials,
-                            token_bwd_tile, token_fwd_tile)
+from .norm_modulate import (ACTS, acc_dtype, device_ctx, finish_grads, load_affine, load_mod, num_warps, row_dims,
+                            row_partition, row_strides, row_tiles, rsum, sum01, sum_partials, token_bwd_tile,
+                            token_fwd_tile, warps_for)
 
 
 @triton.jit
@@ -174,7 +174,7 @@ def gated_residual_forward(res, h, gate):
     with device_ctx(res):
         _gr_fwd[(cdiv(B * T, block_r),)](res, h, gate, out, B * T, T, D, *row_strides(res), *row_strides(h),
                                                 ACC=tl_acc, BLOCK_R=block_r, BLOCK_D=block_d,
-                                                num_warps=fwd_warps(block_r * block_d))
+                                                num_warps=warps_for(block_r * block_d))
     return out
 
 
@@ -218,7 +218,7 @@ def fused_forward(res, h, gate, shift, scale, weight, bias, kind: str, eps: floa
         _grnm_fwd[(cdiv(R, block_r),)](res, h, gate, shift, scale, weight, bias, new_res, y, mean, rstd,
                                               R, T, D, *row_strides(res), *row_strides(h), eps, RMS=kind == "rms",
                                               ACT=ACTS[act], ACC=tl_acc, BLOCK_R=block_r, BLOCK_D=block_d,
-                                              num_warps=fwd_warps(block_r * block_d),
+                                              num_warps=warps_for(block_r * block_d),
                                               **_flags(shift, scale, weight, bias))
     return new_res, y, mean, rstd
 

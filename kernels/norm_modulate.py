@@ -146,7 +146,7 @@ def num_warps(elements: int) -> int:
     return 4 if elements <= 4096 else 8 if elements <= 16384 else 16
 
 
-def fwd_warps(elements: int, per_thread: int = 16) -> int:
+def warps_for(elements: int, per_thread: int = 16) -> int:
     """Warps of a tile with ``per_thread`` values per thread, 1 to 16 warps (the forward tiles, see
     GPU_ROW_TILE, and the group backward, GROUP_BWD_PER_THREAD)."""
     return max(1, min(16, next_pow2(max(1, elements // (32 * per_thread)))))
@@ -663,11 +663,11 @@ def forward(x, shift, scale, weight, bias, kind: str, eps: float, act: str | Non
                 _group_fwd_whole[(cdiv(B * num_groups, block_g),)](
                     x, y, shift, scale, weight, bias, mean, rstd, B * num_groups, C, L, num_groups, *x.stride(),
                     eps, ACT=ACTS[act], ACC=tl_acc, BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_L=block_l,
-                    num_warps=fwd_warps(block_g * block_c * block_l, 32), **flags)
+                    num_warps=warps_for(block_g * block_c * block_l, 32), **flags)
             else:
                 _group_fwd[(B * num_groups,)](x, y, shift, scale, weight, bias, mean, rstd, C, L, num_groups,
                                               *x.stride(), eps, ACT=ACTS[act], ACC=tl_acc, BLOCK_C=block_c,
-                                              BLOCK_L=block_l, num_warps=fwd_warps(block_c * block_l, 32), **flags)
+                                              BLOCK_L=block_l, num_warps=warps_for(block_c * block_l, 32), **flags)
         else:
             B, T, D = row_dims(x)
             R = B * T
@@ -677,7 +677,7 @@ def forward(x, shift, scale, weight, bias, kind: str, eps: float, act: str | Non
             _token_fwd[(cdiv(R, block_r),)](x, y, shift, scale, weight, bias, mean, rstd, R, T, D,
                                                    *row_strides(x), eps, RMS=kind == "rms", ACT=ACTS[act],
                                                    ACC=tl_acc, BLOCK_R=block_r, BLOCK_D=block_d,
-                                                   num_warps=fwd_warps(block_r * block_d), **flags)
+                                                   num_warps=warps_for(block_r * block_d), **flags)
     return y, mean, rstd
 
 
@@ -721,12 +721,12 @@ def backward(dy, x, mean, rstd, shift, scale, weight, bias, kind: str, act: str 
                     dy, x, mean, rstd, shift, scale, weight, bias, dx, dshift, dscale, dw_p, db_p, B * num_groups,
                     C, L, num_groups, *x.stride(), *dy.stride(), ACT=ACTS[act], ACC=tl_acc, BLOCK_G=block_g,
                     BLOCK_C=block_c, BLOCK_L=block_l,
-                    num_warps=fwd_warps(block_g * block_c * block_l, GROUP_BWD_PER_THREAD), **flags)
+                    num_warps=warps_for(block_g * block_c * block_l, GROUP_BWD_PER_THREAD), **flags)
             else:
                 _group_bwd[(B * num_groups,)](dy, x, mean, rstd, shift, scale, weight, bias, dx, dshift, dscale,
                                               dw_p, db_p, C, L, num_groups, *x.stride(), *dy.stride(),
                                               ACT=ACTS[act], ACC=tl_acc, BLOCK_C=block_c, BLOCK_L=block_l,
-                                              num_warps=fwd_warps(block_c * block_l, GROUP_BWD_PER_THREAD), **flags)
+                                              num_warps=warps_for(block_c * block_l, GROUP_BWD_PER_THREAD), **flags)
             mod_sum_dim = None
         else:
             B, T, D = row_dims(x)
