@@ -18,6 +18,9 @@
 #include <initializer_list>
 #include <algorithm>
 #include <type_traits>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace flowfm::cpu {
 
@@ -119,6 +122,73 @@ template <typename A> FLOWFM_INLINE A act_grad(Act act, A u) {
     return A(0.5) * (A(1) + th) + A(0.5) * u * (A(1) - th * th) * k * (A(1) + A(3) * c * u * u);
   }
   return A(1);
+}
+
+// The activation over n fp32 values in place: u -> act(u) (GRAD = false) or u -> act'(u)
+// (GRAD = true). The row kernels compute u into a buffer and call this on it while it sits in L1:
+// inside their fused `omp simd` loops GCC 12 compiles act_fwd with two divisions per vector (the
+// clamp in exp_fast splits the loop into masked paths) and SiLU was the limit of every SiLU case
+// (~40% of copy BW). With AVX-512 (this machine's EPYC) a separate pass with intrinsics (exp by
+// roundscale + scalef, one division) ran SiLU 1.8x faster in a microbenchmark (0.12 vs 0.22 ns
+// per value on one core). Same clamp and polynomial as exp_fast, so both paths agree to rounding.
+#if defined(__AVX512F__)
+namespace avx512 {
+// The zero-masking forms with every lane selected: the plain _mm512_max_ps / min / roundscale /
+// scalef start from _mm512_undefined_ps, which GCC 12 reports as maybe-uninitialized.
+constexpr __mmask16 kAll = 0xFFFF;
+FLOWFM_INLINE __m512 exp(__m512 x) {
+  x = _mm512_maskz_min_ps(kAll, _mm512_maskz_max_ps(kAll, x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_maskz_roundscale_ps(kAll, _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_maskz_scalef_ps(kAll, p, n);  // p * 2^n
+}
+
+template <Act ACT, bool GRAD> FLOWFM_INLINE __m512 act(__m512 u) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  if constexpr (ACT == Act::Silu) {
+    const __m512 d = _mm512_add_ps(one, exp(_mm512_sub_ps(_mm512_setzero_ps(), u)));
+    if constexpr (!GRAD) return _mm512_div_ps(u, d);
+    const __m512 s = _mm512_div_ps(one, d);  // s (1 + u (1 - s))
+    return _mm512_mul_ps(s, _mm512_fmadd_ps(u, _mm512_sub_ps(one, s), one));
+  } else if constexpr (ACT == Act::GeluTanh) {
+    const __m512 k = _mm512_set1_ps(0.7978845608028654f), c = _mm512_set1_ps(0.044715f);
+    const __m512 half = _mm512_set1_ps(0.5f), u2 = _mm512_mul_ps(u, u);
+    const __m512 z = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(2.f), k), _mm512_fmadd_ps(_mm512_mul_ps(c, u2), u, u));
+    const __m512 th = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(exp(z), one)));
+    if constexpr (!GRAD) return _mm512_mul_ps(_mm512_mul_ps(half, u), _mm512_add_ps(one, th));
+    // 0.5 (1 + th) + 0.5 u (1 - th^2) k (1 + 3 c u^2)
+    const __m512 sech2 = _mm512_fnmadd_ps(th, th, one);
+    const __m512 dz = _mm512_mul_ps(k, _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(3.f), c), u2, one));
+    return _mm512_fmadd_ps(_mm512_mul_ps(half, u), _mm512_mul_ps(sech2, dz), _mm512_mul_ps(half, _mm512_add_ps(one, th)));
+  } else {
+    return GRAD ? one : u;
+  }
+}
+}  // namespace avx512
+#endif
+
+template <Act ACT, bool GRAD> inline void act_inplace(float* __restrict u, int64_t n) {
+  if constexpr (ACT == Act::None && !GRAD) return;
+#if defined(__AVX512F__)
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(u + i, avx512::act<ACT, GRAD>(_mm512_loadu_ps(u + i)));
+  if (i < n) {  // the tail under a mask (masked-off lanes read as 0 and are not written)
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1u);
+    _mm512_mask_storeu_ps(u + i, m, avx512::act<ACT, GRAD>(_mm512_maskz_loadu_ps(m, u + i)));
+  }
+#else
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) u[i] = GRAD ? act_grad<float>(ACT, u[i]) : act_fwd<float>(ACT, u[i]);
+#endif
 }
 
 // Defensive checks (Python validates first with friendlier messages; these keep direct

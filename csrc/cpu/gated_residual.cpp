@@ -115,6 +115,7 @@ void fused_forward(const S* res, const S* h, const acc_t<S>* gate, S* new_res, S
   const TokenMods<A> mods(sh, sc, w, bi, d.D);
   at::parallel_for(0, d.B * d.T, grain_rows(d.D), [&](int64_t begin, int64_t end) {
     SampleFold<A> fold(d.D);
+    std::vector<A> scratch(d.D);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / d.T, o = row * d.D;
       const A* g = gate + b * d.D;
@@ -122,7 +123,8 @@ void fused_forward(const S* res, const S* h, const acc_t<S>* gate, S* new_res, S
       // The norm sees r rounded to the residual's dtype, as the unfused chain does.
       gated_row<S>(res + o, h + o, g, new_res + o, d.D);
       row_stats<A, S>(new_res + o, d.D, rms, eps, mean[row], rstd[row]);
-      row_forward<ACT, A, S, S>(new_res + o, y + o, d.D, mean[row], rstd[row], fold.alpha.data(), fold.beta.data());
+      row_forward<ACT, A, S, S>(new_res + o, y + o, d.D, mean[row], rstd[row], fold.alpha.data(), fold.beta.data(),
+                                scratch.data());
     }
   });
 }

@@ -34,6 +34,7 @@ void token_forward(const S* x, S* y, acc_t<S>* mean, acc_t<S>* rstd, Shape s, bo
     const A* alpha = fold.alpha.data();
     const A* beta = fold.beta.data();
     std::vector<float> wide(std::is_same_v<S, c10::BFloat16> ? s.D : 0);
+    std::vector<A> scratch(s.D);
     // Rows are read in place (converted per element); a row of D values stays in L1 for the
     // three passes (mean, variance, output).
     for (int64_t row = begin; row < end; ++row) {
@@ -42,10 +43,11 @@ void token_forward(const S* x, S* y, acc_t<S>* mean, acc_t<S>* rstd, Shape s, bo
       if constexpr (std::is_same_v<S, c10::BFloat16>) {  // widened once, then the fp32 row kernels
         widen_row<S>(xr, wide.data(), s.D);
         row_stats<A, float>(wide.data(), s.D, rms, eps, mean[row], rstd[row]);
-        row_forward<ACT, A, float, S>(wide.data(), y + row * s.D, s.D, mean[row], rstd[row], alpha, beta);
+        row_forward<ACT, A, float, S>(wide.data(), y + row * s.D, s.D, mean[row], rstd[row], alpha, beta,
+                                       scratch.data());
       } else {
         row_stats<A, S>(xr, s.D, rms, eps, mean[row], rstd[row]);
-        row_forward<ACT, A, S, S>(xr, y + row * s.D, s.D, mean[row], rstd[row], alpha, beta);
+        row_forward<ACT, A, S, S>(xr, y + row * s.D, s.D, mean[row], rstd[row], alpha, beta, scratch.data());
       }
     }
   });
@@ -96,6 +98,7 @@ void group_forward(const S* x, S* y, acc_t<S>* mean, acc_t<S>* rstd, Shape s, in
   const A* w = ptr_or_null<A>(m.w);
   const A* bi = ptr_or_null<A>(m.bias);
   at::parallel_for(0, s.B * G, grain_rows(n), [&](int64_t begin, int64_t end) {
+    std::vector<A> scratch(std::is_same_v<S, A> ? 0 : L);  // u of one channel for a bf16/fp16 y
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / G, g = bg % G;
       const S* xg = x + bg * n;
@@ -118,8 +121,20 @@ void group_forward(const S* x, S* y, acc_t<S>* mean, acc_t<S>* rstd, Shape s, in
         const A beta = (bc - mu * r * wc) * one_plus + (sh ? sh[b * C + c] : A(0));
         const S* xc = xg + cl * L;
         S* yc = y + bg * n + cl * L;
+        if constexpr (ACT != Act::None && std::is_same_v<A, float>) {  // as row_forward: u, then act_inplace
+          float* __restrict u;
+          if constexpr (std::is_same_v<S, float>) u = yc; else u = scratch.data();
 #pragma omp simd
-        for (int64_t l = 0; l < L; ++l) yc[l] = to_storage<S>(act_fwd<A>(ACT, static_cast<A>(xc[l]) * alpha + beta));
+          for (int64_t l = 0; l < L; ++l) u[l] = static_cast<A>(xc[l]) * alpha + beta;
+          act_inplace<ACT, false>(u, L);
+          if constexpr (!std::is_same_v<S, float>) {
+#pragma omp simd
+            for (int64_t l = 0; l < L; ++l) yc[l] = to_storage<S>(u[l]);
+          }
+        } else {
+#pragma omp simd
+          for (int64_t l = 0; l < L; ++l) yc[l] = to_storage<S>(act_fwd<A>(ACT, static_cast<A>(xc[l]) * alpha + beta));
+        }
       }
     }
   });
@@ -158,11 +173,18 @@ void group_backward(const S* dy, const S* x, const acc_t<S>* mean, const acc_t<S
             const S* dyc = dyg + cl * L;
             A* guc = gu.data() + cl * L;
             A s_g = A(0), s_gx = A(0);
+            constexpr bool kActRow = ACT != Act::None && std::is_same_v<A, float>;
+            if constexpr (kActRow) {  // act'(u) of the channel first (act_inplace), as row_backward
+#pragma omp simd
+              for (int64_t l = 0; l < L; ++l) guc[l] = ((static_cast<A>(xc[l]) - mu) * r * wc + bc) * one_plus + shc;
+              act_inplace<ACT, true>(guc, L);
+            }
 #pragma omp simd reduction(+ : s_g, s_gx)
             for (int64_t l = 0; l < L; ++l) {
               const A xhat = (static_cast<A>(xc[l]) - mu) * r;
               A gv = static_cast<A>(dyc[l]);
-              if constexpr (ACT != Act::None) gv *= act_grad<A>(ACT, (xhat * wc + bc) * one_plus + shc);
+              if constexpr (kActRow) gv *= guc[l];
+              else if constexpr (ACT != Act::None) gv *= act_grad<A>(ACT, (xhat * wc + bc) * one_plus + shc);
               guc[l] = gv;
               s_g += gv;
               s_gx += gv * xhat;

@@ -141,13 +141,27 @@ inline void row_stats(const X* __restrict x, int64_t D, bool rms, A eps, A& mean
   rstd = A(1) / std::sqrt(v / A(D) + eps);
 }
 
-// y = act(xhat * alpha + beta) for one row (alpha, beta from fold_sample).
+// y = act(xhat * alpha + beta) for one row (alpha, beta from fold_sample). With an fp32
+// activation, u is written first (into y itself when y is fp32, else into ``scratch``, D values)
+// and act_inplace runs over it while it is in L1.
 template <Act ACT, typename A, typename X, typename S>
 inline void row_forward(const X* __restrict x, S* __restrict y, int64_t D, A mean, A rstd, const A* __restrict alpha,
-                        const A* __restrict beta) {
+                        const A* __restrict beta, A* __restrict scratch) {
+  if constexpr (ACT != Act::None && std::is_same_v<A, float>) {
+    float* __restrict u;
+    if constexpr (std::is_same_v<S, float>) u = y; else u = scratch;
 #pragma omp simd
-  for (int64_t i = 0; i < D; ++i) {
-    y[i] = to_storage<S>(act_fwd<A>(ACT, (static_cast<A>(x[i]) - mean) * rstd * alpha[i] + beta[i]));
+    for (int64_t i = 0; i < D; ++i) u[i] = (static_cast<A>(x[i]) - mean) * rstd * alpha[i] + beta[i];
+    act_inplace<ACT, false>(u, D);
+    if constexpr (!std::is_same_v<S, float>) {
+#pragma omp simd
+      for (int64_t i = 0; i < D; ++i) y[i] = to_storage<S>(u[i]);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < D; ++i) {
+      y[i] = to_storage<S>(act_fwd<A>(ACT, (static_cast<A>(x[i]) - mean) * rstd * alpha[i] + beta[i]));
+    }
   }
 }
 
@@ -163,21 +177,30 @@ template <typename A> struct RowSums {
 // storage dtype, or an fp32 scratch row), dx written as DX. Two passes over the row (L1-resident):
 // the first only reduces (sum dxhat, sum dxhat * xhat), the second recomputes xhat and does every
 // store: the loops are bound by loads and stores, and this order stores least. With an
-// activation, gu = dy * act'(u) (an exp and a division) is computed once, in the first pass, and
-// waits in ``scratch`` (D values). Pointers are restrict-qualified arguments so the loops
-// vectorise with plain loads and stores.
+// activation, gu = dy * act'(u) (an exp and a division) is computed once, in the first pass (fp32:
+// act'(u) by act_inplace over the row just before it), and waits in ``scratch`` (D values).
+// Pointers are restrict-qualified arguments so the loops vectorise with plain loads and stores.
 template <Act ACT, typename A, typename X, typename S, typename DX>
 inline void row_backward(const X* __restrict x, const S* __restrict dy, A* __restrict scratch, DX* __restrict dx,
                          int64_t D, bool rms, A mean, A rstd, const A* __restrict alpha, const A* __restrict beta,
                          const RowSums<A>& g) {
   A* __restrict s0 = g.s0;
   A* __restrict s1 = g.s1;
+  constexpr bool kActRow = ACT != Act::None && std::is_same_v<A, float>;
+  if constexpr (kActRow) {  // act'(u) over the row first (act_inplace), then gu = dy * act'(u)
+#pragma omp simd
+    for (int64_t i = 0; i < D; ++i) scratch[i] = (static_cast<A>(x[i]) - mean) * rstd * alpha[i] + beta[i];
+    act_inplace<ACT, true>(scratch, D);
+  }
   A sum_dxhat = A(0), sum_dxhat_xhat = A(0);
 #pragma omp simd reduction(+ : sum_dxhat, sum_dxhat_xhat)
   for (int64_t i = 0; i < D; ++i) {
     const A xh = (static_cast<A>(x[i]) - mean) * rstd;
     A gu = static_cast<A>(dy[i]);
-    if constexpr (ACT != Act::None) {
+    if constexpr (kActRow) {
+      gu *= scratch[i];
+      scratch[i] = gu;
+    } else if constexpr (ACT != Act::None) {
       gu *= act_grad<A>(ACT, xh * alpha[i] + beta[i]);
       scratch[i] = gu;
     }
