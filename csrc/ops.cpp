@@ -43,6 +43,12 @@ TORCH_LIBRARY(flowfm, m) {
   m.def("timestep_embedding(Tensor t, int dim, float max_period) -> Tensor");
   m.def("timestep_embedding_backward(Tensor demb, Tensor t, int dim, float max_period) -> Tensor");
 
+  // y = act(x W^T + b) for x (M, K), W (N, K); u = x W^T + b when act != "none" (saved for the
+  // backward), else empty. Gradients not asked for come back empty.
+  m.def("linear_act(Tensor x, Tensor weight, Tensor? bias, str act) -> (Tensor y, Tensor u)");
+  m.def("linear_act_backward(Tensor dy, Tensor x, Tensor weight, Tensor u, str act, bool need_x, "
+        "bool need_weight, bool need_bias) -> (Tensor dx, Tensor dweight, Tensor dbias)");
+
   m.def("euler_step_(Tensor(a!) x, Tensor v, float dt) -> ()");
   m.def("rk_combine(Tensor(a!) out, Tensor x, Tensor[] ks, float[] bs, float dt) -> ()");
 }

@@ -191,6 +191,15 @@ template <Act ACT, bool GRAD> inline void act_inplace(float* __restrict u, int64
 #endif
 }
 
+// Calls f.template operator()<ACT>() for the runtime act: kernels are instantiated per activation.
+template <typename F> inline void dispatch_act(Act act, F&& f) {
+  switch (act) {
+    case Act::None: f.template operator()<Act::None>(); break;
+    case Act::Silu: f.template operator()<Act::Silu>(); break;
+    case Act::GeluTanh: f.template operator()<Act::GeluTanh>(); break;
+  }
+}
+
 // Defensive checks (Python validates first with friendlier messages; these keep direct
 // torch.ops.flowfm calls from ever reading out of bounds).
 inline void check_cpu_float(const at::Tensor& t, const char* name) {

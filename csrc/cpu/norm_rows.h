@@ -249,13 +249,4 @@ template <typename A> inline void sum_partials(const A* partials, int64_t nblk, 
     for (int64_t i = 0; i < D; ++i) out[i] += partials[k * D + i];
 }
 
-// Calls f.template operator()<ACT>() for the runtime act: kernels are instantiated per activation.
-template <typename F> inline void dispatch_act(Act act, F&& f) {
-  switch (act) {
-    case Act::None: f.template operator()<Act::None>(); break;
-    case Act::Silu: f.template operator()<Act::Silu>(); break;
-    case Act::GeluTanh: f.template operator()<Act::GeluTanh>(); break;
-  }
-}
-
 }  // namespace flowfm::cpu

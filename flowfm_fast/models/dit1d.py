@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..nn import AdaLNModulation
+from ..nn import AdaLNModulation, Linear
 from ..profiling import nvtx_range
 from .configs import DiTConfig
 from .velocity import ConditionedVelocity
@@ -32,10 +32,12 @@ class DiTBlock(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_ratio: float):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        # flowfm_fast.nn.Linear: the token GEMMs (B T rows) are most of a training step on a CPU;
+        # same parameters and state_dict keys as nn.Linear.
+        self.qkv = Linear(dim, 3 * dim)
+        self.proj = Linear(dim, dim)
         hidden = int(dim * mlp_ratio)
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.fc1, self.fc2 = Linear(dim, hidden, act="gelu_tanh"), Linear(hidden, dim)
         self.adaLN = AdaLNModulation(dim, dim, 6)
 
     def attention(self, h):
@@ -45,7 +47,7 @@ class DiTBlock(nn.Module):
         return self.proj(a.transpose(1, 2).reshape(B, T, D))
 
     def mlp(self, h):
-        return self.fc2(F.gelu(self.fc1(h), approximate="tanh"))
+        return self.fc2(self.fc1(h))  # fc1 applies GELU-tanh
 
 
 class DiT1D(ConditionedVelocity):

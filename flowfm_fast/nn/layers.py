@@ -4,6 +4,31 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops._validate import choice
+from ..ops.norm_modulate import ACTS
+
+
+class Linear(nn.Linear):
+    """``y = act(x @ weight.T + bias)``: ``nn.Linear`` with a fused activation (ops.linear_act).
+
+    Same parameters and state_dict keys as ``nn.Linear``, so checkpoints of either load into the other.
+
+    Args:
+        in_features, out_features, bias: as ``nn.Linear``.
+        act: None, ``"silu"`` or ``"gelu_tanh"``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, act: str | None = None,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        choice("act", act, ACTS)
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear_act(x, self.weight, self.bias, self.act)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", act={self.act!r}" if self.act else "")
 
 
 class TimestepEmbedder(nn.Module):
