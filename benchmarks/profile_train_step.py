@@ -32,7 +32,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from flowfm_fast import ops
 from flowfm_fast.models import FlowFM, get_config
 
-WRAPPED = ("norm_modulate", "gated_residual", "gated_residual_norm_modulate", "fm_interpolate", "fm_loss",
+WRAPPED = ("norm_modulate", "gated_residual", "gated_residual_norm_modulate", "fm_interpolate", "fm_loss", "linear_act",
            "timestep_embedding", "euler_step_", "rk_combine")
 SCOPE = "fused::"
 NODE = "autograd::engine::evaluate_function: "

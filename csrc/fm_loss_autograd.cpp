@@ -31,6 +31,7 @@ class FmLoss : public torch::autograd::Function<FmLoss> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [loss, per_sample, dv] = call_fm_loss(v, x0, x1, weight, sigma_min, need_grad);
     ctx->mark_non_differentiable({per_sample, dv});
+    ctx->set_materialize_grads(false);  // no zero-filled (B, C, L) "gradient" of dv each backward
     ctx->save_for_backward({dv, per_sample, weight.has_value() ? *weight : at::Tensor()});
     ctx->saved_data["sigma_min"] = sigma_min;
     ctx->saved_data["v_dtype"] = static_cast<int64_t>(v.scalar_type());
@@ -44,6 +45,7 @@ class FmLoss : public torch::autograd::Function<FmLoss> {
     first_order_only("flowfm::fm_loss", grads, saved);
     const at::Tensor &dv = saved[0], &per_sample = saved[1], &weight = saved[2];
     const at::Tensor& dloss = grads[0];
+    if (!dloss.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     auto dtype = [&](const char* key) { return static_cast<at::ScalarType>(ctx->saved_data[key].toInt()); };
     // Edges exist for the tensor inputs only: v, x0, x1, and weight when one was given.
     const bool need_v = ctx->needs_input_grad(0), need_x0 = ctx->needs_input_grad(1),

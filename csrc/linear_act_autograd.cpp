@@ -21,6 +21,9 @@ class LinearAct : public torch::autograd::Function<LinearAct> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [y, u] = op.call(x, weight, bias, act);
     ctx->mark_non_differentiable({u});
+    // u never gets a gradient: without this autograd would hand the backward a zero-filled (M, N)
+    // tensor for it every call (measured 0.7 ms at M = 1920, N = 512).
+    ctx->set_materialize_grads(false);
     ctx->save_for_backward({x, weight, u});
     ctx->saved_data["act"] = std::string(act);
     ctx->saved_data["has_bias"] = bias.has_value();
@@ -32,10 +35,11 @@ class LinearAct : public torch::autograd::Function<LinearAct> {
                                      c10::string_view, bool, bool, bool)>("flowfm::linear_act_backward");
     const auto s = ctx->get_saved_variables();
     first_order_only("flowfm::linear_act", grads, s);
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1),
                need_b = has_bias && ctx->needs_input_grad(2);
-    auto [dx, dw, db] = op.call(grads[0].contiguous(), s[0], s[1], s[2], ctx->saved_data["act"].toStringRef(),
+    auto [dx, dw, db] = op.call(grads[0], s[0], s[1], s[2], ctx->saved_data["act"].toStringRef(),
                                 need_x, need_w, need_b);
     return {need_x ? dx : at::Tensor(), need_w ? dw : at::Tensor(), need_b ? db : at::Tensor(), at::Tensor()};
   }

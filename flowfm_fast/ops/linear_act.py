@@ -7,8 +7,9 @@ autocast the op does what ``F.linear`` does: it runs in the autocast dtype.
 The ``cpp`` backend runs fp32 GEMMs above ~4M multiply-adds through oneDNN (AVX-512 where the CPU
 has it; MKL's sgemm takes its AVX2 path on AMD CPUs), the rest through ATen, and applies the
 activation with the extension's vectorised kernels; its backward computes only the gradients asked
-for. On CUDA the reference runs (cuBLAS already is the GEMM; its epilogue fusion is left to
-torch.compile).
+for. On GPUs the ``triton`` backend's linear_act is the reference itself (cuBLAS is the GEMM, and a
+Triton GEMM would not beat it at these shapes; fusing the activation into its epilogue is left to
+torch.compile): registered so that a model run under ``use_backend("triton")`` works end to end.
 
 Contract: fp32 within GEMM rounding of this reference (the summation order differs: relative
 ~1e-6 * sqrt(K)); bf16/fp16 within their rounding.
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _ext
+from . import _ext, _triton
 from . import _validate as V
 from ._registry import register, select
 from .norm_modulate import ACTS, apply_act
@@ -52,6 +53,10 @@ if _ext.has_kernel("linear_act", "cpp"):
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     _ext.register_compiled(OP, "linear_act", _linear_act_compiled)
+
+
+# ---------------------------------------------------------------- triton backend: the reference (see above)
+_triton.register_triton(OP, linear_act_reference)
 
 
 def validate(x, weight, bias, act):

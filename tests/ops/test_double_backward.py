@@ -31,6 +31,7 @@ def _cases():
         "fm_interpolate": (lambda a, b, t: ops.fm_interpolate(a, b, t)[0], (x0, x1, t)),
         "fm_loss": (lambda v, a, b, t: ops.fm_loss(v, a, b, t), (v, x0, x1, t)),
         "timestep_embedding": (lambda t: ops.timestep_embedding(t, 6), (t,)),
+        "linear_act": (lambda x, w, b: ops.linear_act(x, w, b, "gelu_tanh"), (x, _leaf(4, 5), _leaf(4))),
     }
 
 
