@@ -104,10 +104,11 @@ def graph_stats() -> tuple[int, int]:
 
 def run_op(benchmark, device: torch.device, *, op: str, impl: str, mode: str, case: str, shape: str,
            fn: Callable, inputs: dict, diff: Sequence[str] = (), fwd_bytes: int, bwd_bytes: int = 0,
-           warmup: int = 3) -> None:
+           flops: int = 0, bwd_flops: int = 0, warmup: int = 3) -> None:
     """Time ``fn(**inputs)`` (a call of public op ``op``) as ``impl`` in ``mode``.
 
     ``diff``: names of the inputs the model trains (their gradients are computed in fwd+bwd).
+    ``flops`` (with ``fwd_bytes=0``): a compute-bound op (a GEMM), reported in GFLOP/s, not GB/s.
     """
     if mode not in MODES:
         raise ValueError(mode)
@@ -166,8 +167,11 @@ def run_op(benchmark, device: torch.device, *, op: str, impl: str, mode: str, ca
         graphs1, breaks1 = graph_stats()
 
         benchmark.group = f"{case} {mode} {shape} {dtype}"
-        info = dict(impl=impl, op=op, case=case, mode=mode, shape=shape, dtype=dtype, device=device.type,
-                    bytes=fwd_bytes + (bwd_bytes if mode == "fwd+bwd" else 0))
+        info = dict(impl=impl, op=op, case=case, mode=mode, shape=shape, dtype=dtype, device=device.type)
+        if flops:
+            info["flops"] = flops + (bwd_flops if mode == "fwd+bwd" else 0)
+        else:
+            info["bytes"] = fwd_bytes + (bwd_bytes if mode == "fwd+bwd" else 0)
         if max_err is not None:
             info["max_abs_err"] = max_err
         if impl == "compile":

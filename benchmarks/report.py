@@ -4,7 +4,8 @@ achieved bandwidth (``extra_info["bytes"]`` that must move / median) as GB/s and
 bandwidth measured in the same run, and, for the ``cpp`` rows of a CPU run, pass/fail against
 the bar:
 
-- per op: >= 3x eager, >= 1.3x torch.compile, >= 60% of copy bandwidth;
+- per op: >= 3x eager, >= 1.3x torch.compile, >= 60% of copy bandwidth (compute-bound rows, which
+  carry ``flops`` instead of ``bytes``, print GFLOP/s in the GB/s column and skip the bandwidth part);
 - end to end (training step): >= 1.5x eager, >= 1.1x torch.compile;
 - sampling (bench_sample.py, ``ours`` rows of 8-step Euler on CPU): >= 2x the eager loop at
   batch 1, >= 1.5x at batch 64, and never slower than torchdiffeq.
@@ -60,6 +61,8 @@ def _bar(impl: str, info: dict, device: str, r_e: float | None, r_c: float | Non
         need = E2E_BAR[op]
     elif "bytes" in info and op not in ("sample", "copy"):
         need = OP_BAR
+    elif "flops" in info:
+        need = {k: v for k, v in OP_BAR.items() if k != "copy_pct"}
     else:
         return ""
     misses = []
@@ -115,8 +118,10 @@ def table(data: dict) -> str:
                 passed += bar == "pass"
             fragmented = impl == "compile" and (info.get("compile_graphs", 1) != 1 or info.get("compile_breaks", 0))
             mark = "*" if fragmented else ""
+            rate = (f"{gbps:.1f}" if gbps is not None else
+                    f"{info['flops'] / med / 1e9:.0f} GFLOP/s" if info.get("flops") else "-")
             lines.append(f"| {g} | {impl}{mark} | {med * 1e3:.3f} | {f'{r_e:.2f}x' if r_e else '-'} | "
-                         f"{f'{r_c:.2f}x' if r_c else '-'} | {f'{gbps:.1f}' if gbps is not None else '-'} | "
+                         f"{f'{r_c:.2f}x' if r_c else '-'} | {rate} | "
                          f"{f'{pct:.0f}%' if pct is not None else '-'} | {bar} |")
             if fragmented:
                 graphs = info.get("compile_graphs")
