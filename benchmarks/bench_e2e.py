@@ -24,6 +24,7 @@ from _common import graph_stats
 from conftest import sync
 from flowfm_fast import ops
 from flowfm_fast.models import FlowFM, get_config
+from flowfm_fast.train.loop import make_optimizer
 from flowfm_fast.ops import _registry, use_backend
 
 BATCH = 64
@@ -86,7 +87,7 @@ def _model(device, velocity):
 def test_train_step(benchmark, device, impl, velocity):
     torch._dynamo.reset()
     model = _model(device, velocity)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = make_optimizer(model, lr=1e-4, weight_decay=0.01)  # the trainer's (fused) AdamW
     loss_fn = torch.compile(model.loss) if impl == "compile" else model.loss
     x1 = torch.randn(BATCH, 3, 300, device=device)
 

@@ -14,13 +14,14 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from flowfm_fast.models import FlowFM, get_config
+from flowfm_fast.train.loop import make_optimizer
 from flowfm_fast.ops import use_backend
 
 velocity = sys.argv[1] if len(sys.argv) > 1 else "dit"
 dev = torch.device("cuda")
 torch.manual_seed(0)
 model = FlowFM(get_config("small", velocity=velocity)).to(dev)
-opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+opt = make_optimizer(model, lr=1e-4, weight_decay=0.01)  # the trainer's (fused) AdamW
 x1 = torch.randn(64, 3, 300, device=dev)
 
 

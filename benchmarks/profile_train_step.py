@@ -31,6 +31,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from flowfm_fast import ops
 from flowfm_fast.models import FlowFM, get_config
+from flowfm_fast.train.loop import make_optimizer
 
 WRAPPED = ("norm_modulate", "gated_residual", "gated_residual_norm_modulate", "fm_interpolate", "fm_loss", "linear_act",
            "timestep_embedding", "euler_step_", "rk_combine")
@@ -77,7 +78,7 @@ def build(args):
     with torch.no_grad():  # as bench_e2e: perturb the zero-initialised layers
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = make_optimizer(model, lr=1e-4, weight_decay=0.01)  # the trainer's (fused) AdamW
     x1 = torch.randn(args.batch, model.cfg.channels, model.cfg.length)
 
     def step():

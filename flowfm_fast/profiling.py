@@ -131,7 +131,7 @@ def run_profile(a) -> int:
     from .cli import _device
     from .data import AugmentConfig, Standardizer, augment, make_synthetic
     from .models import FlowFM, get_config
-    from .train.loop import TrainConfig, param_groups
+    from .train.loop import TrainConfig, make_optimizer
 
     for name in ("batch", "steps", "sample_steps", "rows"):
         if getattr(a, name) < 1:
@@ -144,7 +144,7 @@ def run_profile(a) -> int:
     model = FlowFM(cfg).to(dev)
     tc = TrainConfig()
     # The optimizer pretraining uses (same groups and settings), so its step costs the same.
-    opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.99))
+    opt = make_optimizer(model, tc.lr, tc.weight_decay)
     raw = make_synthetic(n=a.batch, channels=cfg.channels, length=cfg.length, seed=a.seed).x
     std = Standardizer.fit(raw)
     x1 = torch.as_tensor(std.apply(raw), dtype=torch.float32, device=dev)
