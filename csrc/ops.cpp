@@ -49,6 +49,14 @@ TORCH_LIBRARY(flowfm, m) {
   m.def("linear_act_backward(Tensor dy, Tensor x, Tensor weight, Tensor u, str act, bool need_x, "
         "bool need_weight, bool need_bias) -> (Tensor dx, Tensor dweight, Tensor dbias)");
 
+  // y = act(batch_norm(x)) for x (B, C) or (B, C, L), act "none" | "relu"; training: the batch's
+  // per-channel statistics (var_unbiased returned for the caller's running estimate), else the running
+  // ones. mean/rstd are what normalised x. The backward's dx is empty unless need_x.
+  m.def("batch_norm_act(Tensor x, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
+        "bool training, float eps, str act) -> (Tensor y, Tensor mean, Tensor rstd, Tensor var_unbiased)");
+  m.def("batch_norm_act_backward(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, "
+        "bool training, str act, bool need_x) -> (Tensor dx, Tensor dweight, Tensor dbias)");
+
   m.def("euler_step_(Tensor(a!) x, Tensor v, float dt) -> ()");
   m.def("rk_combine(Tensor(a!) out, Tensor x, Tensor[] ks, float[] bs, float dt) -> ()");
 }

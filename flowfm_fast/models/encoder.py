@@ -5,26 +5,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..nn import BatchNorm1d
 from ..profiling import nvtx_range
 from .configs import EncoderConfig
 
 
 class PreActBlock(nn.Module):
-    """``x + conv(relu(bn(conv(relu(bn(x))))))`` with a 1x1 projection when shape changes."""
+    """``x + conv(relu(bn(conv(relu(bn(x))))))`` with a 1x1 projection when shape changes (each
+    ``relu(bn(.))`` is one fused BatchNorm1d(act="relu"), same state_dict as nn.BatchNorm1d)."""
 
     def __init__(self, c_in: int, c_out: int, k: int, stride: int):
         super().__init__()
-        self.bn1, self.bn2 = nn.BatchNorm1d(c_in), nn.BatchNorm1d(c_out)
+        self.bn1, self.bn2 = BatchNorm1d(c_in, act="relu"), BatchNorm1d(c_out, act="relu")
         self.conv1 = nn.Conv1d(c_in, c_out, k, stride=stride, padding=k // 2, bias=False)
         self.conv2 = nn.Conv1d(c_out, c_out, k, padding=k // 2, bias=False)
         self.skip = (nn.Conv1d(c_in, c_out, 1, stride=stride, bias=False)
                      if (c_in != c_out or stride != 1) else nn.Identity())
 
     def forward(self, x):
-        h = torch.relu(self.bn1(x))
+        h = self.bn1(x)
         skip = self.skip(h) if not isinstance(self.skip, nn.Identity) else x
         h = self.conv1(h)
-        h = self.conv2(torch.relu(self.bn2(h)))
+        h = self.conv2(self.bn2(h))
         return skip + h
 
 
@@ -42,14 +44,14 @@ class ResNet1DEncoder(nn.Module):
                 blocks.append(PreActBlock(c, w, k, stride=2 if (i > 0 and j == 0) else 1))
                 c = w
         self.blocks = nn.Sequential(*blocks)
-        self.out_norm = nn.BatchNorm1d(c)
+        self.out_norm = BatchNorm1d(c, act="relu")
         self.head = nn.Linear(c, cfg.z_dim)
         self.z_dim = cfg.z_dim
 
     def features(self, x):
         """Pooled pre-projection features (B, widths[-1])."""
         h = self.blocks(self.stem(x))
-        return torch.relu(self.out_norm(h)).mean(dim=-1)
+        return self.out_norm(h).mean(dim=-1)
 
     def forward(self, x):
         with nvtx_range("encoder"):

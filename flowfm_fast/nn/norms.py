@@ -1,4 +1,5 @@
-"""Drop-in LayerNorm / GroupNorm / RMSNorm on :func:`flowfm_fast.ops.norm_modulate`.
+"""Drop-in LayerNorm / GroupNorm / RMSNorm on :func:`flowfm_fast.ops.norm_modulate`, and BatchNorm1d
+(with an optional fused ReLU) on :func:`flowfm_fast.ops.batch_norm_act`.
 
 Each is a subclass of its ``torch.nn`` counterpart: same constructor arguments, parameters,
 state_dict keys and ``extra_repr``; only ``forward`` differs (the fused kernels of the selected
@@ -14,6 +15,8 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops._validate import choice
+from ..ops.batch_norm_act import ACTS as BN_ACTS
 
 
 class LayerNorm(nn.LayerNorm):
@@ -59,11 +62,41 @@ class GroupNorm(nn.GroupNorm):
         return y.reshape(x.shape)
 
 
-_SWAPS = {nn.LayerNorm: LayerNorm, nn.RMSNorm: RMSNorm, nn.GroupNorm: GroupNorm}
+class BatchNorm1d(nn.BatchNorm1d):
+    """``y = act((x - mean_c) / sqrt(var_c + eps) * weight_c + bias_c)`` (torch.nn.BatchNorm1d, then
+    ``act``: None or ``"relu"``); input (N, C) or (N, C, L). Running statistics, momentum (None: a
+    cumulative average), ``num_batches_tracked`` and train / eval behave as in torch.nn.BatchNorm1d.
+    """
+
+    act: str | None = None  # also what a module swapped in by convert() has
+
+    def __init__(self, *args, act: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        choice("act", act, BN_ACTS)
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        # torch.nn.BatchNorm1d.forward's bookkeeping, then the fused op instead of F.batch_norm.
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        use_running = not self.training or self.track_running_stats
+        return ops.batch_norm_act(x, self.running_mean if use_running else None,
+                                  self.running_var if use_running else None, self.weight, self.bias,
+                                  bn_training, factor, self.eps, self.act)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", act={self.act!r}" if self.act else "")
+
+
+_SWAPS = {nn.LayerNorm: LayerNorm, nn.RMSNorm: RMSNorm, nn.GroupNorm: GroupNorm, nn.BatchNorm1d: BatchNorm1d}
 
 
 def convert(model: nn.Module) -> nn.Module:
-    """Swap every plain ``torch.nn`` LayerNorm / GroupNorm / RMSNorm inside ``model`` for its
+    """Swap every plain ``torch.nn`` LayerNorm / GroupNorm / RMSNorm / BatchNorm1d inside ``model`` for its
     drop-in here, in place, and return ``model``.
 
     The swap changes only each module's class: its parameters stay the same objects (an optimizer

@@ -30,8 +30,12 @@ def _run_all(dtype):
     x0, x1, v = torch.randn(B, 3, 3001).to(dtype), torch.randn(B, 3, 3001).to(dtype), _leaf(B, 3, 3001, dtype=dtype)
     t = torch.rand(B, requires_grad=True)
     lw, lb = _leaf(512, D, dtype=dtype, scale=0.1), _leaf(512, dtype=dtype)  # B T x 512 x D: oneDNN's size
+    bw, bb = _leaf(C), _leaf(C)
+    rm, rv = torch.zeros(C), torch.ones(C)
     outs = [
         ops.linear_act(x, lw, lb, "gelu_tanh"),
+        ops.batch_norm_act(feat, rm, rv, bw, bb, True, 0.1, 1e-5, "relu"),
+        rm.clone(), rv.clone(),
         ops.norm_modulate(x, sh, sc, "layer", w, b, act="silu"),
         ops.norm_modulate(x, sh, sc, "rms", w, None, act="gelu_tanh"),
         ops.norm_modulate(feat, gsh, gsc, "group", gw, gb, act="silu", num_groups=4),
@@ -43,7 +47,7 @@ def _run_all(dtype):
     fm = ops.fm_loss(v, x0, x1, t)
     # torch's own sum may depend on the thread count; only its gradient (the ramp) reaches our kernels.
     loss = fm + sum((o.float() * torch.linspace(-1, 1, o.shape[-1])).sum() for o in outs)
-    leaves = [x, sh, sc, g, w, b, feat, gsh, gsc, gw, gb, h, v, t, lw, lb]
+    leaves = [x, sh, sc, g, w, b, feat, gsh, gsc, gw, gb, h, v, t, lw, lb, bw, bb]
     grads = torch.autograd.grad(loss, leaves)
     with torch.no_grad():
         y = x.detach().clone()

@@ -32,6 +32,8 @@ def _cases():
         "fm_loss": (lambda v, a, b, t: ops.fm_loss(v, a, b, t), (v, x0, x1, t)),
         "timestep_embedding": (lambda t: ops.timestep_embedding(t, 6), (t,)),
         "linear_act": (lambda x, w, b: ops.linear_act(x, w, b, "gelu_tanh"), (x, _leaf(4, 5), _leaf(4))),
+        "batch_norm_act": (lambda x, w, b: ops.batch_norm_act(x, None, None, w, b, True, act="relu"),
+                           (x, _leaf(3), _leaf(3))),
     }
 
 
