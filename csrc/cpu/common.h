@@ -191,6 +191,25 @@ template <Act ACT, bool GRAD> inline void act_inplace(float* __restrict u, int64
 #endif
 }
 
+// x -> exp(x) over n values in place (exp_fast's clamp and polynomial; AVX-512 where available,
+// as act_inplace: GCC's vectorisation of exp_fast in a short loop of a softmax row was ~5x slower).
+inline void exp_inplace(float* __restrict x, int64_t n) {
+#if defined(__AVX512F__)
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, avx512::exp(_mm512_loadu_ps(x + i)));
+  if (i < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1u);
+    _mm512_mask_storeu_ps(x + i, m, avx512::exp(_mm512_maskz_loadu_ps(m, x + i)));
+  }
+#else
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) x[i] = exp_fast(x[i]);
+#endif
+}
+inline void exp_inplace(double* __restrict x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
+}
+
 // Calls f.template operator()<ACT>() for the runtime act: kernels are instantiated per activation.
 template <typename F> inline void dispatch_act(Act act, F&& f) {
   switch (act) {

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
@@ -43,7 +42,7 @@ class DiTBlock(nn.Module):
     def attention(self, h):
         B, T, D = h.shape
         q, k, v = self.qkv(h).reshape(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v)
+        a = ops.attention(q, k, v)  # = F.scaled_dot_product_attention(q, k, v); cpp: short-sequence kernel
         return self.proj(a.transpose(1, 2).reshape(B, T, D))
 
     def mlp(self, h):

@@ -33,6 +33,7 @@ def _run_all(dtype):
     bw, bb = _leaf(C), _leaf(C)
     rm, rv = torch.zeros(C), torch.ones(C)
     outs = [
+        ops.attention(*x.reshape(B, T, 1, D).expand(B, T, 3, D).permute(2, 0, 1, 3).unsqueeze(2)),
         ops.linear_act(x, lw, lb, "gelu_tanh"),
         ops.batch_norm_act(feat, rm, rv, bw, bb, True, 0.1, 1e-5, "relu"),
         rm.clone(), rv.clone(),
