@@ -37,7 +37,8 @@ def extension_kwargs():
     # C++17 before), the same for the .cpp and the .cu files; the sources compile under both.
     cxx_flags = ["-O3", "-fopenmp"]
     # The extension is built on the machine that runs it, so let the compiler use its SIMD width
-    # (AVX/FMA here); FLOWFM_PORTABLE=1 builds a generic x86-64 binary instead.
+    # (AVX-512 on this repository's EPYC: the activation and transpose kernels have AVX-512 paths);
+    # FLOWFM_PORTABLE=1 builds a generic x86-64 binary instead.
     if os.environ.get("FLOWFM_PORTABLE", "0") != "1":
         cxx_flags.append("-march=native")
     nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None

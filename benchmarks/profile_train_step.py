@@ -33,8 +33,8 @@ from flowfm_fast import ops
 from flowfm_fast.models import FlowFM, get_config
 from flowfm_fast.train.loop import make_optimizer
 
-WRAPPED = ("norm_modulate", "gated_residual", "gated_residual_norm_modulate", "fm_interpolate", "fm_loss", "linear_act",
-           "timestep_embedding", "euler_step_", "rk_combine")
+WRAPPED = ("norm_modulate", "gated_residual", "gated_residual_norm_modulate", "fm_interpolate", "fm_loss",
+           "linear_act", "attention", "batch_norm_act", "timestep_embedding", "euler_step_", "rk_combine")
 SCOPE = "fused::"
 NODE = "autograd::engine::evaluate_function: "
 CATEGORIES = (

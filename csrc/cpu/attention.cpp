@@ -7,7 +7,8 @@
 // few KB) sit in L1, every product accumulates in vector registers over its reduction index (K and V
 // transposed once per head where that index must be contiguous), and P is kept (T^2 values per
 // head) instead of recomputed.
-// The Python op sends sequences longer than kMaxT to the reference (P grows as T^2).
+// The Python op sends sequences longer than MAX_T (flowfm_fast/ops/attention.py) to the reference
+// (P grows as T^2).
 #include "common.h"
 
 #include <cstring>
@@ -76,7 +77,8 @@ FLOWFM_INLINE void combine_rows(const A* a, int64_t a_stride, const A* rows, int
   }
 }
 
-// s[0:T] -> exp(scale s - max) in place (padding lanes T..Tp -> 0); returns 1 / their sum.
+// s[0:T] -> exp(scale s - max) in place (padding lanes T..Tp -> exp of the clamp's floor, ~1e-38, so
+// nothing in the sum); returns 1 / their sum.
 template <typename A> FLOWFM_INLINE A softmax_row(A* s, int64_t T, int64_t Tp, A scale) {
   using V = Vec<A>;
   typename V::v mx = V::splat(-std::numeric_limits<A>::infinity());

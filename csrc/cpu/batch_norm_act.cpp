@@ -18,7 +18,8 @@ namespace {
 
 struct Dims { int64_t B, C, L; };
 
-template <bool RELU, typename A> FLOWFM_INLINE A relu_if(A u) { return RELU ? (u > A(0) ? u : A(0)) : u; }
+// NaN stays NaN (as torch.relu): only a value known to be negative becomes 0.
+template <bool RELU, typename A> FLOWFM_INLINE A relu_if(A u) { return RELU ? (u < A(0) ? A(0) : u) : u; }
 
 // Per-channel mean, 1/sqrt(var + eps) and the unbiased variance (for the running estimate).
 template <typename S>
@@ -68,7 +69,8 @@ void apply(const S* x, S* y, Dims d, const acc_t<S>* mean, const acc_t<S>* rstd,
   });
 }
 
-// Backward. g = dy * act'(u) with u = xhat w + b (recomputed); per channel sg = sum g and
+// Backward. g = dy * act'(u) with u = x alpha + beta (recomputed as the forward computed it); per
+// channel sg = sum g and
 // sgx = sum g xhat (one task per channel), then dx = rstd w (g - [training] (sg + xhat sgx) / n).
 template <typename S, bool RELU>
 void backward(const S* dy, const S* x, Dims d, const acc_t<S>* mean, const acc_t<S>* rstd, const acc_t<S>* w,
@@ -78,6 +80,7 @@ void backward(const S* dy, const S* x, Dims d, const acc_t<S>* mean, const acc_t
   at::parallel_for(0, d.C, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const A m = mean[c], r = rstd[c], wc = w ? w[c] : A(1), bc = bias ? bias[c] : A(0);
+      const A alpha = r * wc, beta = bc - m * alpha;  // the forward's fold: the same ReLU mask, bit for bit
       A s0 = A(0), s1 = A(0);
       for (int64_t b = 0; b < d.B; ++b) {
         const S* __restrict xr = x + (b * d.C + c) * d.L;
@@ -86,7 +89,7 @@ void backward(const S* dy, const S* x, Dims d, const acc_t<S>* mean, const acc_t
         for (int64_t l = 0; l < d.L; ++l) {
           const A xh = (static_cast<A>(xr[l]) - m) * r;
           A g = static_cast<A>(dyr[l]);
-          if constexpr (RELU) g = xh * wc + bc > A(0) ? g : A(0);
+          if constexpr (RELU) g = static_cast<A>(xr[l]) * alpha + beta > A(0) ? g : A(0);
           s0 += g;
           s1 += g * xh;
         }
@@ -100,7 +103,7 @@ void backward(const S* dy, const S* x, Dims d, const acc_t<S>* mean, const acc_t
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t c = row % d.C;
       const A m = mean[c], r = rstd[c], wc = w ? w[c] : A(1), bc = bias ? bias[c] : A(0);
-      const A k = r * wc;
+      const A k = r * wc, beta = bc - m * k;
       const A c1 = training ? sg[c] / A(n) : A(0), c2 = training ? sgx[c] / A(n) : A(0);
       const S* __restrict xr = x + row * d.L;
       const S* __restrict dyr = dy + row * d.L;
@@ -109,7 +112,7 @@ void backward(const S* dy, const S* x, Dims d, const acc_t<S>* mean, const acc_t
       for (int64_t l = 0; l < d.L; ++l) {
         const A xh = (static_cast<A>(xr[l]) - m) * r;
         A g = static_cast<A>(dyr[l]);
-        if constexpr (RELU) g = xh * wc + bc > A(0) ? g : A(0);
+        if constexpr (RELU) g = static_cast<A>(xr[l]) * k + beta > A(0) ? g : A(0);
         dxr[l] = to_storage<S>(k * (g - c1 - xh * c2));
       }
     }

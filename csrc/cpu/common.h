@@ -137,7 +137,8 @@ namespace avx512 {
 // scalef start from _mm512_undefined_ps, which GCC 12 reports as maybe-uninitialized.
 constexpr __mmask16 kAll = 0xFFFF;
 FLOWFM_INLINE __m512 exp(__m512 x) {
-  x = _mm512_maskz_min_ps(kAll, _mm512_maskz_max_ps(kAll, x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+  // vmaxps / vminps return their second operand when either is NaN: x goes second, so NaN stays NaN.
+  x = _mm512_maskz_min_ps(kAll, _mm512_set1_ps(88.7f), _mm512_maskz_max_ps(kAll, _mm512_set1_ps(-87.3f), x));
   const __m512 n = _mm512_maskz_roundscale_ps(kAll, _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);

@@ -192,8 +192,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cpu(
   check_cpu_float(dy, "dy");
   check_shape(dy, {x.size(0), weight.size(0)}, "dy");
   const Act act = parse_act(act_s);
-  if (act != Act::None) check_shape(u, {x.size(0), weight.size(0)}, "u");
-  const at::Tensor gu = act == Act::None ? dy : act_backward(dy, u, act);
+  if (act != Act::None) {
+    check_shape(u, {x.size(0), weight.size(0)}, "u");
+    TORCH_CHECK_TYPE(u.scalar_type() == x.scalar_type(), "linear_act: u must have x's dtype");
+  }
+  // Contiguous: the activation kernels walk rows, and a stride-0 dy (from y.sum()) is no GEMM operand.
+  const at::Tensor gu = act == Act::None ? dy.to(x.scalar_type()).contiguous()
+                                         : act_backward(dy.to(x.scalar_type()), u.contiguous(), act);
   at::Tensor dx, dw, db;
   if (need_x) dx = mm_nt(gu, weight.t(), std::nullopt).contiguous();  // gu (M, N) W (N, K)
   if (need_weight) {

@@ -12,14 +12,16 @@ class Linear(nn.Linear):
     """``y = act(x @ weight.T + bias)``: ``nn.Linear`` with a fused activation (ops.linear_act).
 
     Same parameters and state_dict keys as ``nn.Linear``, so checkpoints of either load into the other.
+    It is an ``nn.Linear``: tools that rewrite ``nn.Linear`` modules by type (LoRA wrappers, quantisers)
+    see one and may drop ``act``; use ``act=None`` there.
 
     Args:
-        in_features, out_features, bias: as ``nn.Linear``.
-        act: None, ``"silu"`` or ``"gelu_tanh"``.
+        in_features, out_features, bias, device, dtype: as ``nn.Linear``.
+        act (keyword only): None, ``"silu"`` or ``"gelu_tanh"``.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, act: str | None = None,
-                 device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 act: str | None = None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         choice("act", act, ACTS)
         self.act = act

@@ -66,6 +66,8 @@ class BatchNorm1d(nn.BatchNorm1d):
     """``y = act((x - mean_c) / sqrt(var_c + eps) * weight_c + bias_c)`` (torch.nn.BatchNorm1d, then
     ``act``: None or ``"relu"``); input (N, C) or (N, C, L). Running statistics, momentum (None: a
     cumulative average), ``num_batches_tracked`` and train / eval behave as in torch.nn.BatchNorm1d.
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` sees an ``nn.BatchNorm1d`` and would drop ``act``:
+    for synchronised statistics keep act=None and apply the ReLU after it.
     """
 
     act: str | None = None  # also what a module swapped in by convert() has

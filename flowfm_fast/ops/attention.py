@@ -9,6 +9,10 @@ flash kernel is built for long sequences and spent ~3x the time at T = 30. Longe
 calls under autocast, go to the reference. On GPUs the ``triton`` backend is the reference (SDPA's
 flash / memory-efficient kernels), registered so a model run under ``use_backend("triton")`` works.
 
+Second-order gradients: neither backend has them on CPU (torch's CPU flash backward has no
+derivative either); wrap the call in ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)`` under
+``use_backend("torch")`` for those.
+
 Contract: fp32 within 1e-5 of this reference; bf16/fp16 within their rounding.
 """
 from __future__ import annotations
@@ -41,10 +45,11 @@ if _ext.has_kernel("attention", "cpp"):
         return _ext.empty(q), _ext.empty(q), _ext.empty(q)
 
     # Autograd: in C++ (csrc/attention_autograd.cpp), as for every compiled op.
-    _short_enough = _ext._predicate("cpu")
+    _on_cpu = _ext._predicate("cpu")
 
-    def _cpp_can_use(q, k, v):
-        return _short_enough(q, k, v) and q.shape[2] <= MAX_T and not torch.is_autocast_enabled("cpu")
+    def _cpp_can_use(q, *kv):
+        return (_on_cpu(q, *kv) and (q.dim() < 3 or q.shape[2] <= MAX_T)
+                and not torch.is_autocast_enabled("cpu"))
 
     register(OP, "cpp", _cpp_can_use)(lambda q, k, v: _ext.op("attention")(q, k, v)[0])
 
@@ -65,5 +70,7 @@ def validate(q, k, v):
 
 def attention(q, k, v) -> torch.Tensor:
     """``softmax(q @ k.transpose(-1, -2) / sqrt(hd)) @ v``; see the module docstring."""
+    if all(isinstance(t, torch.Tensor) for t in (q, k, v)) and 0 in (q.numel(), k.numel(), v.numel()):
+        return attention_reference(q, k, v)  # an empty batch (or sequence): SDPA's own answer or error
     validate(q, k, v)
     return select(OP, q.device, q, k, v).fn(q, k, v)

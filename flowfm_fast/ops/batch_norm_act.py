@@ -91,6 +91,8 @@ def validate(x, running_mean, running_var, weight, bias, training, momentum, eps
 def batch_norm_act(x, running_mean=None, running_var=None, weight=None, bias=None, training=False,
                    momentum=0.1, eps=1e-5, act=None) -> torch.Tensor:
     """``act(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps))``."""
+    if isinstance(x, torch.Tensor) and x.numel() == 0:  # an empty batch: F.batch_norm's own answer or error
+        return batch_norm_act_reference(x, running_mean, running_var, weight, bias, training, momentum, eps, act)
     validate(x, running_mean, running_var, weight, bias, training, momentum, eps, act)
     impl = select(OP, x.device, x, running_mean, running_var, weight, bias)
     return impl.fn(x, running_mean, running_var, weight, bias, training, float(momentum), float(eps), act)

@@ -4,10 +4,10 @@ x is (..., K), weight (N, K), bias (N,) or None; y is (..., N) in x's dtype (x, 
 share one dtype, as ``F.linear`` asks). ``act``: None, ``"silu"`` or ``"gelu_tanh"``. Under
 autocast the op does what ``F.linear`` does: it runs in the autocast dtype.
 
-The ``cpp`` backend runs fp32 GEMMs above ~4M multiply-adds through oneDNN (AVX-512 where the CPU
-has it; MKL's sgemm takes its AVX2 path on AMD CPUs), the rest through ATen, and applies the
-activation with the extension's vectorised kernels; its backward computes only the gradients asked
-for. On GPUs the ``triton`` backend's linear_act is the reference itself (cuBLAS is the GEMM, and a
+The ``cpp`` backend runs problems from ~4M multiply-adds (``DNN_MIN_WORK``) through its own path:
+fp32 GEMMs through oneDNN (AVX-512 where the CPU has it; MKL's sgemm takes its AVX2 path on AMD
+CPUs), other dtypes through ATen, the activation with the extension's vectorised kernels, and a
+backward that computes only the gradients asked for; smaller problems run the reference. On GPUs the ``triton`` backend's linear_act is the reference itself (cuBLAS is the GEMM, and a
 Triton GEMM would not beat it at these shapes; fusing the activation into its epilogue is left to
 torch.compile): registered so that a model run under ``use_backend("triton")`` works end to end.
 
@@ -25,6 +25,10 @@ from ._registry import register, select
 from .norm_modulate import ACTS, apply_act
 
 OP = "linear_act"
+# M N K multiply-adds from which the cpp backend runs its own path (oneDNN GEMM, our activation
+# kernels); below, ATen's GEMM wins and the call takes the reference. = kDnnMinWork in
+# csrc/cpu/linear_act.cpp, which applies the same split to direct calls of the op.
+DNN_MIN_WORK = 1 << 22
 
 
 @register(OP, "torch")
@@ -48,6 +52,10 @@ if _ext.has_kernel("linear_act", "cpp"):
     # Autograd: in C++ (csrc/linear_act_autograd.cpp), as for every compiled op.
 
     def _linear_act_compiled(x, weight, bias, act):
+        if (x.numel() // x.shape[-1]) * weight.numel() < DNN_MIN_WORK:
+            # The C++ op would call ATen's GEMM itself here; the reference is that computation
+            # without the custom-op round trip (~5 us a call: 16 calls a DiT step, 8 steps a solve).
+            return linear_act_reference(x, weight, bias, act)
         rows = x.reshape(-1, x.shape[-1])
         y = _ext.op("linear_act")(rows, weight, bias, act or "none")[0]
         return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -87,6 +87,9 @@ def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
+_STEP_IMPL = ("fused", "foreach", "capturable", "differentiable")
+
+
 def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict, rest: dict) -> None:
     state: dict = {}
     for key, v in tensors.items():
@@ -96,7 +99,12 @@ def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict, rest: dict) -
     for key, v in rest.get("scalars", {}).items():
         idx, k = key.split(".", 1)
         state.setdefault(int(idx), {})[k] = v
+    # How the step runs (fused / foreach kernels) is this process's choice, not the checkpoint's: a run
+    # saved before the trainer used the fused AdamW resumes fused.
+    impl = [{k: g[k] for k in _STEP_IMPL if k in g} for g in opt.param_groups]
     opt.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
+    for group, keep in zip(opt.param_groups, impl):
+        group.update(keep)
 
 
 def save_checkpoint(root: Path, step: int, model_tensors: dict, optim_tensors: dict, state: dict,

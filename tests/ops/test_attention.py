@@ -128,3 +128,30 @@ def test_kernel_checks_direct_calls():
         torch.ops.flowfm.attention(q, q[:, :, :-1], q)
     with pytest.raises(ValueError, match="attention: q must be"):
         torch.ops.flowfm.attention(q[0], q[0], q[0])
+
+
+def test_nan_propagates_like_sdpa(backend):
+    _, (q, k, v) = qkv_views((2, 2, 30, 16))
+    q = q.clone()
+    q[1, 0, 7, 3] = float("nan")
+    out = attention(q, k, v)
+    assert torch.isnan(out[1, 0, 7]).all()
+    assert not torch.isnan(out[0]).any() and not torch.isnan(out[1, 1]).any()
+
+
+def test_empty_batch_takes_the_reference(backend):
+    q = torch.randn(0, 2, 5, 4)
+    assert attention(q, q, q).shape == (0, 2, 5, 4)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_low_precision_grads(backend, dtype):
+    qkv, _ = qkv_views((2, 3, 30, 16), dtype=dtype)
+    leaf = qkv.clone().requires_grad_(True)
+    gy = torch.randn(2, 3, 30, 16).to(dtype)
+    (g,) = torch.autograd.grad(attention(*leaf.permute(2, 0, 3, 1, 4)), leaf, gy)
+    leaf64 = d64(qkv, grad=True)
+    (g64,) = torch.autograd.grad(naive_attention(*leaf64.permute(2, 0, 3, 1, 4)), leaf64, gy.double())
+    assert g.dtype == dtype
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(g.double(), g64, rtol=rtol * 2, atol=atol * 2)

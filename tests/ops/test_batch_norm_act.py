@@ -33,7 +33,7 @@ def naive(x, weight, bias, mean, var, act):
         y = y * weight.reshape(view)
     if bias is not None:
         y = y + bias.reshape(view)
-    return torch.where(y > 0, y, torch.zeros_like(y)) if act == "relu" else y
+    return torch.relu(y) if act == "relu" else y
 
 
 def batch_stats(x):
@@ -222,3 +222,31 @@ def test_convert_swaps_batchnorm1d(backend):
     assert type(model[1]) is fnn.BatchNorm1d and model[1].act is None
     x = torch.randn(5, 2, 11)
     torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_nan_propagates_through_the_relu(backend):
+    x, w, b, rm, rv = make((4, 3, 7))
+    x[0, 1, 2] = float("nan")
+    y = batch_norm_act(x, None, None, w, b, True, MOMENTUM, EPS, "relu")
+    assert torch.isnan(y[:, 1]).all()  # the channel's statistics are NaN: every value of it
+    assert not torch.isnan(y[:, 0]).any()
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_low_precision_grads(backend, dtype):
+    x, w, b, rm, rv = make((7, 5, 33), dtype=dtype)
+    leaf = x.clone().requires_grad_(True)
+    gy = torch.randn(7, 5, 33).to(dtype)
+    (g,) = torch.autograd.grad(batch_norm_act(leaf, rm, rv, w, b, True, MOMENTUM, EPS, "relu"), leaf, gy)
+    leaf64 = d64(x, grad=True)
+    mean, var, _ = batch_stats(leaf64)
+    (g64,) = torch.autograd.grad(naive(leaf64, d64(w), d64(b), mean, var, "relu"), leaf64, gy.double())
+    assert g.dtype == dtype
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(g.double(), g64, rtol=rtol * 2, atol=atol * 4)
+
+
+def test_empty_batch_takes_the_reference(backend):
+    x = torch.randn(0, 3, 5)
+    y = batch_norm_act(x, torch.zeros(3), torch.ones(3), None, None, False, MOMENTUM, EPS, "relu")
+    assert y.shape == (0, 3, 5)

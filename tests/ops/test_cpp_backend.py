@@ -77,7 +77,8 @@ def test_thread_count_does_not_change_results(dtype):
 def test_cpp_is_the_default_on_cpu():
     from flowfm_fast.ops import _registry
     x = torch.randn(2, 3, 4)
-    for op in ("norm_modulate", "gated_residual", "fm_loss", "fm_interpolate", "timestep_embedding"):
+    for op in ("norm_modulate", "gated_residual", "fm_loss", "fm_interpolate", "timestep_embedding", "linear_act",
+               "attention", "batch_norm_act"):
         assert _registry.select(op, x.device, x).fn.__module__.startswith("flowfm_fast.ops"), op
         assert "cpp" in ops.backends_for(op)
 

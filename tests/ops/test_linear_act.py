@@ -15,9 +15,11 @@ from naive import LOW_PRECISION, assert_float64_precision, backend_params, d64, 
 OP = "linear_act"
 ACTS = [None, "silu", "gelu_tanh"]
 # (x shape, out_features): odd and prime sizes, a single row and a single feature, 1-D x, and
-# (64, 30, 128) x 512, the DiT MLP's fc1 (above the size where the cpp backend calls oneDNN).
+# the DiT MLP's fc1 (64, 30, 128) x 512 and fc2 (64, 30, 512) x 128 (above the size where the cpp
+# backend runs oneDNN: both orientations of its dW), and odd sizes there (masked tails, the scalar
+# edges of the 16 x 16 transposes).
 CASES = [((1, 1), 1), ((3, 7), 5), ((7,), 3), ((2, 5, 33), 65), ((123, 127), 31), ((4, 3, 300), 7),
-         ((64, 30, 128), 512)]
+         ((64, 30, 128), 512), ((64, 30, 512), 128), ((67, 29, 129), 257)]
 
 
 @pytest.fixture(params=backend_params(OP))
@@ -228,3 +230,29 @@ def test_linear_module_is_a_drop_in_for_nn_linear(backend):
     assert "act='gelu_tanh'" in repr(mod)
     with pytest.raises(ValueError, match="act"):
         fnn.Linear(3, 4, act="relu")
+
+
+def test_backward_through_a_stride_zero_gradient(backend):
+    """y.sum() hands the backward an expanded (stride-0) dy: a GEMM operand the kernels copy first."""
+    x, w, b = make((64, 30, 128), 512)
+    w = w.requires_grad_(True)
+    (gw,) = torch.autograd.grad(linear_act(x, w, b, None).sum(), [w])
+    torch.testing.assert_close(gw, x.reshape(-1, 128).sum(0).expand_as(w), rtol=1e-5, atol=1e-3)
+
+
+def test_nan_propagates(backend):
+    x, w, b = make((64, 30, 128), 512)
+    x[3, 4, 5] = float("nan")
+    y = linear_act(x, w, b, "gelu_tanh")
+    assert torch.isnan(y[3, 4]).all() and not torch.isnan(y[3, 5]).any()
+
+
+def test_second_order_raises_on_the_cpp_path():
+    if "cpp" not in ops.backends_for(OP):
+        pytest.skip("flowfm_fast._C is not built")
+    x, w, b = make((64, 30, 128), 512)
+    x.requires_grad_(True)
+    with use_backend("cpp"):
+        y = linear_act(x, w, b, "gelu_tanh")
+        with pytest.raises(RuntimeError, match="no derivative"):
+            torch.autograd.grad(y.square().sum(), [x], create_graph=True)
