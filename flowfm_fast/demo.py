@@ -18,10 +18,11 @@ from .models import get_config
 from .train import TrainConfig, build_model, train_flowfm
 
 # Pretraining recipe of the demo (see the README's "What mattered"): every train-subject window at
-# a 1 s hop, encoder-side augmentation, logit-normal t, EMA 0.999, B = 64. 4,500 steps take ~8
-# minutes on the 2-core CPU with the C++ backend (~9.3 steps/s; the wall-time cap still applies).
-# At 2,000 steps (3.7 min) the probe landed at 0.896-0.919 from run to run, on the 0.90 line, and
-# fine-tuning at 10 % labels tied scratch; 4,500 steps gave 0.919 and 0.914 vs 0.907.
+# a 1 s hop, encoder-side augmentation, logit-normal t, EMA 0.999, B = 64. 4,500 steps take ~6
+# minutes on the 2-core CPU with the C++ backend (~13 steps/s; ~9.3 before the oneDNN GEMMs; the
+# wall-time cap still applies). At 2,000 steps the probe landed at 0.896-0.919 from run to run, on
+# the 0.90 line, and fine-tuning at 10 % labels tied scratch; 4,500 steps gave 0.919 / 0.917 and
+# 0.914 / 0.913 vs 0.907 / 0.909 (two kernel versions).
 DEMO_STEPS = 4500
 FINETUNE_STEPS = 300
 SEEDS = (0, 1, 2)
