@@ -192,6 +192,27 @@ template <Act ACT, bool GRAD> inline void act_inplace(float* __restrict u, int64
 #endif
 }
 
+// y[0:n] = act(u[i]) with u[i] = u_of(i) in the accumulation dtype A. For an fp32 activation, u is
+// written first (into y itself when y is fp32, else into ``scratch``, n values) and act_inplace runs
+// over it while it is in L1; otherwise one fused loop. The row kernels' forward epilogue.
+template <Act ACT, typename A, typename S, typename F>
+FLOWFM_INLINE void act_store(S* __restrict y, A* __restrict scratch, int64_t n, F&& u_of) {
+  if constexpr (ACT != Act::None && std::is_same_v<A, float>) {
+    float* __restrict u;
+    if constexpr (std::is_same_v<S, float>) u = y; else u = scratch;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) u[i] = u_of(i);
+    act_inplace<ACT, false>(u, n);
+    if constexpr (!std::is_same_v<S, float>) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) y[i] = to_storage<S>(u[i]);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) y[i] = to_storage<S>(act_fwd<A>(ACT, u_of(i)));
+  }
+}
+
 // x -> exp(x) over n values in place (exp_fast's clamp and polynomial; AVX-512 where available,
 // as act_inplace: GCC's vectorisation of exp_fast in a short loop of a softmax row was ~5x slower).
 inline void exp_inplace(float* __restrict x, int64_t n) {

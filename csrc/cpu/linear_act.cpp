@@ -117,8 +117,8 @@ at::Tensor mm_nt(const at::Tensor& a, const at::Tensor& b, const std::optional<a
 template <Act ACT> void act_rows_fwd(const float* u, float* y, int64_t M, int64_t N) {
   at::parallel_for(0, M, grain_rows(N), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      std::memcpy(y + r * N, u + r * N, sizeof(float) * N);
-      act_inplace<ACT, false>(y + r * N, N);
+      const float* __restrict ur = u + r * N;
+      act_store<ACT, float>(y + r * N, static_cast<float*>(nullptr), N, [&](int64_t i) { return ur[i]; });
     }
   });
 }

@@ -121,20 +121,7 @@ void group_forward(const S* x, S* y, acc_t<S>* mean, acc_t<S>* rstd, Shape s, in
         const A beta = (bc - mu * r * wc) * one_plus + (sh ? sh[b * C + c] : A(0));
         const S* xc = xg + cl * L;
         S* yc = y + bg * n + cl * L;
-        if constexpr (ACT != Act::None && std::is_same_v<A, float>) {  // as row_forward: u, then act_inplace
-          float* __restrict u;
-          if constexpr (std::is_same_v<S, float>) u = yc; else u = scratch.data();
-#pragma omp simd
-          for (int64_t l = 0; l < L; ++l) u[l] = static_cast<A>(xc[l]) * alpha + beta;
-          act_inplace<ACT, false>(u, L);
-          if constexpr (!std::is_same_v<S, float>) {
-#pragma omp simd
-            for (int64_t l = 0; l < L; ++l) yc[l] = to_storage<S>(u[l]);
-          }
-        } else {
-#pragma omp simd
-          for (int64_t l = 0; l < L; ++l) yc[l] = to_storage<S>(act_fwd<A>(ACT, static_cast<A>(xc[l]) * alpha + beta));
-        }
+        act_store<ACT>(yc, scratch.data(), L, [&](int64_t l) { return static_cast<A>(xc[l]) * alpha + beta; });
       }
     }
   });

@@ -141,28 +141,12 @@ inline void row_stats(const X* __restrict x, int64_t D, bool rms, A eps, A& mean
   rstd = A(1) / std::sqrt(v / A(D) + eps);
 }
 
-// y = act(xhat * alpha + beta) for one row (alpha, beta from fold_sample). With an fp32
-// activation, u is written first (into y itself when y is fp32, else into ``scratch``, D values)
-// and act_inplace runs over it while it is in L1.
+// y = act(xhat * alpha + beta) for one row (alpha, beta from fold_sample); ``scratch``: D values
+// (see act_store).
 template <Act ACT, typename A, typename X, typename S>
 inline void row_forward(const X* __restrict x, S* __restrict y, int64_t D, A mean, A rstd, const A* __restrict alpha,
                         const A* __restrict beta, A* __restrict scratch) {
-  if constexpr (ACT != Act::None && std::is_same_v<A, float>) {
-    float* __restrict u;
-    if constexpr (std::is_same_v<S, float>) u = y; else u = scratch;
-#pragma omp simd
-    for (int64_t i = 0; i < D; ++i) u[i] = (static_cast<A>(x[i]) - mean) * rstd * alpha[i] + beta[i];
-    act_inplace<ACT, false>(u, D);
-    if constexpr (!std::is_same_v<S, float>) {
-#pragma omp simd
-      for (int64_t i = 0; i < D; ++i) y[i] = to_storage<S>(u[i]);
-    }
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < D; ++i) {
-      y[i] = to_storage<S>(act_fwd<A>(ACT, (static_cast<A>(x[i]) - mean) * rstd * alpha[i] + beta[i]));
-    }
-  }
+  act_store<ACT>(y, scratch, D, [&](int64_t i) { return (static_cast<A>(x[i]) - mean) * rstd * alpha[i] + beta[i]; });
 }
 
 // Per-sample sums over the rows of one sample: s0 = sum_t gu, s1 = sum_t gu * xhat, with
