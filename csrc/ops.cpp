@@ -57,9 +57,9 @@ TORCH_LIBRARY(flowfm, m) {
   m.def("batch_norm_act_backward(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, "
         "bool training, str act, bool need_x) -> (Tensor dx, Tensor dweight, Tensor dbias)");
 
-  // out = softmax(q k^T / sqrt(hd)) v per (batch, head), q / k / v (B, H, T, hd), no mask; probs
-  // (B, H, T, T) in the accumulation dtype, saved for the backward.
-  m.def("attention(Tensor q, Tensor k, Tensor v) -> (Tensor out, Tensor probs)");
+  // out = softmax(q k^T / sqrt(hd)) v per (batch, head), q / k / v (B, H, T, hd), no mask; with
+  // need_probs, probs (B, H, T, T) in the accumulation dtype for the backward, else empty.
+  m.def("attention(Tensor q, Tensor k, Tensor v, bool need_probs) -> (Tensor out, Tensor probs)");
   m.def("attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor probs) -> "
         "(Tensor dq, Tensor dk, Tensor dv)");
 

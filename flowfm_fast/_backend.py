@@ -15,7 +15,7 @@ log = logging.getLogger("flowfm_fast")
 
 
 # Must equal FLOWFM_ABI_VERSION in csrc/version.h: an extension built from other sources is stale.
-EXPECTED_ABI = 5
+EXPECTED_ABI = 6
 
 _REBUILD = "Rebuild with `pip install --no-build-isolation -e .`"
 

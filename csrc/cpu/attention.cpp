@@ -99,24 +99,25 @@ template <typename A> FLOWFM_INLINE A softmax_row(A* s, int64_t T, int64_t Tp, A
   return A(1) / sum;
 }
 
+// probs: (B, H, T, T) output, or null (no backward coming: each row's probabilities stay in a
+// per-task buffer, no B H T^2 allocation per call, which the sampler would make at every step).
 template <typename S>
 void forward(const S* q, const S* k, const S* v, View vq, View vk, View vv, Dims d, acc_t<S> scale, S* out,
              acc_t<S>* probs) {
   using A = acc_t<S>;
   const int64_t T = d.T, D = d.D, Tp = pad_to(T, Vec<A>::N), Dp = pad_to(D, Vec<A>::N);
   at::parallel_for(0, d.B * d.H, 1, [&](int64_t h0, int64_t h1) {
-    std::vector<A> qf(T * Dp), kt(D * Tp), vf(T * Dp), s(Tp), o(Dp);
+    std::vector<A> qf(T * Dp), kt(D * Tp), vf(T * Dp), s(Tp), o(Dp), prow(probs ? 0 : T);
     for (int64_t bh = h0; bh < h1; ++bh) {
       const int64_t b = bh / d.H, h = bh % d.H;
       load_rows(q + vq.at(b, h), vq.st, T, D, Dp, qf.data());
       load_transposed(k + vk.at(b, h), vk.st, T, D, Tp, kt.data());
       load_rows(v + vv.at(b, h), vv.st, T, D, Dp, vf.data());
-      A* ph = probs + bh * T * T;
       S* oh = out + bh * T * D;
       for (int64_t i = 0; i < T; ++i) {
         combine_rows(qf.data() + i * Dp, 1, kt.data(), D, Tp, s.data());  // s_j = q_i . k_j
         const A inv = softmax_row(s.data(), T, Tp, scale);
-        A* __restrict pr = ph + i * T;
+        A* __restrict pr = probs ? probs + (bh * T + i) * T : prow.data();
 #pragma omp simd
         for (int64_t j = 0; j < T; ++j) pr[j] = s[j] * inv;
         combine_rows(pr, 1, vf.data(), T, Dp, o.data());  // o = sum_j p_ij v_j
@@ -189,16 +190,18 @@ Dims check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                 const at::Tensor& v_in) {
+                                                 const at::Tensor& v_in, bool need_probs) {
   const Dims d = check(q_in, k_in, v_in);
   const at::Tensor q = unit_inner(q_in), k = unit_inner(k_in), v = unit_inner(v_in);
   const auto acc = acc_dtype(q.scalar_type());
   at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor probs = at::empty({d.B, d.H, d.T, d.T}, q.options().dtype(acc));
+  at::Tensor probs = at::empty(need_probs ? at::IntArrayRef{d.B, d.H, d.T, d.T} : at::IntArrayRef{0},
+                               q.options().dtype(acc));
   FLOWFM_DISPATCH_FLOATS(q.scalar_type(), "attention", [&] {
     using A = acc_t<scalar_t>;
     forward<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), View(q), View(k),
-                      View(v), d, A(1) / std::sqrt(A(d.D)), out.data_ptr<scalar_t>(), probs.data_ptr<A>());
+                      View(v), d, A(1) / std::sqrt(A(d.D)), out.data_ptr<scalar_t>(),
+                      need_probs ? probs.data_ptr<A>() : nullptr);
   });
   return {out, probs};
 }

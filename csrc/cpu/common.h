@@ -177,15 +177,23 @@ template <Act ACT, bool GRAD> FLOWFM_INLINE __m512 act(__m512 u) {
 }  // namespace avx512
 #endif
 
+#if defined(__AVX512F__)
+// x[i] = f(x[i]) over n fp32 values, 16 lanes at a time, the tail under a mask (masked-off lanes
+// read as 0 and are not written).
+template <typename F> FLOWFM_INLINE void map16_inplace(float* __restrict x, int64_t n, F&& f) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, f(_mm512_loadu_ps(x + i)));
+  if (i < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1u);
+    _mm512_mask_storeu_ps(x + i, m, f(_mm512_maskz_loadu_ps(m, x + i)));
+  }
+}
+#endif
+
 template <Act ACT, bool GRAD> inline void act_inplace(float* __restrict u, int64_t n) {
   if constexpr (ACT == Act::None && !GRAD) return;
 #if defined(__AVX512F__)
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(u + i, avx512::act<ACT, GRAD>(_mm512_loadu_ps(u + i)));
-  if (i < n) {  // the tail under a mask (masked-off lanes read as 0 and are not written)
-    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1u);
-    _mm512_mask_storeu_ps(u + i, m, avx512::act<ACT, GRAD>(_mm512_maskz_loadu_ps(m, u + i)));
-  }
+  map16_inplace(u, n, [](__m512 v) { return avx512::act<ACT, GRAD>(v); });
 #else
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) u[i] = GRAD ? act_grad<float>(ACT, u[i]) : act_fwd<float>(ACT, u[i]);
@@ -217,12 +225,7 @@ FLOWFM_INLINE void act_store(S* __restrict y, A* __restrict scratch, int64_t n, 
 // as act_inplace: GCC's vectorisation of exp_fast in a short loop of a softmax row was ~5x slower).
 inline void exp_inplace(float* __restrict x, int64_t n) {
 #if defined(__AVX512F__)
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, avx512::exp(_mm512_loadu_ps(x + i)));
-  if (i < n) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1u);
-    _mm512_mask_storeu_ps(x + i, m, avx512::exp(_mm512_maskz_loadu_ps(m, x + i)));
-  }
+  map16_inplace(x, n, [](__m512 v) { return avx512::exp(v); });
 #else
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) x[i] = exp_fast(x[i]);

@@ -4,7 +4,8 @@ q, k, v are (B, H, T, hd) with one shape and dtype (a transposed view of a fused
 fine: only the last dim needs unit stride). Same result as ``F.scaled_dot_product_attention(q, k, v)``.
 
 The ``cpp`` backend is for short sequences (T <= 512, the DiT's 30 tokens): one task per head with
-its tiles in L1 and the softmax probabilities kept for the backward (B H T^2 values); ATen's CPU
+its tiles in L1 and the softmax probabilities kept for the backward (B H T^2 values, only when a
+gradient will be asked for); ATen's CPU
 flash kernel is built for long sequences and spent ~3x the time at T = 30. Longer sequences, and
 calls under autocast, go to the reference. On GPUs the ``triton`` backend is the reference (SDPA's
 flash / memory-efficient kernels), registered so a model run under ``use_backend("triton")`` works.
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from . import _ext, _triton
 from . import _validate as V
 from ._registry import register, select
+from .fm_loss import _need_grad
 
 OP = "attention"
 MAX_T = 512  # the cpp kernel keeps B H T^2 probabilities
@@ -36,9 +38,9 @@ def attention_reference(q, k, v):
 # ---------------------------------------------------------------- compiled (cpp) backend
 if _ext.has_kernel("attention", "cpp"):
     @torch.library.register_fake("flowfm::attention")
-    def _attn_fake(q, k, v):
+    def _attn_fake(q, k, v, need_probs):
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        return _ext.empty(q), q.new_empty((*q.shape[:3], q.shape[2]), dtype=acc)
+        return _ext.empty(q), q.new_empty((*q.shape[:3], q.shape[2]) if need_probs else (0,), dtype=acc)
 
     @torch.library.register_fake("flowfm::attention_backward")
     def _attn_backward_fake(dout, q, k, v, probs):
@@ -51,7 +53,7 @@ if _ext.has_kernel("attention", "cpp"):
         return (_on_cpu(q, *kv) and (q.dim() < 3 or q.shape[2] <= MAX_T)
                 and not torch.is_autocast_enabled("cpu"))
 
-    register(OP, "cpp", _cpp_can_use)(lambda q, k, v: _ext.op("attention")(q, k, v)[0])
+    register(OP, "cpp", _cpp_can_use)(lambda q, k, v: _ext.op("attention")(q, k, v, _need_grad(q, k, v))[0])
 
 _triton.register_triton(OP, attention_reference)
 

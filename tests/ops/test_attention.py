@@ -125,9 +125,9 @@ def test_kernel_checks_direct_calls():
         pytest.skip("flowfm_fast._C is not built")
     q = torch.randn(2, 3, 5, 4)
     with pytest.raises(ValueError, match="k must have shape"):
-        torch.ops.flowfm.attention(q, q[:, :, :-1], q)
+        torch.ops.flowfm.attention(q, q[:, :, :-1], q, True)
     with pytest.raises(ValueError, match="attention: q must be"):
-        torch.ops.flowfm.attention(q[0], q[0], q[0])
+        torch.ops.flowfm.attention(q[0], q[0], q[0], True)
 
 
 def test_nan_propagates_like_sdpa(backend):
@@ -155,3 +155,16 @@ def test_low_precision_grads(backend, dtype):
     assert g.dtype == dtype
     rtol, atol = TOL[dtype]
     torch.testing.assert_close(g.double(), g64, rtol=rtol * 2, atol=atol * 2)
+
+
+def test_probabilities_only_kept_for_a_backward():
+    """Without a gradient to come (sampling) the kernel allocates no (B, H, T, T) probabilities,
+    and the output is the same."""
+    if "cpp" not in ops.backends_for(OP):
+        pytest.skip("flowfm_fast._C is not built")
+    _, (q, k, v) = qkv_views((3, 2, 30, 16))
+    out_keep, probs = torch.ops.flowfm.attention(q, k, v, True)
+    out_skip, none = torch.ops.flowfm.attention(q, k, v, False)
+    assert probs.shape == (3, 2, 30, 30) and none.numel() == 0
+    assert torch.equal(out_keep, out_skip)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(3, 2, 30))
