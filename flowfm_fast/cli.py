@@ -1,4 +1,4 @@
-"""``flowfm-fast``: pretrain, probe, sample, compare, demo.
+"""``flowfm-fast``: pretrain, probe, sample, compare, demo, profile.
 
 Errors a user can fix (bad files, bad arguments, damaged checkpoints) print one line and exit 2.
 """
@@ -13,8 +13,18 @@ from pathlib import Path
 import torch
 
 from ._malloc import tune_cpu_allocator
-from .data import DataError
-from .train import CheckpointError
+from .data import AugmentConfig, DataError
+from .datasets import load_bundle
+from .integrate import METHODS
+from .models import CONFIG_NAMES, get_config
+from .models.flowfm import DDPM_METHODS
+from .profiling import run_profile
+from .train import CheckpointError, TrainConfig, current_world, init_from_env, load_trained, train_flowfm
+
+# The top of the CLI layer: it may import every module of the package (tests/test_imports.py
+# writes the layer order down). flowfm_fast.eval, .compare and .demo are imported inside the
+# commands that use them: they pull in scikit-learn and scipy, which `--help`, pretrain and
+# profile do not need and which cost start-up time.
 
 # What input validation raises (the data and checkpoint loaders, configs, argument checks) and what a
 # bad path the user gave raises. Anything else is a bug and keeps its traceback.
@@ -40,10 +50,6 @@ def _device(name: str) -> torch.device:
 
 
 def cmd_pretrain(a) -> int:
-    from .datasets import load_bundle
-    from .models import get_config
-    from .train import TrainConfig, current_world, init_from_env, train_flowfm
-    from .data import AugmentConfig
     b = load_bundle(a.data, None, a.gyro, length=None)
     try:
         cfg = get_config(a.config, velocity=a.velocity, objective=a.objective, channels=b.pretrain.x.shape[1],
@@ -69,9 +75,7 @@ def cmd_pretrain(a) -> int:
 
 
 def cmd_probe(a) -> int:
-    from .datasets import load_bundle
-    from .eval import probe_scores
-    from .train import load_trained
+    from .eval import probe_scores   # lazy: scikit-learn (see the note at the imports)
     dev = _device(a.device)
     model, std, _ = load_trained(a.ckpt, dev)
     b = load_bundle(a.data, a.test_data, a.gyro, standardizer=std, length=model.cfg.length)
@@ -87,11 +91,7 @@ def cmd_probe(a) -> int:
 
 
 def cmd_sample(a) -> int:
-    from .datasets import load_bundle
-    from .eval.samples import sample_and_plot
-    from .integrate import METHODS
-    from .train import load_trained
-    from .models.flowfm import DDPM_METHODS
+    from .eval.samples import sample_and_plot   # lazy: scikit-learn (see the note at the imports)
     if a.method is not None and a.method not in METHODS + DDPM_METHODS:
         raise ValueError(f"--method must be one of {METHODS + DDPM_METHODS}")
     if a.n < 1 or a.steps < 1:
@@ -105,14 +105,14 @@ def cmd_sample(a) -> int:
 
 
 def cmd_demo(a) -> int:
-    from .demo import run_demo
+    from .demo import run_demo   # lazy: scikit-learn, scipy (see the note at the imports)
     report = run_demo(Path(a.out), quick=a.quick, minutes=a.minutes, device=_device(a.device), seed=a.seed)
     print(f"report written to {report}")
     return 0
 
 
 def cmd_compare(a) -> int:
-    from .compare import CompareConfig, run_compare
+    from .compare import CompareConfig, run_compare   # lazy: scikit-learn, scipy (see the note at the imports)
     kw = {k: v for k, v in (("config", a.config), ("steps", a.steps), ("eval_every_s", a.eval_every),
                             ("ddpm_steps", a.ddpm_steps), ("max_minutes", a.max_minutes), ("n_eval", a.n_eval), ("ema", a.ema),
                             ("seed", a.seed)) if v is not None}
@@ -127,9 +127,20 @@ def cmd_compare(a) -> int:
     return 0
 
 
+def cmd_profile(a) -> int:
+    for name in ("batch", "steps", "sample_steps", "rows"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if a.warmup < 0:
+        raise ValueError("--warmup must be >= 0")
+    report = run_profile(Path(a.out), _device(a.device), config=a.config, velocity=a.velocity, batch=a.batch,
+                         steps=a.steps, warmup=a.warmup, sample_steps=a.sample_steps, method=a.method, graph=a.graph,
+                         rows=a.rows, seed=a.seed)
+    print(json.dumps(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .integrate import METHODS
-    from .models import CONFIG_NAMES
     p = argparse.ArgumentParser(prog="flowfm-fast", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -204,8 +215,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="auto")
     q.set_defaults(fn=cmd_demo)
 
-    from .profiling import add_profile_parser
-    add_profile_parser(sub)   # `flowfm-fast profile`: dispatches to profiling.run_profile
+    q = sub.add_parser("profile", help="a few training steps and a K-step sampling under torch.profiler "
+                                        "(Chrome trace + top-ops table)")
+    q.add_argument("--config", default="small", choices=CONFIG_NAMES)
+    q.add_argument("--velocity", default="dit", choices=("dit", "resnet"))
+    q.add_argument("--batch", type=int, default=64, help="windows per training step and per sampling")
+    q.add_argument("--steps", type=int, default=3, help="profiled training steps")
+    q.add_argument("--warmup", type=int, default=1, help="unprofiled training steps and samplings first")
+    q.add_argument("--sample-steps", type=int, default=8, help="K of the profiled sampling")
+    q.add_argument("--method", default="euler", choices=METHODS)
+    q.add_argument("--graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="sample as one CUDA-graph replay (default: on for CUDA; no effect on CPU)")
+    q.add_argument("--rows", type=int, default=30, help="rows per top-ops table")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", default="runs/profile")
+    q.add_argument("--device", default="auto")
+    q.set_defaults(fn=cmd_profile)
     return p
 
 

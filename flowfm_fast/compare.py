@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,7 +270,6 @@ def run_compare(out, data: str = "hapt", cfg: CompareConfig | None = None, devic
 def _warm_up(cfg: CompareConfig, bundle, device) -> None:
     """A few untimed steps of both objectives first, so neither pays the process's first-call costs
     (extension load, allocator growth, kernel selection) on its clock."""
-    import tempfile
     x = bundle.pretrain.x[: 4 * cfg.batch_size]
     for obj in OBJECTIVES:
         model_cfg = get_config(cfg.config, objective=obj, channels=x.shape[1], length=x.shape[2])
@@ -279,7 +279,7 @@ def _warm_up(cfg: CompareConfig, bundle, device) -> None:
 
 
 def _plots(out: Path, results: dict) -> dict:
-    import matplotlib
+    import matplotlib   # lazy: only the report draws, and matplotlib costs start-up time
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names = {"fm": "FlowFM (flow matching)", "ddpm": "DDPM counterpart"}

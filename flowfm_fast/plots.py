@@ -8,7 +8,7 @@ import numpy as np
 
 def plot_windows(path, rows: dict[str, np.ndarray], channels, hz: float = 30.0, max_windows: int = 4) -> Path:
     """``rows`` maps a title ("real", "reconstructed", ...) to windows (N, C, L) in physical units."""
-    import matplotlib
+    import matplotlib   # lazy: only sampling and reports draw, and matplotlib costs start-up time
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -1,5 +1,5 @@
-"""NVTX ranges (no-ops unless FLOWFM_NVTX=1 and CUDA; where the model code puts them; traceable by
-torch.compile) and ``flowfm-fast profile``."""
+"""NVTX ranges (:mod:`flowfm_fast.nvtx`: no-ops unless FLOWFM_NVTX=1 and CUDA; where the model code
+puts them; traceable by torch.compile) and ``flowfm-fast profile`` (:mod:`flowfm_fast.profiling`)."""
 from __future__ import annotations
 
 import contextlib
@@ -9,10 +9,10 @@ import json
 import pytest
 import torch
 
-from flowfm_fast import profiling
+from flowfm_fast import nvtx, profiling
 from flowfm_fast.cli import main
 from flowfm_fast.models import FlowFM, get_config
-from flowfm_fast.profiling import nvtx_range, nvtx_wrap, refresh_nvtx
+from flowfm_fast.nvtx import nvtx_range, nvtx_wrap, refresh_nvtx
 
 
 @pytest.fixture
@@ -20,9 +20,9 @@ def nvtx_env(monkeypatch):
     """Set FLOWFM_NVTX for one test and restore the module's switch afterwards."""
     def set_env(value):
         if value is None:
-            monkeypatch.delenv(profiling.ENV_VAR, raising=False)
+            monkeypatch.delenv(nvtx.ENV_VAR, raising=False)
         else:
-            monkeypatch.setenv(profiling.ENV_VAR, value)
+            monkeypatch.setenv(nvtx.ENV_VAR, value)
         return refresh_nvtx()
     yield set_env
     monkeypatch.undo()
@@ -35,7 +35,7 @@ def recorded(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda name: calls.append(("push", name)))
     monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: calls.append(("pop", None)))
-    monkeypatch.setattr(profiling, "_ENABLED", True)
+    monkeypatch.setattr(nvtx, "_ENABLED", True)
     return calls
 
 
@@ -69,7 +69,7 @@ def test_nvtx_env_on_cpu_never_errors(nvtx_env):
     on = nvtx_env("1")
     if torch.cuda.is_available():
         pytest.skip("CUDA present: the ranges are really on")
-    assert on is False and not profiling.nvtx_enabled()
+    assert on is False and not nvtx.nvtx_enabled()
     model = FlowFM(get_config("tiny"))
     x = torch.randn(2, 3, 300)
     with nvtx_range("outer"):
@@ -119,7 +119,7 @@ def test_compile_fullgraph_over_ranged_blocks(on, monkeypatch):
     if on:
         monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda name: None)
         monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: None)
-    monkeypatch.setattr(profiling, "_ENABLED", on)
+    monkeypatch.setattr(nvtx, "_ENABLED", on)
     torch.manual_seed(0)
     model = FlowFM(get_config("tiny"))
     net = model.velocity

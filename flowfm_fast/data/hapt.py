@@ -73,7 +73,7 @@ def read_recordings(path: Path) -> list[tuple[int, np.ndarray, np.ndarray]]:
 
 
 def resample(sig: np.ndarray, labels: np.ndarray):
-    from scipy.signal import resample_poly
+    from scipy.signal import resample_poly   # lazy: scipy costs start-up time; only a first HAPT load resamples
     g = np.gcd(SOURCE_HZ, TARGET_HZ)
     up, down = TARGET_HZ // g, SOURCE_HZ // g
     sig30 = resample_poly(sig, up, down, axis=1)

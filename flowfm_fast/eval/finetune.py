@@ -7,7 +7,9 @@ import math
 
 import numpy as np
 import torch
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
+from sklearn.preprocessing import StandardScaler
 
 from ..data.augment import AugmentConfig, augment
 from .probe import encode_windows
@@ -29,8 +31,6 @@ def probe_head(encoder: torch.nn.Module, x: np.ndarray, y: np.ndarray, num_class
     """A linear head holding the logistic-regression solution on ``encoder``'s frozen (eval-mode)
     features of ``x``: the probe's StandardScaler is folded into the weights, so
     ``head(encoder(x))`` gives the probe's logits."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
     f = encode_windows(encoder, x, device=device).astype(np.float64)
     sc = StandardScaler().fit(f)
     clf = LogisticRegression(C=C, max_iter=3000).fit(sc.transform(f), y)

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import scipy.linalg
 import torch
+from safetensors.torch import load_file, save_file
+from sklearn.metrics import f1_score
 from torch import nn
 
 from ..data.augment import AugmentConfig, augment
@@ -142,7 +144,6 @@ def train_feature_classifier(x: np.ndarray, y: np.ndarray, classes: int, out_dir
                              cfg: FeatureClassifierConfig | None = None, device="cpu") -> FeatureClassifier:
     """Supervised training on labelled real windows (AdamW, cosine LR; with ``mean``/``std`` the
     encoder-side augmentation of pretraining); saved to ``out_dir`` (model.safetensors + config.json)."""
-    from safetensors.torch import save_file
     x, y = np.asarray(x, np.float32), np.asarray(y, np.int64)
     keep = y >= 0
     x, y = x[keep], y[keep]
@@ -183,7 +184,6 @@ def train_feature_classifier(x: np.ndarray, y: np.ndarray, classes: int, out_dir
 
 def load_feature_classifier(path, device="cpu") -> FeatureClassifier:
     """The classifier saved by :func:`train_feature_classifier` in directory ``path``."""
-    from safetensors.torch import load_file
     p = Path(path)
     try:
         meta = json.loads((p / "config.json").read_text())
@@ -200,7 +200,6 @@ def load_feature_classifier(path, device="cpu") -> FeatureClassifier:
 
 def classifier_f1(clf: FeatureClassifier, x: np.ndarray, y: np.ndarray) -> float:
     """Macro-F1 of the feature classifier itself (a sanity check that its features mean something)."""
-    from sklearn.metrics import f1_score
     with torch.no_grad():
         clf.eval()
         pred = clf(torch.as_tensor(x, dtype=torch.float32)).argmax(1).numpy()

@@ -24,7 +24,7 @@ later call never overwrites an earlier result. The graph reads parameters in pla
 weights in place is seen by the next replay. A new callable (a fresh lambda) captures anew:
 pass the same object to reuse its graph.
 
-NVTX (``FLOWFM_NVTX=1``, see :mod:`flowfm_fast.profiling`): ``integrate.prepare`` around the
+NVTX (``FLOWFM_NVTX=1``, see :mod:`flowfm_fast.nvtx`): ``integrate.prepare`` around the
 batched conditioning and ``integrate.step{n}`` around each step of an eager solve. NVTX calls run
 on the host, so a graph records none: the per-step ranges appear once, inside
 ``integrate.graph_capture``, and every replay is one ``integrate.graph_replay`` range holding all
@@ -49,7 +49,7 @@ import torch
 
 from .. import ops
 from ..ops import _registry
-from ..profiling import nvtx_range, nvtx_wrap
+from ..nvtx import nvtx_range, nvtx_wrap
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from ..profiling import nvtx_range
+from ..nvtx import nvtx_range
 
 SCHEDULE_OFFSET = 0.008
 MAX_BETA = 0.999

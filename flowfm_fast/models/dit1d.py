@@ -11,7 +11,7 @@ from torch import nn
 
 from .. import ops
 from ..nn import AdaLNModulation, Linear
-from ..profiling import nvtx_range
+from ..nvtx import nvtx_range
 from .configs import DiTConfig
 from .velocity import ConditionedVelocity
 

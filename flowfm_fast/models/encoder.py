@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..nn import BatchNorm1d
-from ..profiling import nvtx_range
+from ..nvtx import nvtx_range
 from .configs import EncoderConfig
 
 

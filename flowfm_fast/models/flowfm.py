@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import ops
 from ..integrate import sample as ode_sample
-from ..profiling import nvtx_wrap
+from ..nvtx import nvtx_wrap
 from . import diffusion
 from .configs import FlowFMConfig
 from .dit1d import DiT1D

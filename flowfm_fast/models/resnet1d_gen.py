@@ -8,7 +8,7 @@ from torch import nn
 
 from .. import ops
 from ..nn import AdaLNModulation
-from ..profiling import nvtx_range
+from ..nvtx import nvtx_range
 from .configs import ResNetGenConfig
 from .velocity import ConditionedVelocity
 

@@ -23,9 +23,9 @@ import torch
 from ..data.augment import AugmentConfig, augment
 from ..data.windows import Standardizer
 from ..models import FlowFM, FlowFMConfig
+from ..nvtx import nvtx_range
 from .checkpoint import (CheckpointError, load_weights, optimizer_from_flat, optimizer_to_flat,
                          has_checkpoint, read_checkpoint, save_checkpoint, step_dir)
-from ..profiling import nvtx_range
 from .distributed import current_world, step_seed
 
 
@@ -280,7 +280,7 @@ def train_flowfm(model_cfg: FlowFMConfig, windows: np.ndarray, cfg: TrainConfig,
 
     bar = None
     if progress and world.is_main:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm   # lazy: only an interactive run draws a bar
         bar = tqdm(total=cfg.steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True)
     t0 = time.perf_counter()
     model.train()
