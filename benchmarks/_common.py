@@ -46,8 +46,7 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 
 def fused_backends(op: str, device: torch.device = DEVICE) -> list[str]:
     """The fused backends registered for ``op`` that ``device``'s dispatch would consider."""
-    registered = backends_for(op)
-    return [b for b in _registry.DEVICE_PREFERENCE.get(device.type, ()) if b != "torch" and b in registered]
+    return list(_registry.fused_backends(op, device.type))
 
 
 def impls(*op_names: str) -> list[str]:
@@ -76,14 +75,9 @@ def shape_str(**dims) -> str:
 @contextlib.contextmanager
 def compiled_reference(op: str) -> Iterator[Callable]:
     """Swap the registry's ``torch`` implementation of ``op`` for ``torch.compile`` of it."""
-    impls_ = _registry._IMPLS[op]
-    original = impls_["torch"]
-    compiled = torch.compile(original.fn, dynamic=False)
-    impls_["torch"] = _registry.Impl(compiled, original.can_use)
-    try:
+    compiled = torch.compile(_registry.impl_for(op, "torch").fn, dynamic=False)
+    with _registry.override(op, "torch", compiled):
         yield compiled
-    finally:
-        impls_["torch"] = original
 
 
 def _clone(v):

@@ -88,14 +88,11 @@ for mode in modes:
             rows.append((label, t_ms(fn)))
             report(mode, name, *rows[-1], nbytes)
 
-        ref = _registry._IMPLS["norm_modulate"]["torch"]
+        ref = _registry.impl_for("norm_modulate", "torch")
         with use_backend("torch"):
             measure("eager")
-            _registry._IMPLS["norm_modulate"]["torch"] = _registry.Impl(torch.compile(ref.fn, dynamic=False), ref.can_use)
-            try:
+            with _registry.override("norm_modulate", "torch", torch.compile(ref.fn, dynamic=False)):
                 measure("compile")
-            finally:
-                _registry._IMPLS["norm_modulate"]["torch"] = ref
         if "cuda" in ops.backends_for("norm_modulate"):
             with use_backend("cuda"):
                 measure("cuda")

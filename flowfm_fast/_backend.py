@@ -41,6 +41,17 @@ def _load_extension():
     return _C, "loaded"
 
 
+def interpreting() -> bool:
+    """Triton kernels run on the CPU in its interpreter (``TRITON_INTERPRET=1``, set before triton is
+    first imported, which is when triton reads it)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def cpu_capability() -> str:
+    """The instruction set the C++ CPU kernels run with."""
+    return "native"
+
+
 def _triton_status() -> str:
     return "installed" if importlib.util.find_spec("triton") is not None else "not installed"
 
@@ -51,9 +62,9 @@ extension, _ext_status = _load_extension()
 def backend_summary() -> str:
     """One line saying which backends this process can use."""
     import torch
-    from .ops import _registry
     cuda = "available" if torch.cuda.is_available() else "not available"
-    forced = _registry.forced_backend()
+    # The registry reads FLOWFM_BACKEND at import too (and checks it); this module sits below it.
+    forced = os.environ.get("FLOWFM_BACKEND", "").strip().lower()
     return (f"flowfm_fast backends: reference=torch; C++ extension {_ext_status}; triton {_triton_status()}; "
             f"CUDA {cuda}" + (f"; forced: {forced}" if forced else ""))
 

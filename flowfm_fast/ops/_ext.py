@@ -1,23 +1,23 @@
 """The compiled ops of ``flowfm_fast._C`` (``torch.ops.flowfm.*``) as registry backends.
 
-The extension defines each op's schema, its CPU (``cpp`` backend) and CUDA C++ (``cuda`` backend)
-kernels and its autograd (C++, ``csrc/<family>_autograd.cpp``); the op files here add fake (meta)
-kernels with :func:`torch.library.register_fake`, so the ops are opaque to torch.compile and
-differentiable. C++ autograd functions do not run under torch.func transforms (grad, vmap, vjp):
-there the compiled backends step aside and the dispatch picks the next one (the reference).
-A stale or missing extension registers nothing.
+The extension defines each op's schema (csrc/schema.cpp), its CPU (``cpp`` backend) and CUDA C++
+(``cuda`` backend) kernels and its autograd (C++, ``csrc/<op>/autograd.cpp``); the op files here
+register each kernel's fake (meta) kernel from its :class:`~flowfm_fast.ops._spec.KernelSpec`, so
+the ops are opaque to torch.compile and differentiable. C++ autograd functions do not run under
+torch.func transforms (grad, vmap, vjp): there the compiled backends step aside and the reference
+runs. A stale or missing extension registers nothing.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
 from .. import _backend
 from ._registry import register
+from ._spec import KernelSpec
 
-_DEVICE_KEY = {"cpp": ("cpu", "CPU"), "cuda": ("cuda", "CUDA")}
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_DEVICE_KEY = {"cpp": "CPU", "cuda": "CUDA"}
 
 
 def available() -> bool:
@@ -29,43 +29,34 @@ def has_kernel(name: str, backend: str) -> bool:
     if not available():
         return False
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"flowfm::{name}", _DEVICE_KEY[backend][1])
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"flowfm::{name}", _DEVICE_KEY[backend])
     except RuntimeError:  # op not defined (older schema file)
         return False
+
+
+def defines(name: str) -> bool:
+    """Whether the loaded extension has a kernel of ``flowfm::name`` for any device."""
+    return has_kernel(name, "cpp") or has_kernel(name, "cuda")
 
 
 def op(name: str):
     return getattr(torch.ops.flowfm, name)
 
 
-def in_functorch_transform() -> bool:
-    """Inside torch.func.grad / vmap / vjp / jacrev ...: C++ autograd functions refuse to run there.
-    (Not asked while torch.compile traces: Dynamo reports an interpreter of its own there.)"""
-    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+def bind(spec: KernelSpec):
+    """Register ``spec``'s fake kernel for ``flowfm::<name>``; returns the op, or None where the
+    extension does not define it."""
+    if not defines(spec.name):
+        return None
+    torch.library.register_fake(f"flowfm::{spec.name}", spec.fake)
+    return op(spec.name)
 
 
-def _predicate(device_type: str) -> Callable[..., bool]:
-    def can_use(*tensors) -> bool:
-        return not in_functorch_transform() and all(
-            t is None or not isinstance(t, torch.Tensor)
-            or (t.device.type == device_type and t.dtype in SUPPORTED_DTYPES) for t in tensors)
-    return can_use
-
-
-def register_compiled(op_name: str, kernel: str, fn: Callable) -> None:
+def register_compiled(op_name: str, kernel: str, fn: Callable, ranks: Mapping[str, Mapping[str, int]],
+                      accepts: Callable[[tuple], bool] | None = None) -> None:
     """Register ``fn`` (which calls ``torch.ops.flowfm.<kernel>``) as the ``cpp`` and/or ``cuda``
-    backend of registry op ``op_name``, for each device the extension has a kernel for."""
-    for backend, (device_type, _) in _DEVICE_KEY.items():
+    backend of registry op ``op_name``, for each device the extension has a kernel for, with the
+    ranks the op declares for that backend."""
+    for backend in _DEVICE_KEY:
         if has_kernel(kernel, backend):
-            register(op_name, backend, _predicate(device_type))(fn)
-
-
-def grad_or_none(g: torch.Tensor, needed: bool):
-    """A kernel's gradient output, or None where the input was absent or needs no gradient."""
-    return g if needed and g.numel() > 0 else None
-
-
-def empty(like: torch.Tensor) -> torch.Tensor:
-    """A contiguous tensor of ``like``'s shape, dtype and device: what the kernels return (fake
-    kernels must say so; ``empty_like`` would keep a transposed input's strides)."""
-    return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+            register(op_name, backend, ranks=ranks[backend], accepts=accepts, in_transforms=False)(fn)

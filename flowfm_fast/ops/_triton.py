@@ -13,16 +13,19 @@ backend is only used when forced; on CPU the automatic choice stays the C++ exte
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
-import os
-from typing import Callable
+import sys
+from pathlib import Path
+from typing import Callable, Mapping
 
 import torch
 
-from ._registry import register
+from .. import _backend
+from ._registry import FORCED_ONLY, register
+from ._spec import KernelSpec
 
 NAMESPACE = "flowfm_triton"
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 @functools.lru_cache(maxsize=None)
@@ -31,18 +34,32 @@ def available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def kernel_module(name: str):
+    """``flowfm_fast.kernels.<name>``, imported on first use (importing the package never imports
+    triton). Installed, setup.py maps the top-level ``kernels/`` there; from a plain checkout
+    (``PYTHONPATH=.``) the same folder is attached as that package here."""
+    full = f"flowfm_fast.kernels.{name}"
+    module = sys.modules.get(full)
+    if module is not None:
+        return module
+    if "flowfm_fast.kernels" not in sys.modules and importlib.util.find_spec("flowfm_fast.kernels") is None:
+        folder = Path(__file__).resolve().parents[2] / "kernels"
+        spec = importlib.util.spec_from_file_location(
+            "flowfm_fast.kernels", folder / "__init__.py", submodule_search_locations=[str(folder)])
+        if spec is None or not (folder / "__init__.py").exists():
+            raise ImportError(f"flowfm_fast.kernels is not installed and {folder} has no kernels")
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["flowfm_fast.kernels"] = package
+        spec.loader.exec_module(package)
+    return importlib.import_module(full)
 
 
-def _device_ok(t: torch.Tensor) -> bool:
-    return t.device.type == "cuda" or (t.device.type == "cpu" and interpreting())
-
-
-def can_use(*tensors) -> bool:
-    """Every tensor argument lives where the kernels run and has a supported float dtype."""
-    return all(t is None or not isinstance(t, torch.Tensor) or (_device_ok(t) and t.dtype in SUPPORTED_DTYPES)
-               for t in tensors)
+def launcher(module: str, function: str) -> Callable:
+    """A function that calls ``flowfm_fast.kernels.<module>.<function>``, importing it on first call."""
+    def launch(*args):
+        return getattr(kernel_module(module), function)(*args)
+    launch.__name__ = f"{module}_{function}"
+    return launch
 
 
 _LIB = None
@@ -165,7 +182,24 @@ def custom_op(name: str, *, schema: str | None = None, mutates_args=()) -> Calla
     return lambda fn: TritonOp(name, fn, schema, mutates_args)
 
 
-def register_triton(op_name: str, fn: Callable, predicate: Callable[..., bool] = can_use) -> None:
-    """Register ``fn`` (which calls a ``flowfm_triton`` custom op) as the ``triton`` backend of ``op_name``."""
+def bind(spec: KernelSpec, kernel: Callable, backward_op: "TritonOp | None" = None) -> TritonOp:
+    """Define ``flowfm_triton::<spec.name>`` running ``kernel``, with the spec's fake kernel and,
+    where it has one, its derivative built on ``backward_op`` (the Triton op of ``spec.backward``)."""
+    triton_op = TritonOp(spec.name, kernel, spec.schema, spec.mutates_args)
+    triton_op.register_fake(spec.fake)
+    if spec.derivative is not None:
+        if spec.backward is not None and backward_op is None:
+            raise ValueError(f"{spec.name}: its derivative calls {spec.backward.name}: pass that op")
+        triton_op.register_autograd(spec.derivative(backward_op), setup_context=spec.setup_context)
+    return triton_op
+
+
+def register_triton(op_name: str, fn: Callable, ranks: Mapping[str, int],
+                    accepts: Callable[[tuple], bool] | None = None) -> None:
+    """Register ``fn`` (which calls a ``flowfm_triton`` op) as the ``triton`` backend of ``op_name``.
+    On the CPU, Triton runs only in its interpreter, and there only when forced."""
     if available():
-        register(op_name, "triton", predicate)(fn)
+        ranks = dict(ranks)
+        if _backend.interpreting():
+            ranks.setdefault("cpu", FORCED_ONLY)
+        register(op_name, "triton", ranks=ranks, accepts=accepts)(fn)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from . import _ext, _triton
 from . import _validate as V
 from ._registry import register, select
-from .fm_loss import _need_grad
+from ._spec import KernelSpec, acc_dtype, empty, needs_grad
 
 OP = "attention"
 MAX_T = 512  # the cpp kernel keeps B H T^2 probabilities
@@ -36,26 +36,37 @@ def attention_reference(q, k, v):
 
 
 # ---------------------------------------------------------------- compiled (cpp) backend
-if _ext.has_kernel("attention", "cpp"):
-    @torch.library.register_fake("flowfm::attention")
-    def _attn_fake(q, k, v, need_probs):
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        return _ext.empty(q), q.new_empty((*q.shape[:3], q.shape[2]) if need_probs else (0,), dtype=acc)
+def _fake(q, k, v, need_probs):
+    return empty(q), q.new_empty((*q.shape[:3], q.shape[2]) if need_probs else (0,), dtype=acc_dtype(q))
 
-    @torch.library.register_fake("flowfm::attention_backward")
-    def _attn_backward_fake(dout, q, k, v, probs):
-        return _ext.empty(q), _ext.empty(q), _ext.empty(q)
 
-    # Autograd: in C++ (csrc/attention_autograd.cpp), as for every compiled op.
-    _on_cpu = _ext._predicate("cpu")
+def _backward_fake(dout, q, k, v, probs):
+    return empty(q), empty(q), empty(q)
 
-    def _cpp_can_use(q, *kv):
-        return (_on_cpu(q, *kv) and (q.dim() < 3 or q.shape[2] <= MAX_T)
-                and not torch.is_autocast_enabled("cpu"))
 
-    register(OP, "cpp", _cpp_can_use)(lambda q, k, v: _ext.op("attention")(q, k, v, _need_grad(q, k, v))[0])
+# The C++ extension's ops only (autograd in csrc/attention/autograd.cpp); no Triton kernel.
+BACKWARD = KernelSpec("attention_backward",
+                      "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor probs) -> (Tensor dq, Tensor dk, Tensor dv)",
+                      _backward_fake)
+FORWARD = KernelSpec("attention", "(Tensor q, Tensor k, Tensor v, bool need_probs) -> (Tensor out, Tensor probs)",
+                     _fake, backward=BACKWARD)
 
-_triton.register_triton(OP, attention_reference)
+# cpp: benchmarks/results/cpu-2core.md (AVX-512) and cpu-avx2.md. On GPUs the "triton" backend is the
+# reference (SDPA's flash kernels), ranked as the reference.
+RANKS = {"cpp": {"cpu": 1}, "triton": {"cuda": 0}}
+
+
+def _cpp_accepts(flags) -> bool:
+    short, cpu_autocast = flags
+    return short and not cpu_autocast
+
+
+_ext.bind(BACKWARD)
+if (_compiled := _ext.bind(FORWARD)) is not None and _ext.has_kernel(FORWARD.name, "cpp"):
+    register(OP, "cpp", ranks=RANKS["cpp"], accepts=_cpp_accepts, in_transforms=False)(
+        lambda q, k, v: _compiled(q, k, v, needs_grad(q, k, v))[0])
+
+_triton.register_triton(OP, attention_reference, RANKS["triton"])
 
 
 def validate(q, k, v):
@@ -75,4 +86,5 @@ def attention(q, k, v) -> torch.Tensor:
     if all(isinstance(t, torch.Tensor) for t in (q, k, v)) and 0 in (q.numel(), k.numel(), v.numel()):
         return attention_reference(q, k, v)  # an empty batch (or sequence): SDPA's own answer or error
     validate(q, k, v)
-    return select(OP, q.device, q, k, v).fn(q, k, v)
+    flags = (q.shape[2] <= MAX_T, q.device.type == "cpu" and torch.is_autocast_enabled("cpu"))
+    return select(OP, q, flags).fn(q, k, v)

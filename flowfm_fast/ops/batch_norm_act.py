@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from . import _ext, _triton
 from . import _validate as V
 from ._registry import register, select
+from ._spec import KernelSpec, acc_dtype, empty
 
 OP = "batch_norm_act"
 ACTS = (None, "relu")
@@ -33,24 +34,36 @@ def batch_norm_act_reference(x, running_mean, running_var, weight, bias, trainin
 
 
 # ---------------------------------------------------------------- compiled (cpp) backend
-if _ext.has_kernel("batch_norm_act", "cpp"):
-    @torch.library.register_fake("flowfm::batch_norm_act")
-    def _bna_fake(x, weight, bias, running_mean, running_var, training, eps, act):
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        c = x.shape[1]
-        return (_ext.empty(x), x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc),
-                x.new_empty((c,) if training else (0,), dtype=acc))
+def _fake(x, weight, bias, running_mean, running_var, training, eps, act):
+    acc, c = acc_dtype(x), x.shape[1]
+    return (empty(x), x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc),
+            x.new_empty((c,) if training else (0,), dtype=acc))
 
-    @torch.library.register_fake("flowfm::batch_norm_act_backward")
-    def _bna_backward_fake(dy, x, mean, rstd, weight, bias, training, act, need_x):
-        none = x.new_empty((0,))
-        return (_ext.empty(x) if need_x else none, none if weight is None else weight.new_empty(weight.shape),
-                none if bias is None else bias.new_empty(bias.shape))
 
-    # Autograd: in C++ (csrc/batch_norm_act_autograd.cpp), as for every compiled op.
+def _backward_fake(dy, x, mean, rstd, weight, bias, training, act, need_x):
+    none = x.new_empty((0,))
+    return (empty(x) if need_x else none, none if weight is None else weight.new_empty(weight.shape),
+            none if bias is None else bias.new_empty(bias.shape))
 
+
+# The C++ extension's ops only (autograd in csrc/batch_norm_act/autograd.cpp); no Triton kernel.
+BACKWARD = KernelSpec("batch_norm_act_backward",
+                      "(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, "
+                      "bool training, str act, bool need_x) -> (Tensor dx, Tensor dweight, Tensor dbias)",
+                      _backward_fake)
+FORWARD = KernelSpec("batch_norm_act",
+                     "(Tensor x, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
+                     "bool training, float eps, str act) -> (Tensor y, Tensor mean, Tensor rstd, "
+                     "Tensor var_unbiased)", _fake, backward=BACKWARD)
+
+# cpp: benchmarks/results/cpu-2core.md (AVX-512) and cpu-avx2.md. On GPUs the "triton" backend is the
+# reference (cuDNN's batch norm), ranked as the reference.
+RANKS = {"cpp": {"cpu": 1}, "triton": {"cuda": 0}}
+
+_ext.bind(BACKWARD)
+if (_compiled := _ext.bind(FORWARD)) is not None:
     def _batch_norm_act_compiled(x, running_mean, running_var, weight, bias, training, momentum, eps, act):
-        y, mean, _rstd, var_unbiased = _ext.op("batch_norm_act")(
+        y, mean, _rstd, var_unbiased = _compiled(
             x, weight, bias, running_mean, running_var, training, eps, act or "none")
         if training and running_mean is not None:
             with torch.no_grad():  # F.batch_norm's running update, outside the kernel
@@ -58,11 +71,11 @@ if _ext.has_kernel("batch_norm_act", "cpp"):
                 running_var.lerp_(var_unbiased.to(running_var.dtype), momentum)
         return y
 
-    _ext.register_compiled(OP, "batch_norm_act", _batch_norm_act_compiled)
+    _ext.register_compiled(OP, FORWARD.name, _batch_norm_act_compiled, RANKS)
 
 # The triton backend runs the reference (no Triton kernel: the encoder's batch norm is cuDNN's on a
 # GPU); registered so that a model run under use_backend("triton") works end to end.
-_triton.register_triton(OP, batch_norm_act_reference)
+_triton.register_triton(OP, batch_norm_act_reference, RANKS["triton"])
 
 
 def validate(x, running_mean, running_var, weight, bias, training, momentum, eps, act):
@@ -94,5 +107,5 @@ def batch_norm_act(x, running_mean=None, running_var=None, weight=None, bias=Non
     if isinstance(x, torch.Tensor) and x.numel() == 0:  # an empty batch: F.batch_norm's own answer or error
         return batch_norm_act_reference(x, running_mean, running_var, weight, bias, training, momentum, eps, act)
     validate(x, running_mean, running_var, weight, bias, training, momentum, eps, act)
-    impl = select(OP, x.device, x, running_mean, running_var, weight, bias)
+    impl = select(OP, x)
     return impl.fn(x, running_mean, running_var, weight, bias, training, float(momentum), float(eps), act)

@@ -13,6 +13,7 @@ import torch
 from . import _ext, _triton
 from . import _validate as V
 from ._registry import register, select
+from ._spec import KernelSpec, empty
 
 OP = "fm_interpolate"
 
@@ -30,64 +31,67 @@ def fm_interpolate_reference(x0, x1, t, sigma_min):
     return x_t.to(x1.dtype), u_t.to(x1.dtype)
 
 
+# ---------------------------------------------------------------- the kernel-level ops, written once
+def _fake(x0, x1, t, sigma_min):
+    return empty(x1), empty(x1)
+
+
+FORWARD_SCHEMA = "(Tensor x0, Tensor x1, Tensor t, float sigma_min) -> (Tensor x_t, Tensor u_t)"
+# The C++ backward always writes dt; the Triton one takes need_dt (its per-sample reduction is a
+# second launch, skipped when t needs no gradient): two backward ops, one forward.
+CPP_BACKWARD = KernelSpec(
+    "fm_interpolate_backward",
+    "(Tensor? dx_t, Tensor? du_t, Tensor x0, Tensor x1, Tensor t, float sigma_min) -> (Tensor dx0, Tensor dx1, "
+    "Tensor dt)", lambda dx_t, du_t, x0, x1, t, sigma_min: (empty(x0), empty(x1), empty(t)))
+
+
+def _triton_backward_fake(dx_t, du_t, x0, x1, t, sigma_min, need_dt):
+    return empty(x0), empty(x1), t.new_empty(t.shape if need_dt else (0,))
+
+
+TRITON_BACKWARD = KernelSpec(
+    "fm_interpolate_backward",
+    "(Tensor? dx_t, Tensor? du_t, Tensor x0, Tensor x1, Tensor t, float sigma_min, bool need_dt) -> "
+    "(Tensor dx0, Tensor dx1, Tensor dt)", _triton_backward_fake)
+
+
+def _setup(ctx, inputs, output):
+    x0, x1, t, sigma_min = inputs
+    ctx.save_for_backward(x0, x1, t)
+    ctx.sigma_min = sigma_min
+
+
+def _triton_derivative(backward_op):
+    def backward(ctx, dx_t, du_t):
+        x0, x1, t = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx0, dx1, dt = backward_op(dx_t, du_t, x0, x1, t, ctx.sigma_min, bool(need[2]))
+        return dx0 if need[0] else None, dx1 if need[1] else None, dt if need[2] else None, None
+    return backward
+
+
+CPP_FORWARD = KernelSpec("fm_interpolate", FORWARD_SCHEMA, _fake, backward=CPP_BACKWARD)
+TRITON_FORWARD = KernelSpec("fm_interpolate", FORWARD_SCHEMA, _fake, _setup, _triton_derivative, TRITON_BACKWARD)
+
+# cpp: benchmarks/results/cpu-2core.md (AVX-512) and cpu-avx2.md; cuda over triton on GPUs: host
+# time per call (benchmarks/results/h200/host.log).
+RANKS = {"cpp": {"cpu": 1}, "cuda": {"cuda": 2}, "triton": {"cuda": 1}}
+
+
 # ---------------------------------------------------------------- compiled (cpp / cuda) backends
-if _ext.has_kernel("fm_interpolate", "cpp") or _ext.has_kernel("fm_interpolate", "cuda"):
-    @torch.library.register_fake("flowfm::fm_interpolate")
-    def _fi_fake(x0, x1, t, sigma_min):
-        return _ext.empty(x1), _ext.empty(x1)
-
-    @torch.library.register_fake("flowfm::fm_interpolate_backward")
-    def _fi_backward_fake(dx_t, du_t, x0, x1, t, sigma_min):
-        return _ext.empty(x0), _ext.empty(x1), _ext.empty(t)
-
-    # Autograd: in C++ (csrc/fm_interpolate_autograd.cpp, the formula of _fi_triton_bwd below).
-    _ext.register_compiled(OP, "fm_interpolate",
-                           lambda x0, x1, t, sigma_min: _ext.op("fm_interpolate")(x0, x1, t, sigma_min))
-
+# Autograd: in C++ (csrc/fm_interpolate/autograd.cpp).
+_ext.bind(CPP_BACKWARD)
+if (_compiled := _ext.bind(CPP_FORWARD)) is not None:
+    _ext.register_compiled(OP, CPP_FORWARD.name, lambda x0, x1, t, sigma_min: _compiled(x0, x1, t, sigma_min), RANKS)
 
 
 # ---------------------------------------------------------------- triton backend
-# Launches live in kernels/fm_interpolate.py, imported on first call so that importing the package
-# never imports triton. Non-contiguous samples are copied to unit-stride rows first (see rows_view).
+# Non-contiguous samples are copied to unit-stride rows first (kernels/_blocks.py: rows_view).
 if _triton.available():
-    @_triton.custom_op("fm_interpolate", mutates_args=(),
-                             schema="(Tensor x0, Tensor x1, Tensor t, float sigma_min) -> (Tensor, Tensor)")
-    def _fi_triton(x0, x1, t, sigma_min):
-        from ..kernels import fm_interpolate as K
-        return K.forward(x0, x1, t, sigma_min)
+    _tr_forward = _triton.bind(TRITON_FORWARD, _triton.launcher("fm_interpolate", "forward"),
+                               _triton.bind(TRITON_BACKWARD, _triton.launcher("fm_interpolate", "backward")))
+    _triton.register_triton(OP, lambda x0, x1, t, sigma_min: _tr_forward(x0, x1, t, sigma_min), RANKS["triton"])
 
-    @_fi_triton.register_fake
-    def _fi_triton_fake(x0, x1, t, sigma_min):
-        return (torch.empty(x1.shape, dtype=x1.dtype, device=x1.device),
-                torch.empty(x1.shape, dtype=x1.dtype, device=x1.device))
-
-    @_triton.custom_op(
-        "fm_interpolate_backward",
-        schema="(Tensor? dx_t, Tensor? du_t, Tensor x0, Tensor x1, Tensor t, float sigma_min, bool need_dt)"
-               " -> (Tensor, Tensor, Tensor)")
-    def _fi_triton_backward(dx_t, du_t, x0, x1, t, sigma_min, need_dt):
-        from ..kernels import fm_interpolate as K
-        return K.backward(dx_t, du_t, x0, x1, t, sigma_min, need_dt)
-
-    @_fi_triton_backward.register_fake
-    def _fi_triton_backward_fake(dx_t, du_t, x0, x1, t, sigma_min, need_dt):
-        return (torch.empty(x1.shape, dtype=x0.dtype, device=x1.device),
-                torch.empty(x1.shape, dtype=x1.dtype, device=x1.device),
-                t.new_empty(t.shape if need_dt else (0,)))
-
-    def _fi_triton_setup(ctx, inputs, output):
-        x0, x1, t, sigma_min = inputs
-        ctx.save_for_backward(x0, x1, t)
-        ctx.sigma_min = sigma_min
-
-    def _fi_triton_bwd(ctx, dx_t, du_t):
-        x0, x1, t = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        dx0, dx1, dt = _fi_triton_backward(dx_t, du_t, x0, x1, t, ctx.sigma_min, bool(need[2]))
-        return dx0 if need[0] else None, dx1 if need[1] else None, dt if need[2] else None, None
-
-    _fi_triton.register_autograd(_fi_triton_bwd, setup_context=_fi_triton_setup)
-    _triton.register_triton(OP, lambda x0, x1, t, sigma_min: _fi_triton(x0, x1, t, sigma_min))
 
 def validate_pair(x0, x1, t):
     V.tensor("x1", x1)
@@ -103,4 +107,4 @@ def fm_interpolate(x0, x1, t, sigma_min: float = 0.0):
     """Returns ``(x_t, u_t)`` for noise x0, data x1 and times t in [0, 1]."""
     validate_pair(x0, x1, t)
     s = V.sigma("sigma_min", sigma_min)
-    return select(OP, x1.device, x0, x1, t).fn(x0, x1, t, s)
+    return select(OP, x1).fn(x0, x1, t, s)

@@ -12,6 +12,7 @@ import torch
 from . import _ext, _triton
 from . import _validate as V
 from ._registry import register, select
+from ._spec import KernelSpec, acc_dtype, empty, empty_or_absent, grad_or_none
 from .norm_modulate import norm_modulate_reference, validate as validate_norm_modulate
 
 OP = "gated_residual"
@@ -30,135 +31,109 @@ def gated_residual_norm_modulate_reference(res, h, gate, shift, scale, kind, wei
     return new_res, norm_modulate_reference(new_res, shift, scale, kind, weight, bias, eps, act, None)
 
 
+# ---------------------------------------------------------------- the kernel-level ops, written once
+def _gr_fake(res, h, gate):
+    return empty(res)
+
+
+def _gr_backward_fake(dy, h, gate):
+    return empty(h), empty(gate)
+
+
+def _gr_setup(ctx, inputs, output):
+    res, h, gate = inputs
+    ctx.save_for_backward(h, gate)
+    ctx.res_dtype = res.dtype
+
+
+def _gr_derivative(backward_op):
+    def backward(ctx, dy):
+        h, gate = ctx.saved_tensors
+        dh, dgate = backward_op(dy, h, gate)
+        need = ctx.needs_input_grad
+        return dy.to(ctx.res_dtype) if need[0] else None, dh if need[1] else None, dgate if need[2] else None
+    return backward
+
+
+def _grnm_fake(res, h, gate, shift, scale, weight, bias, kind, eps, act):
+    rows, acc = (res.numel() // res.shape[-1],), acc_dtype(res)
+    return empty(res), empty(res), res.new_empty(rows, dtype=acc), res.new_empty(rows, dtype=acc)
+
+
+def _grnm_backward_fake(dnew_res, dy, new_res, h, gate, mean, rstd, shift, scale, weight, bias, kind, act):
+    return (empty(new_res), empty(h), empty(gate),
+            *(empty_or_absent(t, new_res) for t in (shift, scale, weight, bias)))
+
+
+def _grnm_setup(ctx, inputs, output):
+    res, h, gate, shift, scale, weight, bias, kind, _eps, act = inputs
+    new_res, _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(new_res, h, gate, mean, rstd, shift, scale, weight, bias)
+    ctx.args = (kind, act)
+
+
+def _grnm_derivative(backward_op):
+    def backward(ctx, dnew_res, dy, _dmean, _drstd):
+        new_res, h, gate, mean, rstd, shift, scale, weight, bias = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(new_res)
+        grads = backward_op(dnew_res, dy, new_res, h, gate, mean, rstd, shift, scale, weight, bias, *ctx.args)
+        need = ctx.needs_input_grad
+        return (grads[0] if need[0] else None, *(grad_or_none(g, n) for g, n in zip(grads[1:], need[1:7])),
+                None, None, None)
+    return backward
+
+
+GR_BACKWARD = KernelSpec("gated_residual_backward",
+                         "(Tensor dy, Tensor h, Tensor gate) -> (Tensor dh, Tensor dgate)", _gr_backward_fake)
+GR_FORWARD = KernelSpec("gated_residual", "(Tensor res, Tensor h, Tensor gate) -> Tensor", _gr_fake,
+                        _gr_setup, _gr_derivative, GR_BACKWARD)
+GRNM_BACKWARD = KernelSpec(
+    "gated_residual_norm_modulate_backward",
+    "(Tensor? dnew_res, Tensor dy, Tensor new_res, Tensor h, Tensor gate, Tensor mean, Tensor rstd, "
+    "Tensor? shift, Tensor? scale, Tensor? weight, Tensor? bias, str kind, str act) -> (Tensor dres, "
+    "Tensor dh, Tensor dgate, Tensor dshift, Tensor dscale, Tensor dweight, Tensor dbias)", _grnm_backward_fake)
+GRNM_FORWARD = KernelSpec(
+    "gated_residual_norm_modulate",
+    "(Tensor res, Tensor h, Tensor gate, Tensor? shift, Tensor? scale, Tensor? weight, Tensor? bias, "
+    "str kind, float eps, str act) -> (Tensor new_res, Tensor y, Tensor mean, Tensor rstd)", _grnm_fake,
+    _grnm_setup, _grnm_derivative, GRNM_BACKWARD)
+
+# Where each fused backend runs, and its rank there (higher wins; the reference is 0).
+# cpp: benchmarks/results/cpu-2core.md (AVX-512) and cpu-avx2.md; GPUs: the triton kernels (no
+# CUDA C++ kernel of these).
+RANKS = {"cpp": {"cpu": 1}, "triton": {"cuda": 1}}
+
+
 # ---------------------------------------------------------------- compiled (cpp / cuda) backends
-if _ext.has_kernel("gated_residual", "cpp") or _ext.has_kernel("gated_residual", "cuda"):
-    @torch.library.register_fake("flowfm::gated_residual")
-    def _gated_residual_fake(res, h, gate):
-        return _ext.empty(res)
+_ext.bind(GR_BACKWARD)
+if (_gr_compiled := _ext.bind(GR_FORWARD)) is not None:
+    _ext.register_compiled(OP, GR_FORWARD.name, lambda res, h, gate: _gr_compiled(res, h, gate), RANKS)
 
-    @torch.library.register_fake("flowfm::gated_residual_backward")
-    def _gated_residual_backward_fake(dy, h, gate):
-        return _ext.empty(h), _ext.empty(gate)
-
-    # Autograd of both compiled ops: in C++ (csrc/gated_residual_autograd.cpp, the formulas of the
-    # Triton ops' _tr_gr_bwd / _tr_grnm_bwd below), as the Python register_autograd path cost as much
-    # host time as a small block's kernels.
-    _ext.register_compiled(OP, "gated_residual", lambda res, h, gate: _ext.op("gated_residual")(res, h, gate))
-
-
-if _ext.has_kernel("gated_residual_norm_modulate", "cpp") or _ext.has_kernel("gated_residual_norm_modulate", "cuda"):
-    @torch.library.register_fake("flowfm::gated_residual_norm_modulate")
-    def _grnm_fake(res, h, gate, shift, scale, weight, bias, kind, eps, act):
-        acc = torch.float64 if res.dtype == torch.float64 else torch.float32
-        rows = (res.numel() // res.shape[-1],)
-        return (_ext.empty(res), _ext.empty(res), res.new_empty(rows, dtype=acc),
-                res.new_empty(rows, dtype=acc))
-
-    @torch.library.register_fake("flowfm::gated_residual_norm_modulate_backward")
-    def _grnm_backward_fake(dnew_res, dy, new_res, h, gate, mean, rstd, shift, scale, weight, bias, kind, act):
-        like = lambda t: new_res.new_empty((0,)) if t is None else _ext.empty(t)  # noqa: E731
-        return (_ext.empty(new_res), _ext.empty(h), _ext.empty(gate), like(shift), like(scale),
-                like(weight), like(bias))
-
+_ext.bind(GRNM_BACKWARD)
+if (_grnm_op := _ext.bind(GRNM_FORWARD)) is not None:
     def _grnm_compiled(res, h, gate, shift, scale, kind, weight, bias, eps, act):
-        new_res, y, _, _ = _ext.op("gated_residual_norm_modulate")(res, h, gate, shift, scale, weight, bias, kind,
-                                                                    eps, act or "none")
+        new_res, y, _, _ = _grnm_op(res, h, gate, shift, scale, weight, bias, kind, eps, act or "none")
         return new_res, y
 
-    _ext.register_compiled(OP_FUSED, "gated_residual_norm_modulate", _grnm_compiled)
+    _ext.register_compiled(OP_FUSED, GRNM_FORWARD.name, _grnm_compiled, RANKS)
 
 
 # ---------------------------------------------------------------- triton backend
 if _triton.available():
-    from typing import Optional
+    _tr_gr_backward = _triton.bind(GR_BACKWARD, _triton.launcher("gated_residual", "gated_residual_backward"))
+    _tr_gr = _triton.bind(GR_FORWARD, _triton.launcher("gated_residual", "gated_residual_forward"), _tr_gr_backward)
+    _triton.register_triton(OP, lambda res, h, gate: _tr_gr(res, h, gate), RANKS["triton"])
 
-    from torch import Tensor
-
-    @_triton.custom_op("gated_residual")
-    def _tr_gr(res: Tensor, h: Tensor, gate: Tensor) -> Tensor:
-        from ..kernels import gated_residual as K
-        return K.gated_residual_forward(res, h, gate)
-
-    @_triton.custom_op("gated_residual_backward")
-    def _tr_gr_backward(dy: Tensor, h: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
-        from ..kernels import gated_residual as K
-        return K.gated_residual_backward(dy, h, gate)
-
-    # The kernels write every output contiguous, whatever the inputs' strides.
-    def _contig(t):
-        return _ext.empty(t)
-
-    @_tr_gr.register_fake
-    def _tr_gr_fake(res, h, gate):
-        return _contig(res)
-
-    @_tr_gr_backward.register_fake
-    def _tr_gr_backward_fake(dy, h, gate):
-        return _contig(h), _contig(gate)
-
-    def _tr_gr_setup(ctx, inputs, output):
-        res, h, gate = inputs
-        ctx.save_for_backward(h, gate)
-        ctx.res_dtype = res.dtype
-
-    def _tr_gr_bwd(ctx, dy):
-        h, gate = ctx.saved_tensors
-        dh, dgate = _tr_gr_backward(dy, h, gate)
-        need = ctx.needs_input_grad
-        return dy.to(ctx.res_dtype) if need[0] else None, dh if need[1] else None, dgate if need[2] else None
-
-    _tr_gr.register_autograd(_tr_gr_bwd, setup_context=_tr_gr_setup)
-    _triton.register_triton(OP, lambda res, h, gate: _tr_gr(res, h, gate))
-
-    @_triton.custom_op("gated_residual_norm_modulate")
-    def _tr_grnm(res: Tensor, h: Tensor, gate: Tensor, shift: Optional[Tensor], scale: Optional[Tensor],
-                 weight: Optional[Tensor], bias: Optional[Tensor], kind: str, eps: float, act: str
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        from ..kernels import gated_residual as K
-        return K.fused_forward(res, h, gate, shift, scale, weight, bias, kind, eps, act)
-
-    @_triton.custom_op("gated_residual_norm_modulate_backward")
-    def _tr_grnm_backward(dnew_res: Optional[Tensor], dy: Tensor, new_res: Tensor, h: Tensor, gate: Tensor,
-                          mean: Tensor, rstd: Tensor, shift: Optional[Tensor], scale: Optional[Tensor],
-                          weight: Optional[Tensor], bias: Optional[Tensor], kind: str, act: str
-                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        from ..kernels import gated_residual as K
-        return K.fused_backward(dnew_res, dy, new_res, h, gate, mean, rstd, shift, scale, weight, bias, kind, act)
-
-    @_tr_grnm.register_fake
-    def _tr_grnm_fake(res, h, gate, shift, scale, weight, bias, kind, eps, act):
-        acc = torch.float64 if res.dtype == torch.float64 else torch.float32
-        rows = (res.numel() // res.shape[-1],)
-        return _contig(res), _contig(res), res.new_empty(rows, dtype=acc), res.new_empty(rows, dtype=acc)
-
-    @_tr_grnm_backward.register_fake
-    def _tr_grnm_backward_fake(dnew_res, dy, new_res, h, gate, mean, rstd, shift, scale, weight, bias, kind, act):
-        like = lambda t: new_res.new_empty((0,)) if t is None else _contig(t)  # noqa: E731
-        return _contig(new_res), _contig(h), _contig(gate), like(shift), like(scale), like(weight), like(bias)
-
-    def _tr_grnm_setup(ctx, inputs, output):
-        res, h, gate, shift, scale, weight, bias, kind, _eps, act = inputs
-        new_res, _, mean, rstd = output
-        ctx.mark_non_differentiable(mean, rstd)
-        ctx.save_for_backward(new_res, h, gate, mean, rstd, shift, scale, weight, bias)
-        ctx.args = (kind, act)
-
-    def _tr_grnm_bwd(ctx, dnew_res, dy, _dmean, _drstd):
-        new_res, h, gate, mean, rstd, shift, scale, weight, bias = ctx.saved_tensors
-        if dy is None:
-            dy = torch.zeros_like(new_res)
-        grads = _tr_grnm_backward(dnew_res, dy, new_res, h, gate, mean, rstd, shift, scale, weight, bias, *ctx.args)
-        need = ctx.needs_input_grad
-        return (grads[0] if need[0] else None, *(_ext.grad_or_none(g, n) for g, n in zip(grads[1:], need[1:7])),
-                None, None, None)
-
-    _tr_grnm.register_autograd(_tr_grnm_bwd, setup_context=_tr_grnm_setup)
+    _tr_grnm_backward = _triton.bind(GRNM_BACKWARD, _triton.launcher("gated_residual", "fused_backward"))
+    _tr_grnm = _triton.bind(GRNM_FORWARD, _triton.launcher("gated_residual", "fused_forward"), _tr_grnm_backward)
 
     def _grnm_triton(res, h, gate, shift, scale, kind, weight, bias, eps, act):
         new_res, y, _, _ = _tr_grnm(res, h, gate, shift, scale, weight, bias, kind, eps, act or "none")
         return new_res, y
 
-    _triton.register_triton(OP_FUSED, _grnm_triton)
+    _triton.register_triton(OP_FUSED, _grnm_triton, RANKS["triton"])
 
 
 def _validate(res, h, gate):
@@ -174,7 +149,7 @@ def _validate(res, h, gate):
 def gated_residual(res, h, gate):
     """``res + gate * h`` with gate broadcast over the token axis."""
     _validate(res, h, gate)
-    return select(OP, res.device, res, h, gate).fn(res, h, gate)
+    return select(OP, res).fn(res, h, gate)
 
 
 def gated_residual_norm_modulate(res, h, gate, shift=None, scale=None, kind="layer", weight=None,
@@ -186,7 +161,7 @@ def gated_residual_norm_modulate(res, h, gate, shift=None, scale=None, kind="lay
     _validate(res, h, gate)
     V.choice("kind", kind, ("layer", "rms"))
     validate_norm_modulate(res, shift, scale, kind, weight, bias, eps, act, None, x_name="res")
-    impl = select(OP_FUSED, res.device, res, h, gate, shift, scale, weight, bias)
+    impl = select(OP_FUSED, res)
     new_res, y = impl.fn(res, h, gate, shift, scale, kind, weight, bias, float(eps), act)
     if V.norm_autocasts_to_fp32(res.device.type) and y.dtype in (torch.bfloat16, torch.float16):
         # The unfused chain under CUDA autocast: the residual keeps its dtype, the norm returns fp32.

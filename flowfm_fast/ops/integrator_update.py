@@ -14,6 +14,7 @@ import torch
 from . import _ext, _triton
 from . import _validate as V
 from ._registry import register, select
+from ._spec import KernelSpec, needs_grad
 
 OP_EULER = "euler_step_"
 OP_COMBINE = "rk_combine"
@@ -50,84 +51,55 @@ def rk_combine_reference(x, dt, ks, bs, out):
     return out
 
 
-# ---------------------------------------------------------------- compiled (cpp / cuda) backends
-# The in-place updates are for solvers (no autograd): they take the compiled path only when no
-# input needs a gradient, and otherwise the reference, whose add_ autograd understands.
-def _no_grad_inputs(device_type):
-    def can_use(*tensors):
-        return all(t.device.type == device_type and t.dtype in _ext.SUPPORTED_DTYPES
-                   and not (t.requires_grad and torch.is_grad_enabled()) for t in tensors)
-    return can_use
+# ---------------------------------------------------------------- the kernel-level ops, written once
+def _no_output(*_args):
+    return None
 
 
-if _ext.has_kernel("euler_step_", "cpp") or _ext.has_kernel("euler_step_", "cuda"):
-    @torch.library.register_fake("flowfm::euler_step_")
-    def _euler_fake(x, v, dt):
-        return None
+EULER = KernelSpec("euler_step_", "(Tensor(a!) x, Tensor v, float dt) -> ()", _no_output, mutates_args=("x",))
+COMBINE = KernelSpec("rk_combine", "(Tensor(a!) out, Tensor x, Tensor[] ks, float[] bs, float dt) -> ()",
+                     _no_output, mutates_args=("out",))
 
-    def _euler_compiled(x, v, dt):
-        _ext.op("euler_step_")(x, v, dt)
-        return x
+# The in-place updates are for solvers (no autograd): the fused backends serve only calls whose
+# inputs need no gradient (call flag: needs_grad); the reference's add_ is what autograd understands.
+# cpp: benchmarks/results/cpu-2core.md (AVX-512) and cpu-avx2.md; cuda over triton on GPUs: host
+# time per call (benchmarks/results/h200/host.log).
+RANKS = {"cpp": {"cpu": 1}, "cuda": {"cuda": 2}, "triton": {"cuda": 1}}
 
-    for _b, _dev in (("cpp", "cpu"), ("cuda", "cuda")):
-        if _ext.has_kernel("euler_step_", _b):
-            register(OP_EULER, _b, _no_grad_inputs(_dev))(_euler_compiled)
 
-if _ext.has_kernel("rk_combine", "cpp") or _ext.has_kernel("rk_combine", "cuda"):
-    @torch.library.register_fake("flowfm::rk_combine")
-    def _combine_fake(out, x, ks, bs, dt):
-        return None
+def _without_grad(flags) -> bool:
+    return not flags[0]
 
-    def _combine_compiled(x, dt, ks, bs, out):
+
+def _make_combine(kernel):
+    def combine(x, dt, ks, bs, out):
         if out is None:
             out = torch.empty_like(x)
-        _ext.op("rk_combine")(out, x, ks, bs, dt)
+        kernel(out, x, ks, bs, dt)
         return out
+    return combine
 
-    for _b, _dev in (("cpp", "cpu"), ("cuda", "cuda")):
-        if _ext.has_kernel("rk_combine", _b):
-            register(OP_COMBINE, _b, _no_grad_inputs(_dev))(_combine_compiled)
+
+def _make_euler(kernel):
+    def euler(x, v, dt):
+        kernel(x, v, dt)
+        return x
+    return euler
+
+
+# ---------------------------------------------------------------- compiled (cpp / cuda) backends
+if (_euler_op := _ext.bind(EULER)) is not None:
+    _ext.register_compiled(OP_EULER, EULER.name, _make_euler(_euler_op), RANKS, _without_grad)
+if (_combine_op := _ext.bind(COMBINE)) is not None:
+    _ext.register_compiled(OP_COMBINE, COMBINE.name, _make_combine(_combine_op), RANKS, _without_grad)
 
 
 # ---------------------------------------------------------------- triton backend
-# Launches live in kernels/integrator_update.py, imported on first call so that importing the
-# package never imports triton. Like the compiled ones, only for inputs that need no gradient.
 if _triton.available():
-    @_triton.custom_op("euler_step_", mutates_args=("x",),
-                             schema="(Tensor(a!) x, Tensor v, float dt) -> ()")
-    def _euler_triton_op(x, v, dt):
-        from ..kernels import integrator_update as K
-        K.euler_step_(x, v, dt)
-
-    @_euler_triton_op.register_fake
-    def _euler_triton_fake(x, v, dt):
-        return None
-
-    @_triton.custom_op("rk_combine", mutates_args=("out",),
-                             schema="(Tensor(a!) out, Tensor x, Tensor[] ks, float[] bs, float dt) -> ()")
-    def _combine_triton_op(out, x, ks, bs, dt):
-        from ..kernels import integrator_update as K
-        K.rk_combine(out, x, ks, bs, dt)
-
-    @_combine_triton_op.register_fake
-    def _combine_triton_fake(out, x, ks, bs, dt):
-        return None
-
-    def _euler_triton(x, v, dt):
-        _euler_triton_op(x, v, dt)
-        return x
-
-    def _combine_triton(x, dt, ks, bs, out):
-        if out is None:
-            out = torch.empty_like(x)
-        _combine_triton_op(out, x, ks, bs, dt)
-        return out
-
-    def _triton_no_grad(*tensors):
-        return _triton.can_use(*tensors) and not any(t.requires_grad and torch.is_grad_enabled() for t in tensors)
-
-    _triton.register_triton(OP_EULER, _euler_triton, _triton_no_grad)
-    _triton.register_triton(OP_COMBINE, _combine_triton, _triton_no_grad)
+    _triton.register_triton(OP_EULER, _make_euler(_triton.bind(EULER, _triton.launcher("integrator_update", "euler_step_"))),
+                            RANKS["triton"], _without_grad)
+    _triton.register_triton(OP_COMBINE, _make_combine(_triton.bind(COMBINE, _triton.launcher("integrator_update", "rk_combine"))),
+                            RANKS["triton"], _without_grad)
 
 
 def _dt(dt) -> float:
@@ -146,7 +118,7 @@ def euler_step_(x: torch.Tensor, v: torch.Tensor, dt: float) -> torch.Tensor:
     V.same_device("x", x, v=v)
     V.written_in_place("x", x)
     V.no_partial_overlap("x", x, v=v)
-    return select(OP_EULER, x.device, x, v).fn(x, v, _dt(dt))
+    return select(OP_EULER, x, (needs_grad(x, v),)).fn(x, v, _dt(dt))
 
 
 def rk_combine(x: torch.Tensor, dt: float, ks: Sequence[torch.Tensor], bs: Sequence[float],
@@ -176,4 +148,4 @@ def rk_combine(x: torch.Tensor, dt: float, ks: Sequence[torch.Tensor], bs: Seque
         if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *ks)):
             raise ValueError("rk_combine(out=...) cannot record gradients (x or ks require grad): "
                              "pass out=None, or call under torch.no_grad()")
-    return select(OP_COMBINE, x.device, x, *ks).fn(x, _dt(dt), list(ks), bs, out)
+    return select(OP_COMBINE, x, (needs_grad(x, *ks),)).fn(x, _dt(dt), list(ks), bs, out)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from . import _ext, _triton
 from . import _validate as V
 from ._registry import register, select
+from ._spec import KernelSpec, empty
 from .norm_modulate import ACTS, apply_act
 
 OP = "linear_act"
@@ -37,34 +38,44 @@ def linear_act_reference(x, weight, bias, act):
 
 
 # ---------------------------------------------------------------- compiled (cpp) backend
-if _ext.has_kernel("linear_act", "cpp"):
-    @torch.library.register_fake("flowfm::linear_act")
-    def _la_fake(x, weight, bias, act):
-        y = x.new_empty((x.shape[0], weight.shape[0]))
-        return y, (x.new_empty(y.shape) if act != "none" else x.new_empty((0,)))
+def _fake(x, weight, bias, act):
+    y = x.new_empty((x.shape[0], weight.shape[0]))
+    return y, (x.new_empty(y.shape) if act != "none" else x.new_empty((0,)))
 
-    @torch.library.register_fake("flowfm::linear_act_backward")
-    def _la_backward_fake(dy, x, weight, u, act, need_x, need_weight, need_bias):
-        none = x.new_empty((0,))
-        return (_ext.empty(x) if need_x else none, weight.new_empty(weight.shape) if need_weight else none,
-                x.new_empty((weight.shape[0],)) if need_bias else none)
 
-    # Autograd: in C++ (csrc/linear_act_autograd.cpp), as for every compiled op.
+def _backward_fake(dy, x, weight, u, act, need_x, need_weight, need_bias):
+    none = x.new_empty((0,))
+    return (empty(x) if need_x else none, weight.new_empty(weight.shape) if need_weight else none,
+            x.new_empty((weight.shape[0],)) if need_bias else none)
 
+
+# The C++ extension's ops only (autograd in csrc/linear_act/autograd.cpp); no Triton kernel.
+BACKWARD = KernelSpec("linear_act_backward",
+                      "(Tensor dy, Tensor x, Tensor weight, Tensor u, str act, bool need_x, bool need_weight, "
+                      "bool need_bias) -> (Tensor dx, Tensor dweight, Tensor dbias)", _backward_fake)
+FORWARD = KernelSpec("linear_act", "(Tensor x, Tensor weight, Tensor? bias, str act) -> (Tensor y, Tensor u)",
+                     _fake, backward=BACKWARD)
+
+# cpp: benchmarks/results/cpu-2core.md (AVX-512) and cpu-avx2.md. On GPUs the "triton" backend is the
+# reference itself (see above), ranked as the reference.
+RANKS = {"cpp": {"cpu": 1}, "triton": {"cuda": 0}}
+
+_ext.bind(BACKWARD)
+if (_compiled := _ext.bind(FORWARD)) is not None:
     def _linear_act_compiled(x, weight, bias, act):
         if (x.numel() // x.shape[-1]) * weight.numel() < DNN_MIN_WORK:
             # The C++ op would call ATen's GEMM itself here; the reference is that computation
             # without the custom-op round trip (~5 us a call: 16 calls a DiT step, 8 steps a solve).
             return linear_act_reference(x, weight, bias, act)
         rows = x.reshape(-1, x.shape[-1])
-        y = _ext.op("linear_act")(rows, weight, bias, act or "none")[0]
+        y = _compiled(rows, weight, bias, act or "none")[0]
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
-    _ext.register_compiled(OP, "linear_act", _linear_act_compiled)
+    _ext.register_compiled(OP, FORWARD.name, _linear_act_compiled, RANKS)
 
 
 # ---------------------------------------------------------------- triton backend: the reference (see above)
-_triton.register_triton(OP, linear_act_reference)
+_triton.register_triton(OP, linear_act_reference, RANKS["triton"])
 
 
 def validate(x, weight, bias, act):
@@ -101,4 +112,4 @@ def linear_act(x, weight, bias=None, act=None) -> torch.Tensor:
     validate(x, weight, bias, act)
     if x.numel() == 0:  # an empty batch: nothing for a kernel to do
         return linear_act_reference(x, weight, bias, act)
-    return select(OP, x.device, x, weight, bias).fn(x, weight, bias, act)
+    return select(OP, x).fn(x, weight, bias, act)

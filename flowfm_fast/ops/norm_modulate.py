@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from . import _ext, _triton
 from . import _validate as V
 from ._registry import register, select
+from ._spec import KernelSpec, acc_dtype, empty, empty_or_absent, grad_or_none
 
 OP = "norm_modulate"
 KINDS = ("layer", "rms", "group")
@@ -68,88 +69,76 @@ def norm_modulate_reference(x, shift, scale, kind, weight, bias, eps, act, num_g
     return apply_act(y, act).to(x.dtype)
 
 
-# ---------------------------------------------------------------- compiled (cpp / cuda) backends
+# ---------------------------------------------------------------- the kernel-level ops, written once
 def _stats_shape(x, kind, num_groups):
     return (x.shape[0], num_groups) if kind == "group" else (x.numel() // x.shape[-1],)
 
 
-if _ext.has_kernel("norm_modulate", "cpp") or _ext.has_kernel("norm_modulate", "cuda"):
-    @torch.library.register_fake("flowfm::norm_modulate")
-    def _nm_fake(x, shift, scale, weight, bias, kind, eps, act, num_groups):
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        stats = _stats_shape(x, kind, num_groups)
-        return _ext.empty(x), x.new_empty(stats, dtype=acc), x.new_empty(stats, dtype=acc)
+def _fake(x, shift, scale, weight, bias, kind, eps, act, num_groups):
+    stats = _stats_shape(x, kind, num_groups)
+    acc = acc_dtype(x)
+    return empty(x), x.new_empty(stats, dtype=acc), x.new_empty(stats, dtype=acc)
 
-    @torch.library.register_fake("flowfm::norm_modulate_backward")
-    def _nm_backward_fake(dy, x, mean, rstd, shift, scale, weight, bias, kind, act, num_groups):
-        like = lambda t: x.new_empty((0,)) if t is None else _ext.empty(t)  # noqa: E731
-        return _ext.empty(x), like(shift), like(scale), like(weight), like(bias)
 
-    # Autograd: in C++ (csrc/norm_modulate_autograd.cpp, the formula of _tr_nm_bwd below), as the
-    # Python register_autograd path cost as much host time as a small layer's kernels.
+def _backward_fake(dy, x, mean, rstd, shift, scale, weight, bias, kind, act, num_groups):
+    return (empty(x), *(empty_or_absent(t, x) for t in (shift, scale, weight, bias)))
 
+
+def _setup(ctx, inputs, output):
+    x, shift, scale, weight, bias, kind, _eps, act, num_groups = inputs
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.save_for_backward(x, output[1], output[2], shift, scale, weight, bias)
+    ctx.args = (kind, act, num_groups)
+
+
+def _derivative(backward_op):
+    def backward(ctx, dy, _dmean, _drstd):
+        x, mean, rstd, shift, scale, weight, bias = ctx.saved_tensors
+        grads = backward_op(dy, x, mean, rstd, shift, scale, weight, bias, *ctx.args)
+        need = ctx.needs_input_grad
+        return (grads[0] if need[0] else None, *(grad_or_none(g, n) for g, n in zip(grads[1:], need[1:5])),
+                None, None, None, None)
+    return backward
+
+
+BACKWARD = KernelSpec(
+    "norm_modulate_backward",
+    "(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor? shift, Tensor? scale, Tensor? weight, "
+    "Tensor? bias, str kind, str act, int num_groups) -> (Tensor dx, Tensor dshift, Tensor dscale, "
+    "Tensor dweight, Tensor dbias)", _backward_fake)
+FORWARD = KernelSpec(
+    "norm_modulate",
+    "(Tensor x, Tensor? shift, Tensor? scale, Tensor? weight, Tensor? bias, str kind, float eps, str act, "
+    "int num_groups) -> (Tensor y, Tensor mean, Tensor rstd)", _fake, _setup, _derivative, BACKWARD)
+
+# Where each fused backend runs, and its rank there (higher wins; the reference is 0).
+# cpp: benchmarks/results/cpu-2core.md (AVX-512) and cpu-avx2.md. cuda over triton on GPUs: at the
+# model's sizes host time per call decides (benchmarks/results/h200/host.log).
+RANKS = {"cpp": {"cpu": 1}, "cuda": {"cuda": 2}, "triton": {"cuda": 1}}
+
+
+def _groups(kind, num_groups):
+    return num_groups if kind == "group" else 1
+
+
+# ---------------------------------------------------------------- compiled (cpp / cuda) backends
+_ext.bind(BACKWARD)
+if (_compiled := _ext.bind(FORWARD)) is not None:
     def _norm_modulate_compiled(x, shift, scale, kind, weight, bias, eps, act, num_groups):
-        groups = num_groups if kind == "group" else 1
-        return _ext.op("norm_modulate")(x, shift, scale, weight, bias, kind, eps, act or "none", groups)[0]
+        return _compiled(x, shift, scale, weight, bias, kind, eps, act or "none", _groups(kind, num_groups))[0]
 
-    _ext.register_compiled(OP, "norm_modulate", _norm_modulate_compiled)
+    _ext.register_compiled(OP, FORWARD.name, _norm_modulate_compiled, RANKS)
 
 
 # ---------------------------------------------------------------- triton backend
 if _triton.available():
-    from typing import Optional
-
-    from torch import Tensor
-
-    @_triton.custom_op("norm_modulate")
-    def _tr_nm(x: Tensor, shift: Optional[Tensor], scale: Optional[Tensor], weight: Optional[Tensor],
-               bias: Optional[Tensor], kind: str, eps: float, act: str, num_groups: int
-               ) -> tuple[Tensor, Tensor, Tensor]:
-        from ..kernels import norm_modulate as K
-        return K.forward(x, shift, scale, weight, bias, kind, eps, act, num_groups)
-
-    @_triton.custom_op("norm_modulate_backward")
-    def _tr_nm_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, shift: Optional[Tensor],
-                        scale: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], kind: str,
-                        act: str, num_groups: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        from ..kernels import norm_modulate as K
-        return K.backward(dy, x, mean, rstd, shift, scale, weight, bias, kind, act, num_groups)
-
-    # The kernels write every output contiguous, whatever the inputs' strides.
-    def _contig(t):
-        return _ext.empty(t)
-
-    @_tr_nm.register_fake
-    def _tr_nm_fake(x, shift, scale, weight, bias, kind, eps, act, num_groups):
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        stats = _stats_shape(x, kind, num_groups)
-        return _contig(x), x.new_empty(stats, dtype=acc), x.new_empty(stats, dtype=acc)
-
-    @_tr_nm_backward.register_fake
-    def _tr_nm_backward_fake(dy, x, mean, rstd, shift, scale, weight, bias, kind, act, num_groups):
-        like = lambda t: x.new_empty((0,)) if t is None else _contig(t)  # noqa: E731
-        return _contig(x), like(shift), like(scale), like(weight), like(bias)
-
-    def _tr_nm_setup(ctx, inputs, output):
-        x, shift, scale, weight, bias, kind, _eps, act, num_groups = inputs
-        ctx.mark_non_differentiable(output[1], output[2])
-        ctx.save_for_backward(x, output[1], output[2], shift, scale, weight, bias)
-        ctx.args = (kind, act, num_groups)
-
-    def _tr_nm_bwd(ctx, dy, _dmean, _drstd):
-        x, mean, rstd, shift, scale, weight, bias = ctx.saved_tensors
-        grads = _tr_nm_backward(dy, x, mean, rstd, shift, scale, weight, bias, *ctx.args)
-        need = ctx.needs_input_grad
-        return (grads[0] if need[0] else None, *(_ext.grad_or_none(g, n) for g, n in zip(grads[1:], need[1:5])),
-                None, None, None, None)
-
-    _tr_nm.register_autograd(_tr_nm_bwd, setup_context=_tr_nm_setup)
+    _tr_backward = _triton.bind(BACKWARD, _triton.launcher("norm_modulate", "backward"))
+    _tr_forward = _triton.bind(FORWARD, _triton.launcher("norm_modulate", "forward"), _tr_backward)
 
     def _norm_modulate_triton(x, shift, scale, kind, weight, bias, eps, act, num_groups):
-        groups = num_groups if kind == "group" else 1
-        return _tr_nm(x, shift, scale, weight, bias, kind, eps, act or "none", groups)[0]
+        return _tr_forward(x, shift, scale, weight, bias, kind, eps, act or "none", _groups(kind, num_groups))[0]
 
-    _triton.register_triton(OP, _norm_modulate_triton)
+    _triton.register_triton(OP, _norm_modulate_triton, RANKS["triton"])
 
 
 def validate(x, shift, scale, kind, weight, bias, eps, act, num_groups, x_name="x"):
@@ -184,5 +173,5 @@ def norm_modulate(x, shift=None, scale=None, kind="layer", weight=None, bias=Non
     validate(x, shift, scale, kind, weight, bias, eps, act, num_groups)
     if V.norm_autocasts_to_fp32(x.device.type) and x.dtype != torch.float32 and x.dtype != torch.float64:
         x = x.float()  # as F.layer_norm / group_norm under CUDA autocast: computed and returned in fp32
-    impl = select(OP, x.device, x, shift, scale, weight, bias)
+    impl = select(OP, x)
     return impl.fn(x, shift, scale, kind, weight, bias, float(eps), act, num_groups)

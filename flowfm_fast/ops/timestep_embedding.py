@@ -13,6 +13,7 @@ import torch
 from . import _ext, _triton
 from . import _validate as V
 from ._registry import register, select
+from ._spec import KernelSpec
 
 OP = "timestep_embedding"
 
@@ -29,9 +30,7 @@ def timestep_embedding_reference(t: torch.Tensor, dim: int, max_period: float = 
     return emb
 
 
-# ---------------------------------------------------------------- fused backends (shared glue)
-# The cpp/cuda ops (flowfm::) and the Triton ops (flowfm_triton::) have the same schema, fake
-# outputs and autograd formula; only the backward op differs.
+# ---------------------------------------------------------------- the kernel-level ops, written once
 def _emb_fake(t, dim, max_period):
     return t.new_empty((t.shape[0], dim), dtype=torch.float32)
 
@@ -46,52 +45,36 @@ def _setup(ctx, inputs, output):
     ctx.args = (dim, max_period)
 
 
-def _backward_via(backward_op):
+def _derivative(backward_op):
     def backward(ctx, demb):
         (t,) = ctx.saved_tensors
         return (backward_op(demb, t, *ctx.args) if ctx.needs_input_grad[0] else None), None, None
     return backward
 
 
-def _real_dtype(t):
-    # Integer step indices are fine; the kernels take any real dtype.
-    return t.dtype not in (torch.bool, torch.complex64, torch.complex128)
+BACKWARD = KernelSpec("timestep_embedding_backward", "(Tensor demb, Tensor t, int dim, float max_period) -> Tensor",
+                      _dt_fake)
+FORWARD = KernelSpec("timestep_embedding", "(Tensor t, int dim, float max_period) -> Tensor", _emb_fake, _setup,
+                     _derivative, BACKWARD)
+
+# The kernels take any real t (integer DDPM steps too; the public function refuses bool / complex).
+# cpp: benchmarks/results/cpu-2core.md (AVX-512) and cpu-avx2.md; GPUs: host time per call
+# (benchmarks/results/h200/host.log).
+RANKS = {"cpp": {"cpu": 1}, "cuda": {"cuda": 2}, "triton": {"cuda": 1}}
 
 
 # ---------------------------------------------------------------- compiled (cpp / cuda) backends
-if _ext.has_kernel("timestep_embedding", "cpp") or _ext.has_kernel("timestep_embedding", "cuda"):
-    torch.library.register_fake("flowfm::timestep_embedding")(_emb_fake)
-    torch.library.register_fake("flowfm::timestep_embedding_backward")(_dt_fake)
-    # Autograd: in C++ (csrc/timestep_embedding_autograd.cpp, the formula of _backward_via below).
-
-    for _backend_name, _dev in (("cpp", "cpu"), ("cuda", "cuda")):
-        if _ext.has_kernel("timestep_embedding", _backend_name):
-            register(OP, _backend_name,
-                     lambda t, _d=_dev: t.device.type == _d and _real_dtype(t) and not _ext.in_functorch_transform())(
-                lambda t, dim, max_period: _ext.op("timestep_embedding")(t, dim, max_period))
+# Autograd: in C++ (csrc/timestep_embedding/autograd.cpp), the formula of _derivative.
+_ext.bind(BACKWARD)
+if (_compiled := _ext.bind(FORWARD)) is not None:
+    _ext.register_compiled(OP, FORWARD.name, lambda t, dim, max_period: _compiled(t, dim, max_period), RANKS)
 
 
 # ---------------------------------------------------------------- triton backend
-# Launches live in kernels/timestep_embedding.py, imported on first call so that importing the
-# package never imports triton.
 if _triton.available():
-    @_triton.custom_op("timestep_embedding", mutates_args=(),
-                             schema="(Tensor t, int dim, float max_period) -> Tensor")
-    def _te_triton(t, dim, max_period):
-        from ..kernels import timestep_embedding as K
-        return K.forward(t, dim, max_period)
-
-    @_triton.custom_op("timestep_embedding_backward", mutates_args=(),
-                             schema="(Tensor demb, Tensor t, int dim, float max_period) -> Tensor")
-    def _te_triton_backward(demb, t, dim, max_period):
-        from ..kernels import timestep_embedding as K
-        return K.backward(demb, t, dim, max_period)
-
-    _te_triton.register_fake(_emb_fake)
-    _te_triton_backward.register_fake(_dt_fake)
-    _te_triton.register_autograd(_backward_via(_te_triton_backward), setup_context=_setup)
-    _triton.register_triton(OP, lambda t, dim, max_period: _te_triton(t, dim, max_period),
-                            lambda t: _triton._device_ok(t) and _real_dtype(t))
+    _tr_forward = _triton.bind(FORWARD, _triton.launcher("timestep_embedding", "forward"),
+                               _triton.bind(BACKWARD, _triton.launcher("timestep_embedding", "backward")))
+    _triton.register_triton(OP, lambda t, dim, max_period: _tr_forward(t, dim, max_period), RANKS["triton"])
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -104,4 +87,4 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise ValueError(f"dim must be a positive int, got {dim!r}")
     V.positive_float("max_period", max_period)
-    return select(OP, t.device, t).fn(t, dim, float(max_period))
+    return select(OP, t).fn(t, dim, float(max_period))

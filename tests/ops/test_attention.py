@@ -96,10 +96,13 @@ def test_long_sequences_take_the_reference():
     from flowfm_fast.ops import _registry
     from flowfm_fast.ops.attention import MAX_T
     q = torch.randn(1, 1, MAX_T + 1, 4)
-    assert _registry.select(OP, q.device, q, q, q) is _registry._IMPLS[OP]["torch"]
+    assert ops.attention(q, q, q).shape == q.shape
+    assert _registry.select(OP, q.device, (False, False)) is _registry.impl_for(OP, "torch")
     if "cpp" in ops.backends_for(OP):
-        short = torch.randn(1, 1, MAX_T, 4)
-        assert _registry.select(OP, short.device, short, short, short) is _registry._IMPLS[OP]["cpp"]
+        assert _registry.select(OP, q.device, (True, False)) is _registry.impl_for(OP, "cpp")
+        assert _registry.select(OP, q.device, (True, True)) is _registry.impl_for(OP, "torch")  # CPU autocast
+        with use_backend("cpp"), pytest.raises(RuntimeError, match="cpp.*attention"):
+            ops.attention(q, q, q)
 
 
 BAD = [

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flowfm_fast import _backend
+
 from flowfm_fast import ops
 from flowfm_fast.ops import use_backend
 from naive import backend_params
@@ -63,4 +65,4 @@ def test_second_order(op):
 
 def _triton_ok():
     from flowfm_fast.ops import _triton
-    return _triton.interpreting()
+    return _backend.interpreting()

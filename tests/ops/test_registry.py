@@ -1,6 +1,10 @@
 """Dispatch: use_backend, FLOWFM_BACKEND, forced-but-missing backends, per-device preference."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -15,6 +19,16 @@ ALL_OPS = ["timestep_embedding", "norm_modulate", "gated_residual", "gated_resid
 @pytest.fixture(autouse=True)
 def no_env_backend(monkeypatch):
     monkeypatch.delenv("FLOWFM_BACKEND", raising=False)
+    R.reload_env()
+    yield
+    monkeypatch.undo()
+    R.reload_env()
+
+
+def set_env_backend(monkeypatch, value: str) -> None:
+    """FLOWFM_BACKEND as a process would have it at import (it is read once, then by reload_env)."""
+    monkeypatch.setenv("FLOWFM_BACKEND", value)
+    R.reload_env()
 
 
 def call_op(op: str):
@@ -111,25 +125,25 @@ def test_forced_missing_backend_does_not_fall_back():
 
 
 def test_env_var_forces_torch(monkeypatch):
-    monkeypatch.setenv("FLOWFM_BACKEND", "torch")
+    set_env_backend(monkeypatch, "torch")
     assert forced_backend() == "torch"
     assert call_op("fm_loss").dtype == torch.float32
 
 
 @pytest.mark.parametrize("value", [" TORCH ", "Torch\n"])
 def test_env_var_is_trimmed_and_case_insensitive(monkeypatch, value):
-    monkeypatch.setenv("FLOWFM_BACKEND", value)
+    set_env_backend(monkeypatch, value)
     assert forced_backend() == "torch"
 
 
 def test_env_var_empty_means_automatic(monkeypatch):
-    monkeypatch.setenv("FLOWFM_BACKEND", "")
+    set_env_backend(monkeypatch, "")
     assert forced_backend() is None
     assert call_op("gated_residual").shape == (2, 3, 4)
 
 
 def test_env_var_missing_backend_raises(monkeypatch):
-    monkeypatch.setenv("FLOWFM_BACKEND", "cuda")
+    set_env_backend(monkeypatch, "cuda")
     if "cuda" in backends_for("gated_residual"):
         pytest.skip("cuda implements gated_residual in this build")
     with pytest.raises(RuntimeError, match="gated_residual"):
@@ -137,7 +151,7 @@ def test_env_var_missing_backend_raises(monkeypatch):
 
 
 def test_env_var_invalid_raises(monkeypatch):
-    monkeypatch.setenv("FLOWFM_BACKEND", "nonsense")
+    set_env_backend(monkeypatch, "nonsense")
     with pytest.raises(ValueError, match="FLOWFM_BACKEND"):
         forced_backend()
     with pytest.raises(ValueError, match="FLOWFM_BACKEND"):
@@ -145,7 +159,7 @@ def test_env_var_invalid_raises(monkeypatch):
 
 
 def test_context_manager_overrides_env(monkeypatch):
-    monkeypatch.setenv("FLOWFM_BACKEND", "cuda")
+    set_env_backend(monkeypatch, "cuda")
     with use_backend("torch"):
         assert forced_backend() == "torch"
         assert call_op("fm_interpolate").shape == (2, 3, 4)
@@ -169,41 +183,85 @@ def test_register_rejects_unknown_backend(fake_op):
     assert backends_for(fake_op) == ()
 
 
-def test_cpu_prefers_cpp_then_falls_back_to_torch(fake_op):
+def test_fused_backend_must_declare_ranks(fake_op):
+    with pytest.raises(ValueError, match="ranks"):
+        R.register(fake_op, "cpp")(lambda: "cpp")
+
+
+def test_highest_rank_that_serves_wins(fake_op):
     R.register(fake_op, "torch")(lambda: "torch")
-    accept = {"cpp": True}
-    R.register(fake_op, "cpp", can_use=lambda *ts: accept["cpp"])(lambda: "cpp")
-    R.register(fake_op, "triton")(lambda: "triton")   # not on the CPU preference list
+    R.register(fake_op, "cpp", ranks={"cpu": 1}, accepts=lambda flags: flags[0])(lambda: "cpp")
+    R.register(fake_op, "triton", ranks={"cuda": 1, "cpu": R.FORCED_ONLY})(lambda: "triton")
+    R.register(fake_op, "cuda", ranks={"cuda": 2}, accepts=lambda flags: flags[0])(lambda: "cuda")
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")  # selection only looks at the device type
+    assert set(backends_for(fake_op)) == {"torch", "cpp", "triton", "cuda"}
+    assert R.select(fake_op, cpu, (True,)).fn() == "cpp"
+    assert R.select(fake_op, cpu, (False,)).fn() == "torch"     # cpp declines: the reference
+    assert R.select(fake_op, gpu, (True,)).fn() == "cuda"       # rank 2 over triton's 1
+    assert R.select(fake_op, gpu, (False,)).fn() == "triton"
+    with use_backend("triton"):
+        assert R.select(fake_op, cpu, (True,)).fn() == "triton"  # forced-only rank serves when forced
+
+
+def test_rank_per_cpu_capability(fake_op, monkeypatch):
+    """A kernel measured slower than the reference on one instruction set steps aside there only."""
+    R.register(fake_op, "torch")(lambda: "torch")
+    R.register(fake_op, "cpp", ranks={"cpu": 1, "cpu:avx2": -1})(lambda: "cpp")
+    impl = R.impl_for(fake_op, "cpp")
+    assert impl.rank("cpu", "avx512") == 1 and impl.rank("cpu", "avx2") == -1 and impl.rank("cuda", "avx2") is None
     cpu = torch.device("cpu")
-    assert set(backends_for(fake_op)) == {"torch", "cpp", "triton"}
-    assert R.select(fake_op, cpu).fn() == "cpp"
-    accept["cpp"] = False
-    assert R.select(fake_op, cpu).fn() == "torch"
+    for capability, want in (("avx512", "cpp"), ("avx2", "torch"), ("default", "cpp")):
+        monkeypatch.setattr(R._backend, "cpu_capability", lambda c=capability: c)
+        assert R.select(fake_op, cpu).fn() == want, capability
+        with use_backend("cpp"):
+            assert R.select(fake_op, cpu).fn() == "cpp"  # forcing still reaches it
 
 
-def test_cuda_device_prefers_triton(fake_op):
+def test_choice_is_cached_and_reset_by_register(fake_op):
     R.register(fake_op, "torch")(lambda: "torch")
-    R.register(fake_op, "cuda")(lambda: "cuda")
-    R.register(fake_op, "triton", can_use=lambda *ts: bool(ts and ts[0]))(lambda: "triton")
-    dev = torch.device("cuda")   # selection only looks at the device type; nothing runs on it
-    assert R.select(fake_op, dev, True).fn() == "triton"
-    assert R.select(fake_op, dev, False).fn() == "cuda"
+    calls = []
+    R.register(fake_op, "cpp", ranks={"cpu": 1}, accepts=lambda flags: calls.append(flags) or True)(lambda: "cpp")
+    cpu = torch.device("cpu")
+    first = R.select(fake_op, cpu, (1,))
+    assert R.select(fake_op, cpu, (1,)) is first and calls == [(1,)]   # predicate asked once per key
+    R.select(fake_op, cpu, (2,))
+    assert calls == [(1,), (2,)]
+    R.register(fake_op, "cpp", ranks={"cpu": -1})(lambda: "cpp2")
+    assert R.select(fake_op, cpu, (1,)).fn() == "torch"
+
+
+def test_compiled_backends_step_aside_under_torch_func(fake_op):
+    R.register(fake_op, "torch")(lambda x: x * 2)
+    R.register(fake_op, "cpp", ranks={"cpu": 1}, in_transforms=False)(lambda x: x * 3)
+    x = torch.ones(())
+    assert R.select(fake_op, x.device).fn(x) == 3
+    grad = torch.func.grad(lambda v: R.select(fake_op, v.device).fn(v))(x)
+    assert grad == 2
+    with use_backend("cpp"), pytest.raises(RuntimeError, match="torch.func transform"):
+        torch.func.grad(lambda v: R.select(fake_op, v.device).fn(v))(x)
 
 
 def test_unknown_device_type_uses_torch(fake_op):
     R.register(fake_op, "torch")(lambda: "torch")
-    R.register(fake_op, "cpp")(lambda: "cpp")
+    R.register(fake_op, "cpp", ranks={"cpu": 1})(lambda: "cpp")
     assert R.select(fake_op, torch.device("meta")).fn() == "torch"
 
 
 def test_forced_backend_that_declines_inputs_raises(fake_op):
     R.register(fake_op, "torch")(lambda: "torch")
-    R.register(fake_op, "cpp", can_use=lambda *ts: False)(lambda: "cpp")
+    R.register(fake_op, "cpp", ranks={"cpu": 1}, accepts=lambda flags: False)(lambda: "cpp")
     with use_backend("cpp"):
         with pytest.raises(RuntimeError, match=rf"cpp.*cannot run {fake_op}"):
             R.select(fake_op, torch.device("cpu"))
     with use_backend("torch"):
         assert R.select(fake_op, torch.device("cpu")).fn() == "torch"
+
+
+def test_env_var_read_at_import():
+    code = "from flowfm_fast import ops; print(ops.forced_backend())"
+    env = dict(os.environ, FLOWFM_BACKEND="torch")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "torch", r.stderr[-2000:]
 
 
 def test_forced_missing_backend_lists_available(fake_op):

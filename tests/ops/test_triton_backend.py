@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from flowfm_fast import _backend
+
 from flowfm_fast import ops
 from flowfm_fast.ops import _triton, use_backend
 from naive import naive_fm_loss, naive_fm_path, naive_timestep_embedding
@@ -21,7 +23,7 @@ OPS = ("timestep_embedding", "fm_interpolate", "fm_loss", "euler_step_", "rk_com
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 pytestmark = pytest.mark.skipif(
-    not (_triton.available() and (DEVICE == "cuda" or _triton.interpreting())),
+    not (_triton.available() and (DEVICE == "cuda" or _backend.interpreting())),
     reason="triton is not installed, or no GPU and TRITON_INTERPRET is not 1")
 
 
@@ -176,44 +178,46 @@ def test_torch_compile_fullgraph_integrator_updates():
 # ----------------------------------------------------------------------------- where it runs
 
 
-def test_can_use_on_cpu_only_when_interpreting(monkeypatch):
-    x = torch.randn(2, 3)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert _triton.can_use(x, None, 0.5)
-    assert not _triton.can_use(x, x.int())
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert not _triton.can_use(x)
-    monkeypatch.delenv("TRITON_INTERPRET")
-    assert not _triton.can_use(x)
-
-
-def test_forced_triton_on_cpu_without_interpreter_raises(monkeypatch):
-    """The env is read per call: forcing triton for CPU tensors without the interpreter is refused,
-    never silently run elsewhere; the automatic choice on CPU never picks triton."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    x0, x1, t = torch.randn(2, 3), torch.randn(2, 3), torch.rand(2)
-    with use_backend("triton"):
-        with pytest.raises(RuntimeError, match="triton.*fm_interpolate"):
-            ops.fm_interpolate(x0, x1, t)
-        with pytest.raises(RuntimeError, match="triton.*timestep_embedding"):
-            ops.timestep_embedding(t, 4)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def test_on_cpu_only_forced_and_only_when_interpreting():
+    """Under the interpreter triton serves CPU tensors only when forced (rank < 0); the automatic
+    choice on CPU never picks it."""
     from flowfm_fast.ops import _registry
+    x0 = torch.randn(2, 3)
     for op in OPS:
-        assert "triton" in ops.backends_for(op), op
-        assert _registry.select(op, x0.device, x0) is not _registry._IMPLS[op]["triton"], op
+        impl = _registry.impl_for(op, "triton")
+        assert impl is not None, op
+        assert impl.rank("cpu", _backend.cpu_capability()) == _registry.FORCED_ONLY, op
+        assert impl.rank("cuda", "") > 0, op
+        flags = (False,) if op in ("euler_step_", "rk_combine") else ()
+        assert _registry.select(op, x0.device, flags) is not impl, op
 
 
-def test_timestep_embedding_takes_integer_steps_integrators_refuse_grad(monkeypatch):
+def test_forced_triton_on_cpu_without_interpreter_raises():
+    """In a process without TRITON_INTERPRET, forcing triton for CPU tensors is refused, never
+    silently run elsewhere."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import pytest, torch; from flowfm_fast import ops\n"
+            "x0, x1, t = torch.randn(2, 3), torch.randn(2, 3), torch.rand(2)\n"
+            "with ops.use_backend('triton'):\n"
+            "    for f in (lambda: ops.fm_interpolate(x0, x1, t), lambda: ops.timestep_embedding(t, 4)):\n"
+            "        with pytest.raises(RuntimeError, match='triton.*(fm_interpolate|timestep_embedding)'):\n"
+            "            f()\n"
+            "print('refused')\n")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "refused" in r.stdout, r.stderr[-2000:]
+
+
+def test_timestep_embedding_takes_integer_steps_integrators_refuse_grad():
     from flowfm_fast.ops import _registry
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    impls = _registry._IMPLS
-    assert impls["timestep_embedding"]["triton"].can_use(torch.arange(5))
-    assert not impls["timestep_embedding"]["triton"].can_use(torch.tensor([True]))
+    with use_backend("triton"):
+        torch.testing.assert_close(ops.timestep_embedding(torch.arange(5), 8),
+                                   naive_timestep_embedding(torch.arange(5), 8).float(), rtol=1e-5, atol=1e-5)
+    euler = _registry.impl_for("euler_step_", "triton")
+    assert not euler.serves("cpu", _backend.cpu_capability(), False, (True,))   # a gradient is needed
+    assert euler.serves("cpu", _backend.cpu_capability(), False, (False,))
     x = torch.randn(3, requires_grad=True)
-    assert not impls["euler_step_"]["triton"].can_use(x, x.detach())
-    with torch.no_grad():
-        assert impls["euler_step_"]["triton"].can_use(x, x.detach())
+    with use_backend("triton"), pytest.raises(RuntimeError, match="triton.*euler_step_"):
+        ops.euler_step_(x * 1.0, x.detach(), 0.1)
 
 
 # ----------------------------------------------------------------------------- the GPU compiler

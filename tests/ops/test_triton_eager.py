@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from flowfm_fast import _backend
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from flowfm_fast import ops
@@ -14,7 +16,7 @@ from flowfm_fast.ops import _triton, use_backend
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 pytestmark = pytest.mark.skipif(
-    not (_triton.available() and (DEVICE == "cuda" or _triton.interpreting())),
+    not (_triton.available() and (DEVICE == "cuda" or _backend.interpreting())),
     reason="triton is not installed, or no GPU and TRITON_INTERPRET is not 1")
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from flowfm_fast import _backend
 import torch.nn.functional as F
 
 from flowfm_fast import ops
@@ -22,7 +24,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL_TILE = 32
 
 pytestmark = pytest.mark.skipif(
-    not (_triton.available() and (DEVICE == "cuda" or _triton.interpreting())),
+    not (_triton.available() and (DEVICE == "cuda" or _backend.interpreting())),
     reason="triton is not installed, or no GPU and TRITON_INTERPRET is not 1")
 
 
