@@ -51,7 +51,7 @@ BACKWARD = KernelSpec("attention_backward",
 FORWARD = KernelSpec("attention", "(Tensor q, Tensor k, Tensor v, bool need_probs) -> (Tensor out, Tensor probs)",
                      _fake, backward=BACKWARD)
 
-# cpp: benchmarks/results/cpu-2core.md (AVX-512) and cpu-avx2.md. On GPUs the "triton" backend is the
+# cpp: benchmarks/results/cpu-2core.md (AVX-512) (per-capability AVX2 ranks: to be measured, issue 14). On GPUs the "triton" backend is the
 # reference (SDPA's flash kernels), ranked as the reference.
 RANKS = {"cpp": {"cpu": 1}, "triton": {"cuda": 0}}
 

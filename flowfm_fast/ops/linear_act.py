@@ -56,7 +56,7 @@ BACKWARD = KernelSpec("linear_act_backward",
 FORWARD = KernelSpec("linear_act", "(Tensor x, Tensor weight, Tensor? bias, str act) -> (Tensor y, Tensor u)",
                      _fake, backward=BACKWARD)
 
-# cpp: benchmarks/results/cpu-2core.md (AVX-512) and cpu-avx2.md. On GPUs the "triton" backend is the
+# cpp: benchmarks/results/cpu-2core.md (AVX-512) (per-capability AVX2 ranks: to be measured, issue 14). On GPUs the "triton" backend is the
 # reference itself (see above), ranked as the reference.
 RANKS = {"cpp": {"cpu": 1}, "triton": {"cuda": 0}}
 
