@@ -1,7 +1,9 @@
 """Build flowfm_fast and, when possible, its optional compiled extension ``flowfm_fast._C``.
 
-- C++ CPU kernels (csrc/cpu) whenever torch and a C++ compiler are present;
-- CUDA kernels (csrc/cuda) only when torch has CUDA and nvcc exists;
+- C++ CPU kernels (csrc/<op>/cpu.cpp) whenever torch and a C++ compiler are present, for a
+  baseline x86-64 (or aarch64) CPU with AVX2 and AVX-512 variants chosen at run time;
+  ``FLOWFM_NATIVE=1`` builds for this machine's CPU alone (-march=native);
+- CUDA kernels (csrc/<op>/cuda.cu) only when torch has CUDA and nvcc exists;
 - ``FLOWFM_BUILD_EXT=0`` skips the extension. A failed extension build warns and installs the
   pure-Python package, which runs on the reference backend.
 Install with ``pip install --no-build-isolation -e .`` so the extension builds against the torch
@@ -32,22 +34,25 @@ def extension_kwargs():
         print("flowfm_fast: no C++ compiler, skipping the extension", file=sys.stderr)
         return {}
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
-    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
+    # One home per op (csrc/<op>/): cpu.cpp, autograd.cpp, and in the CUDA build cuda.cu and
+    # cuda_binding.cpp; csrc/common/ holds what they share, csrc/schema.cpp every schema.
+    sources = rel("csrc/*.cpp") + rel("csrc/common/*.cpp") + rel("csrc/*/cpu.cpp") + rel("csrc/*/autograd.cpp")
     # No -std: torch's build adds the standard its headers are written for (C++20 from torch 2.10,
     # C++17 before), the same for the .cpp and the .cu files; the sources compile under both.
-    cxx_flags = ["-O3", "-fopenmp"]
-    # The extension is built on the machine that runs it, so let the compiler use its SIMD width
-    # (AVX-512 on this repository's EPYC: the activation and transpose kernels have AVX-512 paths);
-    # FLOWFM_PORTABLE=1 builds a generic x86-64 binary instead.
-    if os.environ.get("FLOWFM_PORTABLE", "0") != "1":
-        cxx_flags.append("-march=native")
+    # -Wno-psabi: GCC notes that vector arguments change ABI between the capability regions; the
+    # functions it means are always-inline internals, never called across a region boundary.
+    cxx_flags = ["-O3", "-fopenmp", "-Wno-psabi"]
+    # No -march=native by default: the binary runs on any x86-64 CPU, and the kernels' AVX2 and
+    # AVX-512 variants (common/cpu_variants.h) are picked at run time from the CPU's features.
+    if os.environ.get("FLOWFM_NATIVE", "0") == "1":
+        cxx_flags += ["-march=native", "-DFLOWFM_NATIVE=1"]
     nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
     with_cuda = (torch.version.cuda is not None and nvcc is not None and os.path.exists(nvcc)
                  and os.environ.get("FLOWFM_BUILD_CUDA", "1") != "0")
     if with_cuda:
-        # csrc/cuda: raw-pointer kernels (*.cu, nvcc) and their torch bindings (*_binding.cpp, host
-        # compiler), both only in this build.
-        ext = CUDAExtension("flowfm_fast._C", sources + rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp"),
+        # Raw-pointer kernels (csrc/<op>/cuda.cu, nvcc) and their torch bindings (cuda_binding.cpp,
+        # host compiler), both only in this build.
+        ext = CUDAExtension("flowfm_fast._C", sources + rel("csrc/*/cuda.cu") + rel("csrc/*/cuda_binding.cpp"),
                             define_macros=[("FLOWFM_WITH_CUDA", "1")],
                             # No --use_fast_math: it turns tanhf into tanh.approx (~5e-4 relative
                             # error in GELU-tanh); these kernels are memory-bound, exact math is free.

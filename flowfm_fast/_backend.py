@@ -15,7 +15,7 @@ log = logging.getLogger("flowfm_fast")
 
 
 # Must equal FLOWFM_ABI_VERSION in csrc/version.h: an extension built from other sources is stale.
-EXPECTED_ABI = 6
+EXPECTED_ABI = 7
 
 _REBUILD = "Rebuild with `pip install --no-build-isolation -e .`"
 
@@ -47,16 +47,48 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def cpu_capability() -> str:
-    """The instruction set the C++ CPU kernels run with."""
-    return "native"
-
-
 def _triton_status() -> str:
     return "installed" if importlib.util.find_spec("triton") is not None else "not installed"
 
 
 extension, _ext_status = _load_extension()
+
+# The variant of the C++ CPU kernels in use (csrc/common/cpu_capability.h): "default" (baseline
+# x86-64 / aarch64), "avx2" (AVX2 + FMA) or "avx512". Kept here as a plain string because the
+# registry reads it on every call (its cache key).
+CPU_CAPABILITY_NAMES = ("default", "avx2", "avx512")
+_cpu_capability = extension.cpu_capability() if extension is not None else "default"
+
+
+def cpu_capability() -> str:
+    """The CPU kernel variant the C++ ops run with (``"default"`` without the extension)."""
+    return _cpu_capability
+
+
+def cpu_capabilities() -> tuple[str, ...]:
+    """The variants this build compiled and this CPU can run, lowest first."""
+    return tuple(extension.cpu_capabilities()) if extension is not None else ("default",)
+
+
+def set_cpu_capability(name: str, *, source: str = "capability") -> None:
+    """Run the C++ CPU kernels' ``name`` variant from now on (what ``FLOWFM_CPU_CAPABILITY``
+    chooses at start-up); raises ValueError naming ``source`` if this build or CPU lacks it."""
+    global _cpu_capability
+    choice = str(name).strip().lower()
+    if choice not in CPU_CAPABILITY_NAMES:
+        raise ValueError(f"{source} must be one of {', '.join(CPU_CAPABILITY_NAMES)}, got {name!r}")
+    if choice not in cpu_capabilities():
+        why = ("the C++ extension is not loaded" if extension is None else
+               f"this CPU and build offer {', '.join(cpu_capabilities())} "
+               f"(build: {extension.cpu_capability_build()})")
+        raise ValueError(f"{source}={name!r} is not available: {why}")
+    if extension is not None:
+        extension.set_cpu_capability(choice)
+    _cpu_capability = choice
+
+
+if os.environ.get("FLOWFM_CPU_CAPABILITY", "").strip() and extension is not None:
+    set_cpu_capability(os.environ["FLOWFM_CPU_CAPABILITY"], source="FLOWFM_CPU_CAPABILITY")
 
 
 def backend_summary() -> str:
@@ -66,7 +98,8 @@ def backend_summary() -> str:
     # The registry reads FLOWFM_BACKEND at import too (and checks it); this module sits below it.
     forced = os.environ.get("FLOWFM_BACKEND", "").strip().lower()
     return (f"flowfm_fast backends: reference=torch; C++ extension {_ext_status}; triton {_triton_status()}; "
-            f"CUDA {cuda}" + (f"; forced: {forced}" if forced else ""))
+            f"CUDA {cuda}; CPU kernels {cpu_capability()} of {', '.join(cpu_capabilities())}"
+            + (f"; forced: {forced}" if forced else ""))
 
 
 log.info(backend_summary())

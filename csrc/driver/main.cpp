@@ -9,7 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 
-#include "cpu/build_info.h"
+#include "../common/build_info.h"
 
 namespace {
 

@@ -1,0 +1,210 @@
+// The linear_act CPU kernels and their torch-facing functions, compiled once per CPU capability
+// (included by cpu.cpp through common/cpu_variants.h: no include guard, no torch includes here).
+
+// Below this many multiply-adds oneDNN's per-call setup (primitive lookup, weight reorder) lost to
+// MKL in a sweep of the model's shapes: (64, 128) x (128, 128) 23 vs 17 us; (64, 128) x (768, 128)
+// 57 vs 79 us.
+constexpr int64_t kDnnMinWork = int64_t(1) << 22;
+
+// GCC 12 reports the intrinsics' internal _mm512_undefined_ps as maybe-uninitialized wherever the
+// loads, unpacks and shuffles below inline: a false positive.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#if FLOWFM_CPU_AVX512
+// d (16 x 16, row stride ld) = transpose of s (16 x 16, row stride ls), in registers: unpack
+// pairs of rows, then pairs of pairs (as doubles), then 128-bit lanes twice.
+FLOWFM_INLINE void transpose16(const float* s, int64_t ls, float* d, int64_t ld) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(s + i * ls);
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  auto pd = [](__m512 v) { return _mm512_castps_pd(v); };
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(t[4 * i]), pd(t[4 * i + 2])));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(t[4 * i]), pd(t[4 * i + 2])));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(t[4 * i + 1]), pd(t[4 * i + 3])));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(t[4 * i + 1]), pd(t[4 * i + 3])));
+  }
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+      t[8 * i + 4 + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0xdd);
+    }
+  for (int j = 0; j < 8; ++j) {
+    _mm512_storeu_ps(d + j * ld, _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88));
+    _mm512_storeu_ps(d + (8 + j) * ld, _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd));
+  }
+}
+#endif
+
+#if FLOWFM_CPU_AVX2 && !FLOWFM_CPU_AVX512
+// d (8 x 8, row stride ld) = transpose of s (8 x 8, row stride ls), in registers: unpack pairs of
+// rows, shuffle pairs of pairs, then swap 128-bit halves.
+FLOWFM_INLINE void transpose8(const float* s, int64_t ls, float* d, int64_t ld) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(s + i * ls);
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    r[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int j = 0; j < 4; ++j) {
+    _mm256_storeu_ps(d + j * ld, _mm256_permute2f128_ps(r[j], r[4 + j], 0x20));
+    _mm256_storeu_ps(d + (4 + j) * ld, _mm256_permute2f128_ps(r[j], r[4 + j], 0x31));
+  }
+}
+#endif
+
+// The row-major copy of a fp32 matrix given as the transpose of a contiguous one (a.t() of an
+// (R, C) tensor). oneDNN's linear makes a strided input contiguous through ATen's generic copy,
+// which took ~160 us for the 1920 x 128 transposes of every dW here (2 threads); 16 x 16 tiles
+// transposed in AVX-512 registers (8 x 8 ones with AVX2) took 27 us on one thread in a microbenchmark (a scalar tiled
+// loop: 54-100 us).
+at::Tensor contiguous_transpose(const at::Tensor& a) {
+  const int64_t rows = a.size(0), cols = a.size(1);  // out[r][c] = src[c][r], src (cols, rows) row-major
+  at::Tensor out = at::empty({rows, cols}, a.options());
+  const float* src = a.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  constexpr int64_t kTile = 16;
+  auto scalar = [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t c = c0; c < c1; ++c) dst[r * cols + c] = src[c * rows + r];
+  };
+  // Bands of 16 source rows (16 output columns) per task.
+  at::parallel_for(0, (cols + kTile - 1) / kTile, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t band = b0; band < b1; ++band) {
+      const int64_t c0 = band * kTile, c1 = std::min(cols, c0 + kTile);
+      int64_t r0 = 0;
+#if FLOWFM_CPU_AVX512
+      if (c1 - c0 == kTile)
+        for (; r0 + kTile <= rows; r0 += kTile) transpose16(src + c0 * rows + r0, rows, dst + r0 * cols + c0, cols);
+#elif FLOWFM_CPU_AVX2
+      if (c1 - c0 == kTile)
+        for (; r0 + 8 <= rows; r0 += 8)
+          for (int64_t h = 0; h < kTile; h += 8)
+            transpose8(src + (c0 + h) * rows + r0, rows, dst + r0 * cols + c0 + h, cols);
+#endif
+      scalar(r0, rows, c0, c1);
+    }
+  });
+  return out;
+}
+#pragma GCC diagnostic pop
+
+// a (M, K) times b (N, K) transposed, plus bias (N,): (M, N). Either operand may be a strided view
+// (a transpose): oneDNN reads the weight's strides (and copies a strided input: see above), and
+// at::mm reads both.
+at::Tensor mm_nt(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias) {
+  const auto& dnn = dnn_linear();
+  if (dnn.has_value() && a.scalar_type() == at::kFloat && a.size(0) * a.size(1) * b.size(0) >= kDnnMinWork) {
+    const bool transposed = a.stride(0) == 1 && a.stride(1) == a.size(0) && !a.is_contiguous();
+    return dnn->call(transposed ? contiguous_transpose(a) : a, b, bias, "none",
+                     c10::List<std::optional<at::Scalar>>(), std::nullopt);
+  }
+  return bias.has_value() ? at::addmm(*bias, a, b.t()) : at::mm(a, b.t());
+}
+
+template <Act ACT> void act_rows_fwd(const float* u, float* y, int64_t M, int64_t N) {
+  at::parallel_for(0, M, grain_rows(N), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* __restrict ur = u + r * N;
+      act_store<ACT, float>(y + r * N, static_cast<float*>(nullptr), N, [&](int64_t i) { return ur[i]; });
+    }
+  });
+}
+
+// gu = dy * act'(u), row by row (act' into gu, then the product while the row is in L1).
+template <Act ACT> void act_rows_bwd(const float* dy, const float* u, float* gu, int64_t M, int64_t N) {
+  at::parallel_for(0, M, grain_rows(N), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* __restrict g = gu + r * N;
+      const float* __restrict d = dy + r * N;
+      std::memcpy(g, u + r * N, sizeof(float) * N);
+      act_inplace<ACT, true>(g, N);
+#pragma omp simd
+      for (int64_t i = 0; i < N; ++i) g[i] *= d[i];
+    }
+  });
+}
+
+at::Tensor act_forward(const at::Tensor& u, Act act) {
+  if (u.scalar_type() != at::kFloat) {  // other dtypes: ATen's kernels, same formulas
+    return act == Act::Silu ? at::silu(u) : at::gelu(u, "tanh");
+  }
+  at::Tensor y = at::empty_like(u);
+  const int64_t N = u.size(-1), M = u.numel() / std::max<int64_t>(N, 1);
+  dispatch_act(act, [&]<Act ACT>() { act_rows_fwd<ACT>(u.data_ptr<float>(), y.data_ptr<float>(), M, N); });
+  return y;
+}
+
+at::Tensor act_backward(const at::Tensor& dy, const at::Tensor& u, Act act) {
+  if (u.scalar_type() != at::kFloat) {
+    return act == Act::Silu ? at::silu_backward(dy, u) : at::gelu_backward(dy, u, "tanh");
+  }
+  const at::Tensor d = dy.contiguous();
+  at::Tensor gu = at::empty_like(u);
+  const int64_t N = u.size(-1), M = u.numel() / std::max<int64_t>(N, 1);
+  dispatch_act(act, [&]<Act ACT>() {
+    act_rows_bwd<ACT>(d.data_ptr<float>(), u.data_ptr<float>(), gu.data_ptr<float>(), M, N);
+  });
+  return gu;
+}
+
+void check_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  check_cpu_float(x, "x");
+  check_cpu_float(weight, "weight");
+  TORCH_CHECK_VALUE(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
+                    flowfm::msg("linear_act: x must be (M, K) and weight (N, K), got ", x.sizes(), " and ",
+                                weight.sizes()));
+  TORCH_CHECK_TYPE(x.scalar_type() == weight.scalar_type(), "linear_act: x and weight must have one dtype");
+  if (bias.has_value()) {
+    check_cpu_float(*bias, "bias");
+    check_shape(*bias, {weight.size(0)}, "bias");
+    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "linear_act: bias must have x's dtype");
+  }
+}
+
+// -> (y, u): u is the pre-activation when act != none (saved for the backward), else empty.
+std::tuple<at::Tensor, at::Tensor> linear_act_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                  const std::optional<at::Tensor>& bias, c10::string_view act_s) {
+  check_args(x, weight, bias);
+  const Act act = parse_act(act_s);
+  // Contiguous u: the activation kernels walk rows, and the fake kernel promises this layout.
+  at::Tensor u = mm_nt(x, weight, bias).contiguous();
+  if (act == Act::None) return {u, at::empty({0}, x.options())};
+  return {act_forward(u, act), u};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cpu(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& u, c10::string_view act_s,
+    bool need_x, bool need_weight, bool need_bias) {
+  check_args(x, weight, std::nullopt);
+  check_cpu_float(dy, "dy");
+  check_shape(dy, {x.size(0), weight.size(0)}, "dy");
+  const Act act = parse_act(act_s);
+  if (act != Act::None) {
+    check_shape(u, {x.size(0), weight.size(0)}, "u");
+    TORCH_CHECK_TYPE(u.scalar_type() == x.scalar_type(), "linear_act: u must have x's dtype");
+  }
+  // Contiguous: the activation kernels walk rows, and a stride-0 dy (from y.sum()) is no GEMM operand.
+  const at::Tensor gu = act == Act::None ? dy.to(x.scalar_type()).contiguous()
+                                         : act_backward(dy.to(x.scalar_type()), u.contiguous(), act);
+  at::Tensor dx, dw, db;
+  if (need_x) dx = mm_nt(gu, weight.t(), std::nullopt).contiguous();  // gu (M, N) W (N, K)
+  if (need_weight) {
+    // gu^T (N, M) x (M, K): oneDNN was faster with the wider of N, K as its output columns
+    // ((1920, 128) x (384, 128): 0.72 vs 1.0 ms the other way round).
+    dw = weight.size(0) >= weight.size(1) ? mm_nt(x.t(), gu.t(), std::nullopt).t().contiguous()
+                                          : mm_nt(gu.t(), x.t(), std::nullopt).contiguous();
+  }
+  if (need_bias) db = gu.sum(0);
+  auto empty = [&] { return at::empty({0}, x.options()); };
+  return {need_x ? dx : empty(), need_weight ? dw : empty(), need_bias ? db : empty()};
+}
