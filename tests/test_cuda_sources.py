@@ -1,8 +1,9 @@
-"""The CUDA C++ sources in csrc/cuda compile with a bare ``nvcc -c`` (no torch), for sm_80 and
+"""The CUDA C++ sources (csrc/<op>/cuda.cu) compile with a bare ``nvcc -c`` (no torch), for sm_80 and
 sm_90, whenever nvcc is installed, so a syntax error cannot land even on machines without a GPU.
 
-Also checks the rule that lets this work: the kernels (*.cu, and the local headers they include)
-include no torch / ATen / c10 / pybind11 header. Skipped where nvcc is not found (PATH,
+Also checks the rule that lets this work: the kernels (cuda.cu, and the local headers they include:
+the op's cuda.h, csrc/common/cuda_launch.h and cuda_device.cuh) include no torch / ATen / c10 /
+pybind11 header. Skipped where nvcc is not found (PATH,
 $CUDA_HOME/bin, /usr/local/cuda/bin). All compiles start together in the background when the
 module's first nvcc test asks for them, one nvcc per (file, architecture).
 """
@@ -17,8 +18,11 @@ from pathlib import Path
 
 import pytest
 
-CUDA_DIR = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
-CU_FILES = sorted(CUDA_DIR.glob("*.cu"))
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+CU_FILES = sorted(CSRC.glob("*/cuda.cu"))
+LAUNCH_HEADERS = [CSRC / "common" / "cuda_launch.h", *sorted(CSRC.glob("*/cuda.h"))]
+# The local headers a kernel may pull in: its own op's cuda.h and these shared ones.
+SHARED_CUDA_HEADERS = {CSRC / "common" / "cuda_launch.h", CSRC / "common" / "cuda_device.cuh"}
 ARCHS = ("sm_80", "sm_90")
 # The flags torch.utils.cpp_extension gives nvcc: the kernels must not rely on implicit
 # half/bfloat16 operators or conversions.
@@ -41,8 +45,9 @@ NVCC = find_nvcc()
 
 
 def test_there_are_cuda_sources():
-    assert CU_FILES, f"no .cu files in {CUDA_DIR}"
-    assert (CUDA_DIR / "launchers.h").is_file()
+    assert CU_FILES, f"no csrc/<op>/cuda.cu files under {CSRC}"
+    for cu in CU_FILES:  # each op's kernels, launcher header and binding side by side
+        assert (cu.parent / "cuda.h").is_file() and (cu.parent / "cuda_binding.cpp").is_file(), cu.parent
 
 
 def local_includes(path: Path, seen: set[Path] | None = None) -> dict[Path, list[str]]:
@@ -61,13 +66,17 @@ def local_includes(path: Path, seen: set[Path] | None = None) -> dict[Path, list
     return result
 
 
-@pytest.mark.parametrize("source", [*CU_FILES, CUDA_DIR / "launchers.h"], ids=lambda p: p.name)
+def _rel(p: Path) -> str:
+    return str(p.relative_to(CSRC))
+
+
+@pytest.mark.parametrize("source", [*CU_FILES, *LAUNCH_HEADERS], ids=_rel)
 def test_kernels_include_no_torch_header(source):
+    allowed = SHARED_CUDA_HEADERS | {source, source.parent / "cuda.h"}
     for path, includes in local_includes(source).items():
         bad = [name for name in includes if FORBIDDEN_INCLUDE.search(name)]
-        assert not bad, f"{path.name} includes {bad}: csrc/cuda kernels may include only CUDA headers"
-        assert path.parent == CUDA_DIR, f"{source.name} pulls in {path}, outside csrc/cuda"
-        assert path.name != "binding_utils.h", f"{source.name} includes the torch-side binding header"
+        assert not bad, f"{_rel(path)} includes {bad}: CUDA kernels may include only CUDA headers"
+        assert path in allowed, f"{_rel(source)} pulls in {_rel(path)}, not its op's CUDA headers"
 
 
 # ----------------------------------------------------------------------------- nvcc -c
@@ -75,7 +84,7 @@ def test_kernels_include_no_torch_header(source):
 
 def nvcc_command(source: Path, arch: str, out_dir: Path) -> list[str]:
     return [NVCC, "-c", "-std=c++17", "-O1", f"-arch={arch}", *TORCH_NVCC_DEFINES, str(source),
-            "-o", str(out_dir / f"{source.stem}.{arch}.o")]
+            "-o", str(out_dir / f"{source.parent.name}.{arch}.o")]
 
 
 def compile_one(source: Path, arch: str, out_dir: Path) -> subprocess.CompletedProcess:
@@ -84,6 +93,7 @@ def compile_one(source: Path, arch: str, out_dir: Path) -> subprocess.CompletedP
 
 
 JOBS = [(src, arch) for src in CU_FILES for arch in ARCHS]
+JOB_IDS = [f"{s.parent.name}-{a}" for s, a in JOBS]
 
 
 @pytest.fixture(scope="module")
@@ -99,16 +109,17 @@ def compiled(tmp_path_factory):
     pool.shutdown(wait=True, cancel_futures=True)
 
 
-@pytest.mark.parametrize("source,arch", JOBS, ids=[f"{s.name}-{a}" for s, a in JOBS])
+@pytest.mark.parametrize("source,arch", JOBS, ids=JOB_IDS)
 def test_cu_compiles_with_nvcc(compiled, source, arch):
     result = compiled[(source, arch)].result()
     assert result.returncode == 0, (
-        f"nvcc failed on {source.name} for {arch}:\n{' '.join(nvcc_command(source, arch, Path('OUT')))}\n"
+        f"nvcc failed on {_rel(source)} for {arch}:\n{' '.join(nvcc_command(source, arch, Path('OUT')))}\n"
         f"{result.stderr}{result.stdout}")
 
 
-def test_launchers_header_compiles_without_nvcc():
-    """launchers.h is what the torch bindings include: a plain host compiler takes it."""
+@pytest.mark.parametrize("header", LAUNCH_HEADERS, ids=_rel)
+def test_launchers_header_compiles_without_nvcc(header):
+    """The launcher headers are what the torch bindings include: a plain host compiler takes them."""
     cxx = shutil.which(os.environ.get("CXX", "c++"))
     if NVCC is None or cxx is None:
         pytest.skip("needs nvcc's CUDA headers and a host C++ compiler")
@@ -118,6 +129,6 @@ def test_launchers_header_compiles_without_nvcc():
     if include is None:
         pytest.skip("CUDA headers not found next to nvcc")
     result = subprocess.run([cxx, "-std=c++17", "-fsyntax-only", "-x", "c++", f"-I{include}",
-                             str(CUDA_DIR / "launchers.h")], capture_output=True, text=True,
+                             str(header)], capture_output=True, text=True,
                             timeout=COMPILE_TIMEOUT_S)
     assert result.returncode == 0, result.stderr

@@ -43,12 +43,17 @@ def op(name: str):
     return getattr(torch.ops.flowfm, name)
 
 
+# The specs bound to flowfm:: ops, by name (tests check each schema against csrc/schema.cpp's).
+BOUND: dict[str, KernelSpec] = {}
+
+
 def bind(spec: KernelSpec):
     """Register ``spec``'s fake kernel for ``flowfm::<name>``; returns the op, or None where the
     extension does not define it."""
     if not defines(spec.name):
         return None
     torch.library.register_fake(f"flowfm::{spec.name}", spec.fake)
+    BOUND[spec.name] = spec
     return op(spec.name)
 
 

@@ -28,7 +28,7 @@ from .norm_modulate import ACTS, apply_act
 OP = "linear_act"
 # M N K multiply-adds from which the cpp backend runs its own path (oneDNN GEMM, our activation
 # kernels); below, ATen's GEMM wins and the call takes the reference. = kDnnMinWork in
-# csrc/cpu/linear_act.cpp, which applies the same split to direct calls of the op.
+# csrc/linear_act/cpu_kernels.h, which applies the same split to direct calls of the op.
 DNN_MIN_WORK = 1 << 22
 
 

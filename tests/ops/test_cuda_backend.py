@@ -1,4 +1,4 @@
-"""The CUDA C++ kernels (csrc/cuda, the ``cuda`` backend) against the float64 naive formulas.
+"""The CUDA C++ kernels (csrc/<op>/cuda.cu, the ``cuda`` backend) against the float64 naive formulas.
 
 Runs only where a GPU is present and the loaded extension was built with CUDA kernels; elsewhere
 every test here is skipped (tests/test_cuda_sources.py still compile-checks the kernels).

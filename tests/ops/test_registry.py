@@ -269,3 +269,20 @@ def test_forced_missing_backend_lists_available(fake_op):
     with use_backend("triton"):
         with pytest.raises(RuntimeError, match=rf"no implementation of {fake_op} \(available: torch\)"):
             R.select(fake_op, torch.device("cpu"))
+
+
+def test_kernel_spec_schemas_match_the_extension():
+    """Each KernelSpec bound to a flowfm:: op states the schema csrc/schema.cpp defines (the fake
+    kernel and the Python derivative are written against it), and every extension op has a spec."""
+    from flowfm_fast import _backend
+    from flowfm_fast.ops import _ext
+    if _backend.extension is None:
+        pytest.skip("flowfm_fast._C is not built")
+    assert _ext.BOUND, "no KernelSpec bound to the extension"
+    for name, spec in _ext.BOUND.items():
+        ours = torch._C.parse_schema(f"flowfm::{name}{spec.schema}")
+        theirs = getattr(torch.ops.flowfm, name).default._schema
+        assert str(ours) == str(theirs), f"{name}: spec {ours} != extension {theirs}"
+    defined = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("flowfm::")}
+    defined = {n.split(".")[0] for n in defined if _ext.defines(n.split(".")[0])} - {"abi_version"}
+    assert defined <= set(_ext.BOUND), f"extension ops without a KernelSpec: {sorted(defined - set(_ext.BOUND))}"
