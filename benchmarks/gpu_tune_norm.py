@@ -7,8 +7,9 @@ the cuda backend, eager and torch.compile of the reference in the same process.
     TIMER=events python benchmarks/gpu_tune_norm.py     # host overhead included (see t_ms)
 
 fwd sweeps GPU_ROW_TILE / GPU_GROUP_TILE and the forward warps (warps_for); bwd times
-forward + backward while sweeping the backward's GPU_TILE, warps (num_warps) and GPU_PROGRAMS,
-the forward at its default. Bytes: fwd reads x and writes y; fwd+bwd also reads dy and x and
+forward + backward while sweeping the backward's GPU_BWD_TILE, warps (num_warps) and GPU_PROGRAMS,
+the forward at its default. Each setting is a module attribute of the norm kernels
+(kernels/_blocks.py, norm_tokens.py, norm_group.py), set in every one of them that has it. Bytes: fwd reads x and writes y; fwd+bwd also reads dy and x and
 writes dx (the modulation tensors are small).
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 
 from flowfm_fast import ops
 from flowfm_fast.ops import _registry, use_backend
-from flowfm_fast.kernels import norm_modulate as K
+from flowfm_fast.kernels import _blocks, norm_group, norm_tokens
 from gpu_cases import norm_cases
 
 dev = torch.device("cuda")
@@ -57,19 +58,25 @@ def timed(op, inputs, mode):
     return (lambda: torch.autograd.grad(op(*leaves), leaves, gy)), 5 * n
 
 
+# The norm kernel modules whose attributes a sweep sets. A helper (warps_for, num_warps) is
+# defined in _blocks and bound by name in the kernel modules that call it, so it is set in each;
+# gated_residual keeps its own bindings (the sweeps time norm_modulate only).
+KNOBS = (_blocks, norm_tokens, norm_group)
+
+
 def warps_per_thread(p):
     return lambda e, _=None: max(1, min(16, triton.next_power_of_2(max(1, e // (32 * p)))))
 
 
 def sweeps(mode):
-    """(label, settings) pairs: module attributes of kernels.norm_modulate to set for one run."""
+    """(label, settings) pairs: attributes of the norm kernel modules (KNOBS) to set for one run."""
     if mode == "fwd":
         for tile, p in itertools.product((1024, 2048, 4096, 8192, 16384), (4, 8, 16, 32)):
             yield f"tile={tile} vals/thread={p}", dict(GPU_ROW_TILE=tile, GPU_GROUP_TILE=tile, warps_for=warps_per_thread(p))
     else:
         for tile, p, progs in itertools.product((2048, 4096), (8, 16, 32), (2, 4, 8, 16)):
             yield (f"bwd tile={tile} vals/thread={p} programs={progs}x132",
-                   dict(GPU_TILE=tile, num_warps=warps_per_thread(p), GROUP_BWD_PER_THREAD=p, GPU_PROGRAMS=progs * 132))
+                   dict(GPU_BWD_TILE=tile, num_warps=warps_per_thread(p), GROUP_BWD_PER_THREAD=p, GPU_PROGRAMS=progs * 132))
 
 
 modes = {"fwd": ["fwd"], "bwd": ["fwd+bwd"], "both": ["fwd", "fwd+bwd"]}[sys.argv[1] if len(sys.argv) > 1 else "both"]
@@ -99,14 +106,15 @@ for mode in modes:
         with use_backend("triton"):
             measure("triton (defaults)")
             for label, settings in sweeps("fwd" if mode == "fwd" else "bwd"):
-                saved = {k: getattr(K, k) for k in settings}
+                saved = [(m, k, getattr(m, k)) for k in settings for m in KNOBS if hasattr(m, k)]
+                assert {k for _, k, _ in saved} == set(settings), settings
                 try:
-                    for k, v in settings.items():
-                        setattr(K, k, v)
+                    for m, k, _ in saved:
+                        setattr(m, k, settings[k])
                     measure(f"triton {label}")
                 except Exception as exc:  # a config the compiler refuses: say so, go on
                     print(name, label, "failed:", str(exc)[:200], file=sys.stderr)
                 finally:
-                    for k, v in saved.items():
-                        setattr(K, k, v)
+                    for m, k, v in saved:
+                        setattr(m, k, v)
         report(mode, name, *min(rows, key=lambda r: r[1]), nbytes, "  <- best")

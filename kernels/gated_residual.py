@@ -2,12 +2,13 @@
 
 ``r = res + gate[b] * h``, gate (B, D) broadcast over T (rows (N, D): T = 1), in res's dtype.
 The fused chain also returns ``y = act(norm(r) * (1 + scale) + shift)`` (token kinds, the math of
-:mod:`flowfm_fast.kernels.norm_modulate`) from the same pass: res and h are read once, r and y
-written once. The norm sees r rounded to res's dtype, exactly as the unfused chain does.
+:mod:`flowfm_fast.kernels.norm_modulate`; the tile functions of :mod:`.norm_tokens`) from the same
+pass: res and h are read once, r and y written once. The norm sees r rounded to res's dtype,
+exactly as the unfused chain does.
 
 Backward: dh = dr * gate, dgate[b] = sum_t dr * h, where dr = dy_r (+ the norm's dx for the fused
 chain). dgate, dshift, dscale, dweight, dbias use the per-program partial sums plus one fixed-order
-reduction of :func:`norm_modulate.row_partition` (no atomics, deterministic).
+reduction of :func:`_blocks.row_partition` (no atomics, deterministic).
 
 Layouts: res, h, dy and dnew_res are read through their strides; outputs are contiguous; gate
 and the modulation / affine vectors are made contiguous (they are small).
@@ -25,10 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._blocks import cdiv
-from .norm_modulate import (ACTS, acc_dtype, device_ctx, finish_grads, load_affine, load_mod, num_warps, row_dims,
-                            row_partition, row_strides, row_tiles, rsum, sum01, sum_partials, token_bwd_tile,
-                            token_fwd_tile, warps_for)
+from ._blocks import (ACTS, acc_dtype, cdiv, device_ctx, finish_grads, has_flags, load_affine, load_mod, num_warps,
+                      row_dims, row_partition, row_strides, row_tiles, rsum, small, sum01, sum_partials, tl_acc,
+                      warps_for)
+from .norm_tokens import token_bwd_tile, token_fwd_tile
 
 
 @triton.jit
@@ -48,7 +49,7 @@ def _gr_fwd(RES, H, GATE, OUT, R, T, D, sr_b, sr_t, sr_d, sh_b, sh_t, sh_d,
 @triton.jit
 def _gr_bwd(DY, H, GATE, DH, DGATE_P, B, T, D, bchunk, chunk, nchunk, sd_b, sd_t, sd_d, sh_b, sh_t, sh_d,
             ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Tiles and partials of :func:`norm_modulate.row_partition`: dgate as (B, nchunk, D) partials."""
+    """Tiles and partials of :func:`_blocks.row_partition`: dgate as (B, nchunk, D) partials."""
     p = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1).to(tl.int64)
     b_end = tl.minimum(p * bchunk + bchunk, B)
@@ -109,7 +110,7 @@ def _grnm_bwd(DNEW_RES, DY, NEW_RES, H, GATE, MEAN, RSTD, SHIFT, SCALE, W, BIAS,
               BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """The token backward of norm_modulate on r, then dr += dnew_res; dres = dr, dh = dr * gate,
     dgate = sum_t dr * h. NEW_RES is contiguous (our own forward output); DNEW_RES, DY and H are
-    read by strides. Partials as in :func:`norm_modulate.row_partition`."""
+    read by strides. Partials as in :func:`_blocks.row_partition`."""
     p = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1).to(tl.int64)
     b_end = tl.minimum(p * bchunk + bchunk, B)
@@ -166,21 +167,21 @@ def _grnm_bwd(DNEW_RES, DY, NEW_RES, H, GATE, MEAN, RSTD, SHIFT, SCALE, W, BIAS,
 
 
 def gated_residual_forward(res, h, gate):
-    tl_acc, _ = acc_dtype(res.dtype)
+    acc = acc_dtype(res)
     gate = gate.contiguous()
     out = torch.empty(res.shape, dtype=res.dtype, device=res.device)
     B, T, D = row_dims(res)
     block_r, block_d = row_tiles(B * T, D)
     with device_ctx(res):
         _gr_fwd[(cdiv(B * T, block_r),)](res, h, gate, out, B * T, T, D, *row_strides(res), *row_strides(h),
-                                                ACC=tl_acc, BLOCK_R=block_r, BLOCK_D=block_d,
+                                                ACC=tl_acc(acc), BLOCK_R=block_r, BLOCK_D=block_d,
                                                 num_warps=warps_for(block_r * block_d))
     return out
 
 
 def gated_residual_backward(dy, h, gate):
     """(dh in h's dtype, dgate in gate's dtype)."""
-    tl_acc, acc = acc_dtype(h.dtype)
+    acc = acc_dtype(h)
     gate_c = gate.contiguous()
     B, T, D = row_dims(h)
     P = row_partition(B, T, D)
@@ -188,25 +189,16 @@ def gated_residual_backward(dy, h, gate):
     dgate = torch.empty((B, P.nchunk, D), dtype=acc, device=h.device)
     with device_ctx(h):
         _gr_bwd[(P.nbp, P.nchunk)](dy, h, gate_c, dh, dgate, B, T, D, P.bchunk, P.chunk, P.nchunk, *row_strides(dy),
-                                   *row_strides(h), ACC=tl_acc, BLOCK_B=P.block_b, BLOCK_T=P.block_t,
+                                   *row_strides(h), ACC=tl_acc(acc), BLOCK_B=P.block_b, BLOCK_T=P.block_t,
                                    BLOCK_D=P.block_d, num_warps=num_warps(P.block_b * P.block_t * P.block_d))
     dgate = sum_partials(dgate, 1)
     return dh, dgate.to(gate.dtype)
 
 
-def _small(t):
-    return None if t is None else t.contiguous()
-
-
-def _flags(shift, scale, weight, bias):
-    return dict(HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None, HAS_W=weight is not None,
-                HAS_BIAS=bias is not None)
-
-
 def fused_forward(res, h, gate, shift, scale, weight, bias, kind: str, eps: float, act: str | None):
     """(new_res, y, mean, rstd): new_res and y in res's dtype, mean / rstd (R,) in the accumulation dtype."""
-    tl_acc, acc = acc_dtype(res.dtype)
-    gate, shift, scale, weight, bias = (_small(t) for t in (gate, shift, scale, weight, bias))
+    acc = acc_dtype(res)
+    gate, shift, scale, weight, bias = (small(t) for t in (gate, shift, scale, weight, bias))
     B, T, D = row_dims(res)
     R = B * T
     new_res = torch.empty(res.shape, dtype=res.dtype, device=res.device)
@@ -217,9 +209,9 @@ def fused_forward(res, h, gate, shift, scale, weight, bias, kind: str, eps: floa
     with device_ctx(res):
         _grnm_fwd[(cdiv(R, block_r),)](res, h, gate, shift, scale, weight, bias, new_res, y, mean, rstd,
                                               R, T, D, *row_strides(res), *row_strides(h), eps, RMS=kind == "rms",
-                                              ACT=ACTS[act], ACC=tl_acc, BLOCK_R=block_r, BLOCK_D=block_d,
+                                              ACT=ACTS[act], ACC=tl_acc(acc), BLOCK_R=block_r, BLOCK_D=block_d,
                                               num_warps=warps_for(block_r * block_d),
-                                              **_flags(shift, scale, weight, bias))
+                                              **has_flags(shift, scale, weight, bias))
     return new_res, y, mean, rstd
 
 
@@ -227,8 +219,8 @@ def fused_backward(dnew_res, dy, new_res, h, gate, mean, rstd, shift, scale, wei
                    act: str | None):
     """(dres, dh, dgate, dshift, dscale, dweight, dbias), each in its input's dtype (dres in
     new_res's, which is res's); an empty tensor where an optional input was None."""
-    tl_acc, acc = acc_dtype(new_res.dtype)
-    gate_c, shift, scale, weight, bias = (_small(t) for t in (gate, shift, scale, weight, bias))
+    acc = acc_dtype(new_res)
+    gate_c, shift, scale, weight, bias = (small(t) for t in (gate, shift, scale, weight, bias))
     new_res = new_res.contiguous()
     mean, rstd = mean.to(acc).contiguous(), rstd.to(acc).contiguous()
     B, T, D = row_dims(new_res)
@@ -246,9 +238,10 @@ def fused_backward(dnew_res, dy, new_res, h, gate, mean, rstd, shift, scale, wei
         _grnm_bwd[(P.nbp, P.nchunk)](dn, dy, new_res, h, gate_c, mean, rstd, shift, scale, weight, bias,
                                      dres, dh, dgate, dshift, dscale, dw_p, db_p, B, T, D, P.bchunk, P.chunk,
                                      P.nchunk, *row_strides(dn), *row_strides(dy), *row_strides(h),
-                                     RMS=kind == "rms", ACT=ACTS[act], HAS_DNEW=dnew_res is not None, ACC=tl_acc,
+                                     RMS=kind == "rms", ACT=ACTS[act], HAS_DNEW=dnew_res is not None,
+                                     ACC=tl_acc(acc),
                                      BLOCK_B=P.block_b, BLOCK_T=P.block_t, BLOCK_D=P.block_d,
                                      num_warps=num_warps(P.block_b * P.block_t * P.block_d),
-                                     **_flags(shift, scale, weight, bias))
+                                     **has_flags(shift, scale, weight, bias))
     dgate = sum_partials(dgate, 1).to(gate.dtype)
     return (dres, dh, dgate, *finish_grads(new_res, dshift, dscale, dw_p, db_p, shift, scale, weight, bias, 1))

@@ -28,16 +28,24 @@ pytestmark = pytest.mark.skipif(
     reason="triton is not installed, or no GPU and TRITON_INTERPRET is not 1")
 
 
-GPU_TILES = ("GPU_TILE", "GPU_ROW_TILE", "GPU_GROUP_TILE")  # backward, token forward, group forward
+# The family's tile sizes, each set where it is read: (module, name). Interpreted, backward,
+# token forward (kernels/_blocks.py: also gated_residual's), group forward (kernels/norm_group.py).
+TILES = (("_blocks", "INTERPRETER_TILE"), ("_blocks", "GPU_BWD_TILE"), ("_blocks", "GPU_ROW_TILE"),
+         ("norm_group", "GPU_GROUP_TILE"))
+
+
+def _set_tiles(mp, tile):
+    from flowfm_fast.kernels import _blocks, norm_group
+    modules = {"_blocks": _blocks, "norm_group": norm_group}
+    for module, name in TILES:
+        mp.setattr(modules[module], name, tile)
 
 
 @pytest.fixture
 def small_tiles(monkeypatch):
     """Tiles of 32 elements: one row per tile for D = 37, several chunks per sample and several
     rows per chunk in the backward, group loops over channel and position blocks."""
-    from flowfm_fast.kernels import norm_modulate as K
-    for name in ("INTERPRETER_TILE", *GPU_TILES):
-        monkeypatch.setattr(K, name, SMALL_TILE)
+    _set_tiles(monkeypatch, SMALL_TILE)
 
 
 def _leaf(*shape, dtype=torch.float32, scale=1.0):
@@ -72,9 +80,7 @@ def _run_all(dtype=torch.float32):
 def test_small_tiles_match_reference(monkeypatch, tile):
     """Many programs, row loops and partial-sum tables give the reference's values and gradients
     (tile 32: GroupNorm loops over channel and position blocks; 256: one whole group per program)."""
-    from flowfm_fast.kernels import norm_modulate as K
-    for name in ("INTERPRETER_TILE", *GPU_TILES):
-        monkeypatch.setattr(K, name, tile)
+    _set_tiles(monkeypatch, tile)
     with use_backend("torch"):
         want = _run_all()
     with use_backend("triton"):
@@ -86,10 +92,8 @@ def test_small_tiles_match_reference(monkeypatch, tile):
 def test_small_and_large_tiles_agree():
     with use_backend("triton"):
         large = _run_all()
-    from flowfm_fast.kernels import norm_modulate as K
     mp = pytest.MonkeyPatch()
-    for name in ("INTERPRETER_TILE", *GPU_TILES):
-        mp.setattr(K, name, SMALL_TILE)
+    _set_tiles(mp, SMALL_TILE)
     try:
         with use_backend("triton"):
             small = _run_all()
@@ -112,10 +116,9 @@ def test_deterministic(request, dtype, tiles):
 
 @pytest.mark.parametrize("tile", [None, SMALL_TILE])
 def test_partition_covers_every_row_once(monkeypatch, tile):
-    from flowfm_fast.kernels import norm_modulate as K
+    from flowfm_fast.kernels import _blocks as K
     if tile is not None:
-        for name in ("INTERPRETER_TILE", *GPU_TILES):
-            monkeypatch.setattr(K, name, tile)
+        _set_tiles(monkeypatch, tile)
     for B, T, D in [(1, 1, 7), (123, 1, 127), (3, 7, 300), (2, 4096, 1536), (64, 1, 8), (3, 5, 37)]:
         P = K.row_partition(B, T, D)
         assert P.block_d >= D
@@ -257,7 +260,7 @@ def test_gpu_partition_of_small_problems(small_elems, monkeypatch):
     """On a GPU, token backwards up to GPU_SMALL_ELEMS keep one chunk per sample (no second
     reduction launch); above it they split tokens into chunks. Both partitions give the reference's
     gradients (run here under the interpreter with the GPU's tiles and program targets)."""
-    from flowfm_fast.kernels import norm_modulate as K
+    from flowfm_fast.kernels import _blocks as K  # the partition's home (and its interpreting)
     monkeypatch.setattr(K, "interpreting", lambda: False)
     monkeypatch.setattr(K, "GPU_SMALL_ELEMS", small_elems)
     B, T, D = 3, 300, 37  # 5 chunks of 64 tokens at the GPU tile, unless kept whole

@@ -20,7 +20,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from flowfm_fast.kernels import gated_residual as GR  # noqa: E402
-from flowfm_fast.kernels import norm_modulate as NM  # noqa: E402
+from flowfm_fast.kernels import norm_group as NG  # noqa: E402
+from flowfm_fast.kernels import norm_tokens as NT  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 # Tensors that have x's dtype; every other pointer is an fp32 parameter, statistic or partial.
@@ -55,25 +56,25 @@ def main(argv: list[str]) -> int:
         for act in (2,) if quick else (0, 1, 2):
             for rms in (False, True):
                 tok = dict(RMS=rms, ACT=act, ACC=acc, **flags)
-                variants.append((NM._token_fwd, data, dict(tok, BLOCK_R=4, BLOCK_D=128)))
-                variants.append((NM._token_bwd, data, dict(tok, BLOCK_B=2, BLOCK_T=4, BLOCK_D=128)))
+                variants.append((NT._token_fwd, data, dict(tok, BLOCK_R=4, BLOCK_D=128)))
+                variants.append((NT._token_bwd, data, dict(tok, BLOCK_B=2, BLOCK_T=4, BLOCK_D=128)))
                 variants.append((GR._grnm_fwd, data, dict(tok, BLOCK_R=4, BLOCK_D=128)))
                 variants.append((GR._grnm_bwd, data, dict(tok, HAS_DNEW=True, BLOCK_B=2, BLOCK_T=4, BLOCK_D=128)))
             grp = dict(ACT=act, ACC=acc, **flags)
-            variants.append((NM._group_fwd_whole, data, dict(grp, BLOCK_G=2, BLOCK_C=4, BLOCK_L=32)))
-            variants.append((NM._group_bwd_whole, data, dict(grp, BLOCK_G=2, BLOCK_C=4, BLOCK_L=32)))
-            variants.append((NM._group_fwd, data, dict(grp, BLOCK_C=4, BLOCK_L=32)))
-            variants.append((NM._group_bwd, data, dict(grp, BLOCK_C=4, BLOCK_L=32)))
+            variants.append((NG._group_fwd_whole, data, dict(grp, BLOCK_G=2, BLOCK_C=4, BLOCK_L=32)))
+            variants.append((NG._group_bwd_whole, data, dict(grp, BLOCK_G=2, BLOCK_C=4, BLOCK_L=32)))
+            variants.append((NG._group_fwd, data, dict(grp, BLOCK_C=4, BLOCK_L=32)))
+            variants.append((NG._group_bwd, data, dict(grp, BLOCK_C=4, BLOCK_L=32)))
         variants.append((GR._gr_fwd, data, dict(ACC=acc, BLOCK_R=4, BLOCK_D=128)))
         variants.append((GR._gr_bwd, data, dict(ACC=acc, BLOCK_B=2, BLOCK_T=4, BLOCK_D=128)))
     # Absent optional tensors: their pointer arguments are None constexprs.
     none = dict(HAS_SHIFT=False, HAS_SCALE=False, HAS_W=False, HAS_BIAS=False,
                 SHIFT=None, SCALE=None, W=None, BIAS=None)
-    variants.append((NM._token_fwd, "fp16", dict(RMS=False, ACT=1, ACC=tl.float32, BLOCK_R=4, BLOCK_D=128, **none)))
-    variants.append((NM._token_bwd, "fp16", dict(RMS=False, ACT=1, ACC=tl.float32, BLOCK_B=2, BLOCK_T=4,
+    variants.append((NT._token_fwd, "fp16", dict(RMS=False, ACT=1, ACC=tl.float32, BLOCK_R=4, BLOCK_D=128, **none)))
+    variants.append((NT._token_bwd, "fp16", dict(RMS=False, ACT=1, ACC=tl.float32, BLOCK_B=2, BLOCK_T=4,
                                                  BLOCK_D=128, DSHIFT_P=None, DSCALE_P=None, DW_P=None, DB_P=None,
                                                  **none)))
-    variants.append((NM._group_bwd_whole, "fp16", dict(ACT=2, ACC=tl.float32, BLOCK_G=2, BLOCK_C=4, BLOCK_L=32,
+    variants.append((NG._group_bwd_whole, "fp16", dict(ACT=2, ACC=tl.float32, BLOCK_G=2, BLOCK_C=4, BLOCK_L=32,
                                                        DSHIFT=None, DSCALE=None, DW_P=None, DB_P=None, **none)))
     for kernel, data, constexprs in variants:
         if only and kernel.fn.__name__ not in only:
