@@ -19,6 +19,7 @@ export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=16
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
   python3 -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
   nvcc --version | tail -1; g++ --version | head -1
+  lscpu | grep -m1 "Model name"; echo "CPU SIMD: $(grep -o -w 'avx2\|fma\|avx512f\|avx512bw\|avx512vl\|avx512dq' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
@@ -32,7 +33,9 @@ done
 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 timeout 220 python3 -m pip install -v --no-deps --no-build-isolation --no-index -e . \
   > "$OUT/build.log" 2>&1
 at "build rc=$?"; grep -n "WARNING\|error:" "$OUT/build.log" | head -20
-python3 -c "import flowfm_fast; print(flowfm_fast.backend_summary())" 2>&1 | tail -3
+python3 -c "import flowfm_fast; print(flowfm_fast.backend_summary()); print(flowfm_fast.extension.build_info())" 2>&1 | tail -3
+# The host CPU's kernel variants (AVX-512 where it has it: this repository's CPU machines may not).
+OMP_NUM_THREADS=4 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/ops/test_cpu_capability.py 2>&1 | tail -3
 
 REPRO='import torch, flowfm_fast
 try:
@@ -59,7 +62,7 @@ if [[ " $STAGES " == *" bench "* ]]; then
   A=${AFTER_BENCH_S:-0}
   B="python3 -m pytest -q -p no:cacheprovider --benchmark-max-time=0.2 --benchmark-min-rounds=5"
   SUITES=${SUITES:-"ops sample e2e"}
-  [[ " $SUITES " == *" ops "* ]] && timeout -s INT $(( $(left) - A - 90 )) $B benchmarks/bench_copy.py benchmarks/bench_norm_modulate.py benchmarks/bench_fm.py \
+  [[ " $SUITES " == *" ops "* ]] && timeout -s INT $(( $(left) - A - 90 )) $B benchmarks/bench_copy.py benchmarks/bench_norm_modulate.py benchmarks/bench_fm_interpolate.py benchmarks/bench_fm_loss.py \
     -k "copy or 1024-1024 or 2048 or 65536" --benchmark-json="$OUT/ops.json" > "$OUT/bench.log" 2>&1
   at "ops bench rc=$?"
   [[ " $SUITES " == *" sample "* ]] && timeout -s INT $(( $(left) - A - 40 )) $B benchmarks/bench_sample.py -k "K8-" --benchmark-json="$OUT/sample.json" >> "$OUT/bench.log" 2>&1

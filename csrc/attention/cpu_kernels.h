@@ -18,9 +18,11 @@ struct View {
 template <typename A> struct Vec {
   typedef A v __attribute__((vector_size(64), aligned(sizeof(A))));
   static constexpr int64_t N = 64 / sizeof(A);
-  static v load(const A* p) { v r; std::memcpy(&r, p, sizeof r); return r; }
-  static void store(A* p, v x) { std::memcpy(p, &x, sizeof x); }
-  static v splat(A a) { return v{} + a; }
+  // Always inlined: a 64-byte vector passed by value between functions goes through memory on
+  // AVX2 (two ymm halves) and without AVX (four xmm).
+  static FLOWFM_INLINE v load(const A* p) { v r; std::memcpy(&r, p, sizeof r); return r; }
+  static FLOWFM_INLINE void store(A* p, v x) { std::memcpy(p, &x, sizeof x); }
+  static FLOWFM_INLINE v splat(A a) { return v{} + a; }
 };
 inline int64_t pad_to(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
