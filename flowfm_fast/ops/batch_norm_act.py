@@ -56,8 +56,8 @@ FORWARD = KernelSpec("batch_norm_act",
                      "bool training, float eps, str act) -> (Tensor y, Tensor mean, Tensor rstd, "
                      "Tensor var_unbiased)", _fake, backward=BACKWARD)
 
-# cpp: benchmarks/results/cpu-2core.md (AVX-512) (per-capability AVX2 ranks: to be measured, issue 14). On GPUs the "triton" backend is the
-# reference (cuDNN's batch norm), ranked as the reference.
+# cpp: benchmarks/results/cpu-2core.md (AVX-512) and cpu-avx2-2core.md (avx2 variant). On GPUs the
+# "triton" backend is the reference (cuDNN's batch norm), ranked as the reference.
 RANKS = {"cpp": {"cpu": 1}, "triton": {"cuda": 0}}
 
 _ext.bind(BACKWARD)

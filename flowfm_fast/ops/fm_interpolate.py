@@ -73,8 +73,8 @@ def _triton_derivative(backward_op):
 CPP_FORWARD = KernelSpec("fm_interpolate", FORWARD_SCHEMA, _fake, backward=CPP_BACKWARD)
 TRITON_FORWARD = KernelSpec("fm_interpolate", FORWARD_SCHEMA, _fake, _setup, _triton_derivative, TRITON_BACKWARD)
 
-# cpp: benchmarks/results/cpu-2core.md (AVX-512) (per-capability AVX2 ranks: to be measured, issue 14); cuda over triton on GPUs: host
-# time per call (benchmarks/results/h200/host.log).
+# cpp: benchmarks/results/cpu-2core.md (AVX-512) and cpu-avx2-2core.md (avx2 variant); cuda over
+# triton on GPUs: host time per call (benchmarks/results/h200/host.log).
 RANKS = {"cpp": {"cpu": 1}, "cuda": {"cuda": 2}, "triton": {"cuda": 1}}
 
 

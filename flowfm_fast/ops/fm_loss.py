@@ -62,8 +62,8 @@ def _fake(v, x0, x1, weight, sigma_min, need_grad):
 FORWARD = KernelSpec("fm_loss", "(Tensor v, Tensor x0, Tensor x1, Tensor? weight, float sigma_min, bool need_grad) "
                      "-> (Tensor loss, Tensor per_sample, Tensor dv)", _fake, _setup, _derivative)
 
-# cpp: benchmarks/results/cpu-2core.md (AVX-512) (per-capability AVX2 ranks: to be measured, issue 14); cuda over triton on GPUs: host
-# time per call (benchmarks/results/h200/host.log).
+# cpp: benchmarks/results/cpu-2core.md (AVX-512) and cpu-avx2-2core.md (avx2 variant); cuda over
+# triton on GPUs: host time per call (benchmarks/results/h200/host.log).
 RANKS = {"cpp": {"cpu": 1}, "cuda": {"cuda": 2}, "triton": {"cuda": 1}}
 
 

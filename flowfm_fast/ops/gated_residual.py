@@ -101,8 +101,8 @@ GRNM_FORWARD = KernelSpec(
     _grnm_setup, _grnm_derivative, GRNM_BACKWARD)
 
 # Where each fused backend runs, and its rank there (higher wins; the reference is 0).
-# cpp: benchmarks/results/cpu-2core.md (AVX-512) (per-capability AVX2 ranks: to be measured, issue 14); GPUs: the triton kernels (no
-# CUDA C++ kernel of these).
+# cpp: benchmarks/results/cpu-2core.md (AVX-512) and cpu-avx2-2core.md (avx2 variant); GPUs: the
+# triton kernels (no CUDA C++ kernel of these).
 RANKS = {"cpp": {"cpu": 1}, "triton": {"cuda": 1}}
 
 

@@ -62,8 +62,8 @@ COMBINE = KernelSpec("rk_combine", "(Tensor(a!) out, Tensor x, Tensor[] ks, floa
 
 # The in-place updates are for solvers (no autograd): the fused backends serve only calls whose
 # inputs need no gradient (call flag: needs_grad); the reference's add_ is what autograd understands.
-# cpp: benchmarks/results/cpu-2core.md (AVX-512) (per-capability AVX2 ranks: to be measured, issue 14); cuda over triton on GPUs: host
-# time per call (benchmarks/results/h200/host.log).
+# cpp: benchmarks/results/cpu-2core.md (AVX-512) and cpu-avx2-2core.md (avx2 variant); cuda over
+# triton on GPUs: host time per call (benchmarks/results/h200/host.log).
 RANKS = {"cpp": {"cpu": 1}, "cuda": {"cuda": 2}, "triton": {"cuda": 1}}
 
 

@@ -56,8 +56,8 @@ BACKWARD = KernelSpec("linear_act_backward",
 FORWARD = KernelSpec("linear_act", "(Tensor x, Tensor weight, Tensor? bias, str act) -> (Tensor y, Tensor u)",
                      _fake, backward=BACKWARD)
 
-# cpp: benchmarks/results/cpu-2core.md (AVX-512) (per-capability AVX2 ranks: to be measured, issue 14). On GPUs the "triton" backend is the
-# reference itself (see above), ranked as the reference.
+# cpp: benchmarks/results/cpu-2core.md (AVX-512) and cpu-avx2-2core.md (avx2 variant). On GPUs the
+# "triton" backend is the reference itself (see above), ranked as the reference.
 RANKS = {"cpp": {"cpu": 1}, "triton": {"cuda": 0}}
 
 _ext.bind(BACKWARD)

@@ -112,8 +112,8 @@ FORWARD = KernelSpec(
     "int num_groups) -> (Tensor y, Tensor mean, Tensor rstd)", _fake, _setup, _derivative, BACKWARD)
 
 # Where each fused backend runs, and its rank there (higher wins; the reference is 0).
-# cpp: benchmarks/results/cpu-2core.md (AVX-512) (per-capability AVX2 ranks: to be measured, issue 14). cuda over triton on GPUs: at the
-# model's sizes host time per call decides (benchmarks/results/h200/host.log).
+# cpp: benchmarks/results/cpu-2core.md (AVX-512) and cpu-avx2-2core.md (avx2 variant). cuda over
+# triton on GPUs: at the model's sizes host time per call decides (benchmarks/results/h200/host.log).
 RANKS = {"cpp": {"cpu": 1}, "cuda": {"cuda": 2}, "triton": {"cuda": 1}}
 
 

@@ -58,8 +58,8 @@ FORWARD = KernelSpec("timestep_embedding", "(Tensor t, int dim, float max_period
                      _derivative, BACKWARD)
 
 # The kernels take any real t (integer DDPM steps too; the public function refuses bool / complex).
-# cpp: benchmarks/results/cpu-2core.md (AVX-512) (per-capability AVX2 ranks: to be measured, issue 14); GPUs: host time per call
-# (benchmarks/results/h200/host.log).
+# cpp: benchmarks/results/cpu-2core.md (AVX-512) and cpu-avx2-2core.md (avx2 variant); GPUs: host time
+# per call (benchmarks/results/h200/host.log).
 RANKS = {"cpp": {"cpu": 1}, "cuda": {"cuda": 2}, "triton": {"cuda": 1}}
 
 
