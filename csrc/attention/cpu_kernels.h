@@ -11,15 +11,16 @@ struct View {
   int64_t at(int64_t b, int64_t h) const { return b * sb + h * sh; }
 };
 
-// One 64-byte vector of accumulators (16 floats / 8 doubles): every product below is accumulated
-// in registers over its reduction index (written as loads into a scalar row, the accumulation
-// went through memory on every step and ran 3x slower than ATen's kernel). Rows are padded with
-// zeros to whole vectors.
+// One machine vector of accumulators (64 bytes with AVX-512, 32 with AVX2, 16 otherwise): every
+// product below is accumulated in registers over its reduction index (written as loads into a
+// scalar row, the accumulation went through memory on every step and ran 3x slower than ATen's
+// kernel). Rows are padded with zeros to whole vectors. A vector wider than the registers is not
+// kept in them: GCC splits a 64-byte vector on AVX2 through the stack (the avx2 variant ran at
+// half the reference's speed, benchmarks/results/cpu-avx2-NOTES.md).
+constexpr int64_t kVecBytes = FLOWFM_CPU_AVX512 ? 64 : FLOWFM_CPU_AVX2 ? 32 : 16;
 template <typename A> struct Vec {
-  typedef A v __attribute__((vector_size(64), aligned(sizeof(A))));
-  static constexpr int64_t N = 64 / sizeof(A);
-  // Always inlined: a 64-byte vector passed by value between functions goes through memory on
-  // AVX2 (two ymm halves) and without AVX (four xmm).
+  typedef A v __attribute__((vector_size(kVecBytes)));
+  static constexpr int64_t N = kVecBytes / sizeof(A);
   static FLOWFM_INLINE v load(const A* p) { v r; std::memcpy(&r, p, sizeof r); return r; }
   static FLOWFM_INLINE void store(A* p, v x) { std::memcpy(p, &x, sizeof x); }
   static FLOWFM_INLINE v splat(A a) { return v{} + a; }
@@ -41,24 +42,34 @@ void load_transposed(const S* src, int64_t st, int64_t T, int64_t D, int64_t Tp,
     for (int64_t c = 0; c < D; ++c) dst[c * Tp + j] = static_cast<A>(src[j * st + c]);
 }
 
-// out[0:Lp] = sum_r a[r] * rows[r][0:Lp] over r < R (rows of stride Lp), in registers: four
-// independent accumulators over r, as one chain waited on the FMA latency at every step (T = 30).
+// out[0:Lp] = sum_r a[r] * rows[r][0:Lp] over r < R (rows of stride Lp), in registers. C columns
+// of vectors at once (each a[r] broadcast once for all of them) and two accumulators per column
+// over r: 2 C independent FMA chains, as one chain waited on the FMA latency at every step.
+template <int C, typename A>
+FLOWFM_INLINE void combine_cols(const A* a, int64_t a_stride, const A* rows, int64_t R, int64_t Lp, A* out) {
+  using V = Vec<A>;
+  typename V::v acc0[C], acc1[C];
+  for (int c = 0; c < C; ++c) acc0[c] = acc1[c] = V::splat(A(0));
+  int64_t r = 0;
+  for (; r + 2 <= R; r += 2) {
+    const typename V::v a0 = V::splat(a[r * a_stride]), a1 = V::splat(a[(r + 1) * a_stride]);
+    for (int c = 0; c < C; ++c) {
+      acc0[c] += a0 * V::load(rows + r * Lp + c * V::N);
+      acc1[c] += a1 * V::load(rows + (r + 1) * Lp + c * V::N);
+    }
+  }
+  if (r < R) {
+    const typename V::v a0 = V::splat(a[r * a_stride]);
+    for (int c = 0; c < C; ++c) acc0[c] += a0 * V::load(rows + r * Lp + c * V::N);
+  }
+  for (int c = 0; c < C; ++c) V::store(out + c * V::N, acc0[c] + acc1[c]);
+}
 template <typename A>
 FLOWFM_INLINE void combine_rows(const A* a, int64_t a_stride, const A* rows, int64_t R, int64_t Lp, A* out) {
-  using V = Vec<A>;
-  for (int64_t l0 = 0; l0 < Lp; l0 += V::N) {
-    typename V::v acc0 = V::splat(A(0)), acc1 = acc0, acc2 = acc0, acc3 = acc0;
-    const A* row = rows + l0;
-    int64_t r = 0;
-    for (; r + 4 <= R; r += 4) {
-      acc0 += V::splat(a[r * a_stride]) * V::load(row + r * Lp);
-      acc1 += V::splat(a[(r + 1) * a_stride]) * V::load(row + (r + 1) * Lp);
-      acc2 += V::splat(a[(r + 2) * a_stride]) * V::load(row + (r + 2) * Lp);
-      acc3 += V::splat(a[(r + 3) * a_stride]) * V::load(row + (r + 3) * Lp);
-    }
-    for (; r < R; ++r) acc0 += V::splat(a[r * a_stride]) * V::load(row + r * Lp);
-    V::store(out + l0, (acc0 + acc1) + (acc2 + acc3));
-  }
+  constexpr int64_t N = Vec<A>::N;
+  int64_t l0 = 0;
+  for (; l0 + 4 * N <= Lp; l0 += 4 * N) combine_cols<4>(a, a_stride, rows + l0, R, Lp, out + l0);
+  for (; l0 < Lp; l0 += N) combine_cols<1>(a, a_stride, rows + l0, R, Lp, out + l0);
 }
 
 // s[0:T] -> exp(scale s - max) in place (padding lanes T..Tp -> exp of the clamp's floor, ~1e-38, so

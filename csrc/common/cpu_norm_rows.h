@@ -71,7 +71,7 @@ template <typename A> struct SampleFold {
 // fp32 rows: sums in four independent 8-lane accumulators. An `omp simd` reduction keeps one
 // vector accumulator, so a row of a few hundred values waits on the add latency (D = 128: the
 // forward ran 1.4x slower that way in a microbenchmark on this machine's EPYC).
-typedef float f32x8 __attribute__((vector_size(32), aligned(4)));
+typedef float f32x8 __attribute__((vector_size(32)));
 FLOWFM_INLINE f32x8 load8(const float* p) {
   f32x8 v;
   std::memcpy(&v, p, sizeof v);

@@ -5,6 +5,11 @@
 // MKL in a sweep of the model's shapes: (64, 128) x (128, 128) 23 vs 17 us; (64, 128) x (768, 128)
 // 57 vs 79 us.
 constexpr int64_t kDnnMinWork = int64_t(1) << 22;
+// The weight gradient's GEMM (both operands transposed views) through oneDNN on AVX-512 only: on
+// an AVX2 EPYC MKL's sgemm reads the transposes in place and oneDNN (after a transpose copy) took
+// 1.1-2x its time in every model shape (benchmarks/results/cpu-avx2-gemm.md); the forward and
+// input-gradient GEMMs stay on oneDNN there (0.8-1.0x MKL's time).
+constexpr bool kDnnWeightGrad = FLOWFM_CPU_AVX512;
 
 // GCC 12 reports the intrinsics' internal _mm512_undefined_ps as maybe-uninitialized wherever the
 // loads, unpacks and shuffles below inline: a false positive.
@@ -199,10 +204,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cpu(
   at::Tensor dx, dw, db;
   if (need_x) dx = mm_nt(gu, weight.t(), std::nullopt).contiguous();  // gu (M, N) W (N, K)
   if (need_weight) {
-    // gu^T (N, M) x (M, K): oneDNN was faster with the wider of N, K as its output columns
-    // ((1920, 128) x (384, 128): 0.72 vs 1.0 ms the other way round).
-    dw = weight.size(0) >= weight.size(1) ? mm_nt(x.t(), gu.t(), std::nullopt).t().contiguous()
-                                          : mm_nt(gu.t(), x.t(), std::nullopt).contiguous();
+    if constexpr (kDnnWeightGrad) {
+      // gu^T (N, M) x (M, K): oneDNN was faster with the wider of N, K as its output columns
+      // ((1920, 128) x (384, 128): 0.72 vs 1.0 ms the other way round).
+      dw = weight.size(0) >= weight.size(1) ? mm_nt(x.t(), gu.t(), std::nullopt).t().contiguous()
+                                            : mm_nt(gu.t(), x.t(), std::nullopt).contiguous();
+    } else {
+      dw = at::mm(gu.t(), x);
+    }
   }
   if (need_bias) db = gu.sum(0);
   auto empty = [&] { return at::empty({0}, x.options()); };
