@@ -51,11 +51,12 @@ BACKWARD = KernelSpec("attention_backward",
 FORWARD = KernelSpec("attention", "(Tensor q, Tensor k, Tensor v, bool need_probs) -> (Tensor out, Tensor probs)",
                      _fake, backward=BACKWARD)
 
-# cpp: benchmarks/results/cpu-2core.md (AVX-512 build) for "cpu"; the avx2 and default variants of
-# the portable build lost to the reference (benchmarks/results/cpu-avx2-2core.md), so the reference
-# runs there until they are fixed. On GPUs the "triton" backend is the reference (SDPA's flash
-# kernels), ranked as the reference.
-RANKS = {"cpp": {"cpu": 1, "cpu:avx2": FORCED_ONLY, "cpu:default": FORCED_ONLY},
+# cpp: on one 2-core AVX-512 Xeon the avx2 variant (forced) beat the reference in all 6 rows
+# (1.06-1.35x, benchmarks/results/cpu-avx2-on-xeon-attention.md) and the avx512 variant ("cpu")
+# in fwd+bwd (cpu-avx512-xeon-attention.md); the default (SSE2) variant loses to the reference
+# (cpu-avx2-NOTES.md), so the reference runs there. On GPUs the "triton" backend is the reference
+# (SDPA's flash kernels), ranked as the reference.
+RANKS = {"cpp": {"cpu": 1, "cpu:default": FORCED_ONLY},
          "triton": {"cuda": 0}}
 
 
