@@ -9,6 +9,8 @@ the bar:
   DRAM (compute-bound rows, which
   carry ``flops`` instead of ``bytes``, print GFLOP/s in the GB/s column and skip the bandwidth part);
 - end to end (training step): >= 1.5x eager, >= 1.1x torch.compile;
+- host time per call (bench_host_overhead.py, tiny sizes, fwd+bwd): fused <= the reference's on
+  CPU; on GPU <= 1.2x it for triton, <= 1.0x for cuda;
 - sampling (bench_sample.py, ``ours`` rows of 8-step Euler on CPU): >= 2x the eager loop at
   batch 1, >= 1.5x at batch 64, and never slower than torchdiffeq.
 
@@ -21,6 +23,9 @@ import sys
 
 OP_BAR = {"eager": 3.0, "compile": 1.3, "copy_pct": 60.0}
 E2E_BAR = {"train_step": {"eager": 1.5, "compile": 1.1}}
+# Host time per fwd+bwd call of a tiny op (bench_host_overhead.py), as the least "vs eager" ratio:
+# at most the reference's time on CPU, 1.2x it for triton and 1.0x for cuda on a GPU.
+HOST_BAR = {"cpu": 1.0, "triton": 1 / 1.2, "cuda": 1.0}
 SOLVE_BAR = {"steps": 8, "eager": {1: 2.0, 64: 1.5}, "torchdiffeq": 1.0}
 IMPL_ORDER = ("eager", "compile", "cpp", "triton", "cuda", "auto", "torchdiffeq", "ours", "ours_graph")
 
@@ -52,8 +57,19 @@ def _solve_bar(info: dict, r_e: float | None, r_tde: float | None) -> str:
     return "pass" if not misses else "FAIL: " + ", ".join(misses)
 
 
+def _host_bar(impl: str, info: dict, device: str, r_e: float | None) -> str:
+    if impl == "eager" or info.get("mode") != "fwd+bwd":
+        return ""
+    need = HOST_BAR.get(impl if device == "cuda" else "cpu")
+    if need is None:
+        return ""
+    return "pass" if r_e is not None and r_e >= need else f"FAIL: {r_e:.2f}x<{need:.2f}x eager" if r_e else "no eager"
+
+
 def _bar(impl: str, info: dict, device: str, r_e: float | None, r_c: float | None, pct: float | None,
          r_tde: float | None = None) -> str:
+    if info.get("host"):
+        return _host_bar(impl, info, device, r_e)
     if info.get("op") == "solve":
         return _solve_bar(info, r_e, r_tde) if impl == "ours" and device == "cpu" else ""
     if impl != "cpp" or device != "cpu":
@@ -141,7 +157,7 @@ def table(data: dict) -> str:
     if copy_gbps is not None:
         lines += ["", f"Copy bandwidth (roofline) in the same run: {copy_gbps:.1f} GB/s (best of: {copy_src})."]
     if judged:
-        lines += ["", f"Bar (cpp rows on CPU; ops: >= {OP_BAR['eager']}x eager, >= {OP_BAR['compile']}x compile, "
+        lines += ["", f"Bar (cpp rows on CPU, and fused fwd+bwd rows of the host-overhead suite: time <= the reference on CPU, <= 1.2x (triton) / 1.0x (cuda) on GPU; ops: >= {OP_BAR['eager']}x eager, >= {OP_BAR['compile']}x compile, "
                       f">= {OP_BAR['copy_pct']:.0f}% copy BW; train step: >= {E2E_BAR['train_step']['eager']}x eager, "
                       f">= {E2E_BAR['train_step']['compile']}x compile; 8-step Euler sampling: >= "
                       f"{SOLVE_BAR['eager'][1]}x / {SOLVE_BAR['eager'][64]}x the eager loop at batch 1 / 64 and "
