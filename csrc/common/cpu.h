@@ -101,9 +101,12 @@ constexpr int64_t kChunk = 1 << 13;
 inline int64_t chunks_per_sample(int64_t n) { return std::max<int64_t>(1, (n + kChunk - 1) / kChunk); }
 
 // f(b, begin, end, slot) for every chunk [begin, end) of every sample b (offsets within the sample).
+// Tasks group chunks up to kGrainElems elements: a tiny batch runs on the calling thread instead
+// of waking the pool (at small sizes the wake-up cost more than the work). Slots stay per chunk,
+// so the result does not depend on the grouping.
 template <typename F> inline void for_each_chunk(int64_t B, int64_t N, F&& f) {
   const int64_t per = chunks_per_sample(N);
-  at::parallel_for(0, B * per, 1, [&](int64_t u0, int64_t u1) {
+  at::parallel_for(0, B * per, grain_rows(std::min(N, kChunk)), [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t b = u / per, c = u % per;
       f(b, c * kChunk, std::min(N, (c + 1) * kChunk), u);
