@@ -29,7 +29,10 @@ before every timed call (pedantic rounds) for a like-for-like comparison with th
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Sequence
+import random
+import statistics
+import time
+from typing import Callable, ContextManager, Iterator, Mapping, Sequence
 
 import pytest
 import torch
@@ -178,3 +181,41 @@ def run_op(benchmark, device: torch.device, *, op: str, impl: str, mode: str, ca
             benchmark.extra_info.update(info)
             benchmark(step)
 
+
+
+def quantiles(times: Sequence[float]) -> dict:
+    """Median, quartiles and count of a list of seconds (what report.py prints)."""
+    q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else (times[0],) * 3
+    return dict(median=median, q1=q1, q3=q3, min=min(times), rounds=len(times))
+
+
+def time_interleaved(benchmark, *, group: str, variants: Mapping[str, tuple[Callable[[], ContextManager], Callable]],
+                     rounds: int, info: dict, seed: int = 0) -> dict[str, dict]:
+    """Time several implementations of one case *interleaved*: every round runs each variant once,
+    in a fresh random order, so a slow drift of the machine (another tenant, the clock) reaches
+    every variant alike instead of whichever pytest happened to run during it.
+
+    ``variants``: impl -> (a factory of the context it runs in, its callable, which synchronises).
+    Warm-up (compiles) is the caller's. pytest-benchmark times the whole round (its own stats,
+    one round = one call of each variant); each variant's own times go to
+    ``extra_info["interleaved"][impl]`` (median, quartiles, min, rounds), which report.py prints as
+    one row per implementation. Returns those per-variant stats.
+    """
+    order = list(variants)
+    rng = random.Random(seed)
+    times: dict[str, list[float]] = {impl: [] for impl in order}
+
+    def one_round():
+        rng.shuffle(order)
+        for impl in order:
+            make_context, fn = variants[impl]
+            with make_context():
+                t0 = time.perf_counter()
+                fn()
+                times[impl].append(time.perf_counter() - t0)
+
+    benchmark.group = group
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=1)
+    stats = {impl: quantiles(ts[1:]) for impl, ts in times.items()}  # [0]: the warm-up round
+    benchmark.extra_info.update(info, impl="interleaved", interleaved=stats)
+    return stats

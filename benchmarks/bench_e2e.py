@@ -1,16 +1,25 @@
-"""End to end: a joint training step and 8-step Euler sampling of the ``small`` config, in one run:
+"""End to end: a joint training step and 8-step Euler sampling of the ``small`` config, four ways
+in one run, interleaved round by round (:func:`_common.time_interleaved`), so the ratios are not
+bent by the machine's drift between one implementation's rounds and the next's:
 
 - ``eager``: every op on the plain-PyTorch reference (``use_backend("torch")``);
 - ``compile``: torch.compile of the same reference model, with every op module's ``select``
   swapped for a trace-friendly "always the reference" (:func:`_reference_dispatch`), so the
-  baseline is the strongest compile of the model whether or not the registry's ContextVar
-  dispatch traces (when it did not, every op call broke the graph); ``extra_info`` records the
-  graphs and breaks;
-- ``cpp`` (CPU) / ``auto`` (GPU): the default dispatch with the fused backends.
+  baseline is the strongest compile of the model whether or not the registry's dispatch traces;
+- ``cpp`` (CPU) / ``auto`` (GPU): the default dispatch with the fused backends;
+- ``cpp+compile`` / ``auto+compile``: torch.compile of the model on the default dispatch: our
+  fused ops stay in the graph as opaque custom ops (fake kernels, registered autograd) and
+  Inductor fuses what lies between them. This is what a user who compiles their model gets.
+- GPU only: ``compile-ro`` and ``auto+compile-ro``, the same two with ``mode="reduce-overhead"``
+  (CUDA graphs through Inductor).
 
-Each benchmark's ``group`` is the case; ``extra_info["impl"]`` names the implementation, and
-report.py prints every implementation as a ratio against eager and compile in the same group.
-The copy bandwidth (the roofline) is bench_copy.py's and the session's (conftest.py).
+Each variant has its own copy of the model (same initial weights) and its own optimizer. The
+compiled variants are distinct graphs of the same code: Dynamo tells them apart by its guard on
+the op modules' ``select`` (the reference variant runs with it patched), and ``extra_info``
+records the graphs, graph breaks and recompiles during the timing (report.py marks a compiled
+row that is not one graph, or recompiled while timed).
+
+The group is the case; report.py prints each implementation as a ratio against eager and compile.
 """
 from __future__ import annotations
 
@@ -20,7 +29,7 @@ import sys
 import pytest
 import torch
 
-from _common import graph_stats
+from _common import graph_stats, time_interleaved
 from conftest import sync
 from flowfm_fast import ops
 from flowfm_fast.models import FlowFM, get_config
@@ -29,7 +38,8 @@ from flowfm_fast.ops import _registry, use_backend
 
 BATCH = 64
 FUSED = "auto" if torch.cuda.is_available() else "cpp"
-IMPLS = ["eager", "compile", FUSED]
+IMPLS = ["eager", "compile", FUSED, FUSED + "+compile"] + (
+    ["compile-ro", FUSED + "+compile-ro"] if torch.cuda.is_available() else [])
 
 
 def _fused_available(device) -> bool:
@@ -37,12 +47,15 @@ def _fused_available(device) -> bool:
     return any(b in wanted for op in _registry._IMPLS for b in ops.backends_for(op))
 
 
+def _select_reference(op, device, *tensors):
+    """The op modules' ``select`` under the ``compile`` variant: always the ``torch`` reference,
+    without reading the ContextVar. Module-level, so Dynamo's guard on it holds across calls."""
+    return _registry._IMPLS[op]["torch"]
+
+
 @contextlib.contextmanager
 def _reference_dispatch():
     """Every op module's ``select`` returns the ``torch`` reference without reading the ContextVar."""
-    def select_reference(op, device, *tensors):
-        return _registry._IMPLS[op]["torch"]
-
     original = _registry.select
     # The op modules' own `select` names only: patching _registry.select itself would make the
     # restore below write the patched function back everywhere.
@@ -50,7 +63,7 @@ def _reference_dispatch():
                if name.startswith("flowfm_fast.ops.") and m is not _registry
                and getattr(m, "select", None) is original]
     for m in patched:
-        m.select = select_reference
+        m.select = _select_reference
     try:
         yield
     finally:
@@ -58,18 +71,25 @@ def _reference_dispatch():
             m.select = original
 
 
-def _impl_context(impl, device):
-    """The dispatch an implementation runs under (entered around warm-up and timing)."""
+def _impl_context(impl):
+    """A factory of the dispatch an implementation runs under (entered around every call)."""
     if impl == "eager":
-        return use_backend("torch")
-    if impl == "compile":
-        stack = contextlib.ExitStack()
-        stack.enter_context(use_backend("torch"))
-        stack.enter_context(_reference_dispatch())
-        return stack
-    if not _fused_available(device):
-        pytest.skip(f"no fused backend on {device.type}")
-    return contextlib.nullcontext()
+        return lambda: use_backend("torch")
+    if impl.startswith("compile"):
+        def reference():
+            stack = contextlib.ExitStack()
+            stack.enter_context(use_backend("torch"))
+            stack.enter_context(_reference_dispatch())
+            return stack
+        return reference
+    return contextlib.nullcontext
+
+
+def _compile_mode(impl) -> str | None:
+    """None for an uncompiled variant, else torch.compile's mode."""
+    if impl.endswith("compile-ro"):
+        return "reduce-overhead"
+    return "default" if impl.endswith("compile") else None
 
 
 def _model(device, velocity):
@@ -82,56 +102,68 @@ def _model(device, velocity):
     return model
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+def _warm(variants, calls):
+    """Compile and warm every variant outside the timing; the compile counters it moved."""
+    before = graph_stats()
+    for impl, (context, fn) in variants.items():
+        for _ in range(calls):
+            with context():
+                fn()
+    after = graph_stats()
+    return dict(compile_graphs=after[0] - before[0], compile_breaks=after[1] - before[1])
+
+
+def _timed(benchmark, group, variants, rounds, info, warm):
+    before = graph_stats()
+    time_interleaved(benchmark, group=group, variants=variants, rounds=rounds, info=info)
+    benchmark.extra_info.update(warm, recompiles_while_timed=graph_stats()[0] - before[0])
+
+
 @pytest.mark.parametrize("velocity", ["dit", "resnet"])
-def test_train_step(benchmark, device, impl, velocity):
+def test_train_step(benchmark, device, velocity):
+    if not _fused_available(device):
+        pytest.skip(f"no fused backend on {device.type}")
     torch._dynamo.reset()
-    model = _model(device, velocity)
-    opt = make_optimizer(model, lr=1e-4, weight_decay=0.01)  # the trainer's (fused) AdamW
-    loss_fn = torch.compile(model.loss) if impl == "compile" else model.loss
     x1 = torch.randn(BATCH, 3, 300, device=device)
+    variants = {}
+    for impl in IMPLS:
+        model = _model(device, velocity)
+        opt = make_optimizer(model, lr=1e-4, weight_decay=0.01)  # the trainer's (fused) AdamW
+        mode = _compile_mode(impl)
+        loss_fn = model.loss if mode is None else torch.compile(model.loss, mode=mode)
 
-    def step():
-        loss = loss_fn(x1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sync(device)
-
-    with _impl_context(impl, device):
-        before = graph_stats()
-        for _ in range(3):  # compile and warm up outside the timing
-            step()
-        benchmark.group = f"train_step small/{velocity} B={BATCH}"
-        benchmark.extra_info.update(impl=impl, op="train_step", shape=f"B={BATCH},C=3,L=300", device=device.type)
-        if impl == "compile":
-            benchmark.extra_info.update(compile_graphs=graph_stats()[0] - before[0],
-                                        compile_breaks=graph_stats()[1] - before[1])
-        benchmark.pedantic(step, rounds=25, iterations=1, warmup_rounds=1)  # ~0.1 s steps: a stabler median
+        def step(loss_fn=loss_fn, opt=opt):
+            loss = loss_fn(x1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sync(device)
+        variants[impl] = (_impl_context(impl), step)
+    warm = _warm(variants, 3)
+    _timed(benchmark, f"train_step small/{velocity} B={BATCH}", variants, 25,
+           dict(op="train_step", velocity=velocity, shape=f"B={BATCH},C=3,L=300", device=device.type), warm)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("batch", [1, 64])
-def test_sample_8_euler(benchmark, device, impl, batch):
+@pytest.mark.parametrize("batch", [1, 64] + ([512] if torch.cuda.is_available() else []))
+def test_sample_8_euler(benchmark, device, batch):
+    if not _fused_available(device):
+        pytest.skip(f"no fused backend on {device.type}")
     torch._dynamo.reset()
-    model = _model(device, "dit").eval()
-    z = torch.randn(batch, model.cfg.encoder.z_dim, device=device)
-    if impl == "compile":
-        model.velocity.forward_modulated = torch.compile(model.velocity.forward_modulated)
+    z = torch.randn(batch, get_config("small").encoder.z_dim, device=device)
+    variants = {}
+    for impl in IMPLS:
+        model = _model(device, "dit").eval()
+        mode = _compile_mode(impl)
+        if mode is not None:
+            model.velocity.forward_modulated = torch.compile(model.velocity.forward_modulated, mode=mode)
 
-    def run():
-        with torch.no_grad():
-            model.sample(z, steps=8, method="euler", generator=torch.Generator(device).manual_seed(0))
-        sync(device)
-
-    with _impl_context(impl, device):
-        before = graph_stats()
-        for _ in range(2):
-            run()
-        benchmark.group = f"sample euler K=8 small/dit B={batch}"
-        benchmark.extra_info.update(impl=impl, op="sample", shape=f"B={batch},K=8", device=device.type)
-        if impl == "compile":
-            benchmark.extra_info.update(compile_graphs=graph_stats()[0] - before[0],
-                                        compile_breaks=graph_stats()[1] - before[1])
-        benchmark.pedantic(run, rounds=10, iterations=1, warmup_rounds=1)
-
+        def run(model=model, mode=mode):
+            with torch.no_grad():
+                # A compiled variant's own CUDA graphs (reduce-overhead) cannot nest in the solver's.
+                model.sample(z, steps=8, method="euler", generator=torch.Generator(device).manual_seed(0),
+                             graph=False if mode is not None else None)
+            sync(device)
+        variants[impl] = (_impl_context(impl), run)
+    warm = _warm(variants, 2)
+    _timed(benchmark, f"sample euler K=8 small/dit B={batch}", variants, 10 if batch > 1 else 20,
+           dict(op="sample", velocity="dit", shape=f"B={batch},K=8", device=device.type), warm)
