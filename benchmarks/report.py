@@ -132,7 +132,7 @@ def table(data: dict) -> str:
             continue
         if "interleaved" in info:  # one benchmark timed several implementations round by round
             shared = {k: v for k, v in info.items() if k != "interleaved"}
-            compiled = sum(1 for i in info["interleaved"] if "compile" in i)
+            compiled = info.get("compiled_variants", sum(1 for i in info["interleaved"] if "compile" in i))
             for name, st in info["interleaved"].items():
                 groups.setdefault(b["group"], {})[name] = (st["median"], {
                     **shared, "impl": name, "q1": st["q1"], "q3": st["q3"], "rounds": st["rounds"],

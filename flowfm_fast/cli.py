@@ -64,7 +64,8 @@ def cmd_pretrain(a) -> int:
     world = current_world()
     try:
         res = train_flowfm(cfg, b.pretrain.x, tc, a.out, b.standardizer, resume=a.resume, device=device,
-                           progress=not a.quiet, extra_state={"channels": list(b.channels), "classes": list(b.classes)})
+                           progress=not a.quiet, extra_state={"channels": list(b.channels), "classes": list(b.classes)},
+                           cuda_graph=a.cuda_graph)
     finally:
         if joined:
             torch.distributed.destroy_process_group()
@@ -161,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-minutes", type=float, default=None)
     q.add_argument("--no-augment", action="store_true")
     q.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    q.add_argument("--cuda-graph", action="store_true",
+                   help="CUDA, one process: capture the whole training step once as a CUDA graph and replay it")
     q.add_argument("--out", default="runs/pretrain")
     q.add_argument("--device", default="auto")
     q.add_argument("--quiet", action="store_true")

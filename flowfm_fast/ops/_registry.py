@@ -5,8 +5,11 @@ An implementation (:class:`Impl`) declares, as data beside its code:
 - ``backend``: ``torch`` (the plain-PyTorch reference, always present), ``triton``, ``cpp`` or ``cuda``;
 - ``ranks``: the device types it serves and its rank on each (higher wins; the reference is 0
   everywhere). A key ``"cpu:<capability>"`` overrides ``"cpu"`` for one CPU instruction set, so a
-  kernel that loses to the reference on AVX2 can step aside there. A negative rank serves only when
-  the backend is forced. Each op file names the measurement its ranks come from;
+  kernel that loses to the reference on AVX2 can step aside there; a key ``"compile:<device type>"``
+  overrides the rank while torch.compile traces, so an op that Inductor fuses better with its
+  neighbours than our kernel runs alone decomposes to the reference inside compiled graphs (rank 0:
+  the reference wins the tie). A negative rank serves only when the backend is forced. Each op
+  file names the measurement its ranks come from;
 - ``accepts``: optionally, a predicate over the op's *call flags*, the few input properties that
   change the choice (whether a gradient is needed, a sequence length), which the op's public
   function computes and passes to :func:`select`;
@@ -45,9 +48,14 @@ class Impl:
     accepts: Callable[[tuple], bool] | None = None
     in_transforms: bool = True
 
-    def rank(self, device_type: str, capability: str) -> int | None:
-        """Its rank on this device (and CPU capability), or None where it does not serve."""
+    def rank(self, device_type: str, capability: str, compiling: bool = False) -> int | None:
+        """Its rank on this device (and CPU capability; inside a torch.compile trace or not), or
+        None where it does not serve."""
         r = self.ranks
+        if compiling:
+            traced = r.get("compile:" + device_type)
+            if traced is not None:
+                return traced
         if device_type == "cpu":
             specific = r.get("cpu:" + capability)
             if specific is not None:
@@ -55,8 +63,8 @@ class Impl:
         value = r.get(device_type)
         return r.get("*") if value is None else value
 
-    def serves(self, device_type: str, capability: str, transform: bool, flags: tuple) -> bool:
-        return (self.rank(device_type, capability) is not None and (self.in_transforms or not transform)
+    def serves(self, device_type: str, capability: str, transform: bool, flags: tuple, compiling: bool = False) -> bool:
+        return (self.rank(device_type, capability, compiling) is not None and (self.in_transforms or not transform)
                 and (self.accepts is None or self.accepts(flags)))
 
 
@@ -178,22 +186,22 @@ def _transform_active() -> bool:
 
 
 def _resolve(op: str, device_type: str, forced: str | None, capability: str, transform: bool,
-             flags: tuple) -> Impl:
+             flags: tuple, compiling: bool = False) -> Impl:
     impls = _IMPLS[op]
     if forced is not None:
         impl = impls.get(forced)
         if impl is None:
             raise RuntimeError(f"backend {forced!r} is forced but has no implementation of {op} "
                                f"(available: {', '.join(impls)})")
-        if not impl.serves(device_type, capability, transform, flags):
+        if not impl.serves(device_type, capability, transform, flags, compiling):
             where = "under a torch.func transform" if transform and not impl.in_transforms else "on these inputs"
             raise RuntimeError(f"backend {forced!r} is forced but cannot run {op} {where} "
                                f"(device {device_type})")
         return impl
     best, best_rank = impls["torch"], 0
     for impl in impls.values():
-        r = impl.rank(device_type, capability)
-        if r is not None and r > best_rank and impl.serves(device_type, capability, transform, flags):
+        r = impl.rank(device_type, capability, compiling)
+        if r is not None and r > best_rank and impl.serves(device_type, capability, transform, flags, compiling):
             best, best_rank = impl, r
     return best
 
@@ -209,7 +217,7 @@ def select(op: str, where, flags: tuple = ()) -> Impl:
     """The implementation of ``op`` that runs for inputs on ``where`` (a tensor or a device) with
     these call flags."""
     if torch.compiler.is_compiling():  # forced_backend is a trace-time constant (see above)
-        return _resolve(op, _device_type(where), forced_backend(), _backend.cpu_capability(), False, flags)
+        return _resolve(op, _device_type(where), forced_backend(), _backend.cpu_capability(), False, flags, True)
     forced = _forced.get() or _env_forced
     key = (op, _device_type(where), forced, _backend.cpu_capability(), _transform_active(), flags)
     impl = _CACHE.get(key)

@@ -1,6 +1,7 @@
 """Input checks shared by every op: each error names the argument it is about."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Sequence
 
@@ -75,13 +76,30 @@ def no_partial_overlap(out_name: str, out: torch.Tensor, **inputs) -> None:
                              f"being the same tensor; pass {out_name} as {name} itself or a separate tensor")
 
 
+_VALUE_CHECKS = True
+
+
+@contextlib.contextmanager
+def value_checks_off():
+    """Inside the block, checks that read tensor values (one small device sync each) are skipped;
+    shapes and dtypes are still checked. For code captured as a CUDA graph, which cannot read
+    values back to the host (the captured training step draws its t itself, in range)."""
+    global _VALUE_CHECKS
+    before, _VALUE_CHECKS = _VALUE_CHECKS, False
+    try:
+        yield
+    finally:
+        _VALUE_CHECKS = before
+
+
 def times(name: str, t, batch: int | None = None) -> torch.Tensor:
     """``t`` is a finite (B,) float tensor within [0, 1] (checking range costs one small sync; the value
-    check is skipped while torch.compile traces, shapes and dtypes are still checked)."""
+    check is skipped while torch.compile traces and inside :func:`value_checks_off`, shapes and
+    dtypes are still checked)."""
     tensor(name, t, 1)
     if batch is not None and t.shape[0] != batch:
         raise ValueError(f"{name} must have shape ({batch},) to match the batch, got {tuple(t.shape)}")
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not _VALUE_CHECKS:
         # Reading values would break the graph (data-dependent); eager calls check them.
         return t
     if t.numel() == 0:

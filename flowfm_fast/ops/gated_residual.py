@@ -102,8 +102,11 @@ GRNM_FORWARD = KernelSpec(
 
 # Where each fused backend runs, and its rank there (higher wins; the reference is 0).
 # cpp: benchmarks/results/cpu-2core.md (AVX-512) and cpu-avx2-2core.md (avx2 variant); GPUs: the
-# triton kernels (no CUDA C++ kernel of these).
-RANKS = {"cpp": {"cpu": 1}, "triton": {"cuda": 1}}
+# triton kernels (no CUDA C++ kernel of these). Inside torch.compile on the CPU both ops decompose
+# to the reference, which Inductor fuses into the ops around them (compiled sampling of the small
+# DiT at batch 1 ran faster so, neutral at batch 64 and in the training step:
+# benchmarks/results/cpu-avx2-compile-ranks.md).
+RANKS = {"cpp": {"cpu": 1, "compile:cpu": 0}, "triton": {"cuda": 1}}
 
 
 # ---------------------------------------------------------------- compiled (cpp / cuda) backends

@@ -84,7 +84,10 @@ def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
                 tensors[f"optim.{idx}.{k}"] = v
             else:
                 scalars[f"{idx}.{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+    # A captured step keeps the learning rate as a device tensor (train/graph.py): saved as a number.
+    groups = [{k: (float(v) if isinstance(v, torch.Tensor) and v.numel() == 1 else v) for k, v in g.items()}
+              for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
 
 
 _STEP_IMPL = ("fused", "foreach", "capturable", "differentiable")

@@ -27,6 +27,7 @@ from ..nvtx import nvtx_range
 from .checkpoint import (CheckpointError, load_weights, optimizer_from_flat, optimizer_to_flat,
                          has_checkpoint, read_checkpoint, save_checkpoint, step_dir)
 from .distributed import current_world, step_seed
+from .graph import CapturedStep, check_capturable, set_lr
 
 
 @dataclass
@@ -205,9 +206,42 @@ def _check_resume_config(state: dict, model_cfg: FlowFMConfig, cfg: TrainConfig,
                               f"(shape {saved.get('shape') if isinstance(saved, dict) else '?'}, now {data['shape']})")
 
 
+def make_step(loss_fn, model: FlowFM, opt: torch.optim.Optimizer, ema: FlowFM | None, cfg: TrainConfig,
+              gen: torch.Generator, mean: torch.Tensor, std: torch.Tensor, device: torch.device,
+              captured: bool = False):
+    """The training step ``step(x1, share=1.0) -> (loss, grad_norm)``, both device tensors:
+    augmentation, loss, backward, clipping, AdamW and EMA. Nothing in it reads a value back to the
+    host, so the same function runs eagerly or captured as a CUDA graph (``captured``: autocast's
+    cast cache off, as torch asks of captured regions). ``share`` weights this rank's loss under
+    DDP (see train_flowfm)."""
+    use_amp = device.type == "cuda"
+    params = list(model.parameters())
+    ema_pairs = None if ema is None else (list(ema.parameters()), params, list(ema.buffers()), list(model.buffers()))
+
+    def step(x1: torch.Tensor, share: float = 1.0):
+        x_enc = augment(x1, mean, std, cfg.augment, gen)
+        with _cudnn_autotuned():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp, cache_enabled=not captured):
+                loss = loss_fn(x1, x_enc, gen)
+            opt.zero_grad(set_to_none=True)
+            with nvtx_range("train.backward"):
+                (loss * share if share != 1 else loss).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        with nvtx_range("train.optimizer_step"):
+            opt.step()
+        if ema_pairs is not None:
+            ema_params, model_params, ema_buffers, model_buffers = ema_pairs
+            with torch.no_grad():
+                torch._foreach_lerp_(ema_params, model_params, 1.0 - cfg.ema_decay)
+                for b_ema, b in zip(ema_buffers, model_buffers):
+                    b_ema.copy_(b)
+        return loss.detach(), grad_norm
+    return step
+
+
 def train_flowfm(model_cfg: FlowFMConfig, windows: np.ndarray, cfg: TrainConfig, out_dir, standardizer: Standardizer,
                  resume: bool = False, device: str | torch.device = "cpu", progress: bool = True,
-                 extra_state: dict | None = None, callback=None) -> TrainResult:
+                 extra_state: dict | None = None, callback=None, cuda_graph: bool = False) -> TrainResult:
     """Train a FlowFM on standardised ``windows`` (N, C, L); checkpoints and ``metrics.jsonl`` go to out_dir.
 
     ``callback(step, seconds, eval_model)`` runs after every step (``eval_model``: the EMA model
@@ -218,10 +252,17 @@ def train_flowfm(model_cfg: FlowFMConfig, windows: np.ndarray, cfg: TrainConfig,
     joins one), every rank calls this with the same arguments and its own ``device``: each trains
     on its slice of the global ``cfg.batch_size`` batch, rank 0 alone writes metrics and
     checkpoints (the others wait for it) and the callback runs on every rank. ``out_dir`` must be
-    one directory all ranks see for ``resume``."""
+    one directory all ranks see for ``resume``.
+
+    ``cuda_graph=True`` (CUDA, one process): the whole step is captured once as a CUDA graph and
+    replayed from a static batch buffer (:mod:`flowfm_fast.train.graph`); the same draws, losses
+    and weights as the uncaptured run within fp32 rounding. It raises a ``CaptureError`` naming
+    what it cannot capture (another device, torchrun)."""
     cfg.validate()
     device = torch.device(device)
     world = current_world()
+    if cuda_graph:
+        check_capturable(device, world.active)
     out = Path(out_dir)
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -261,7 +302,12 @@ def train_flowfm(model_cfg: FlowFMConfig, windows: np.ndarray, cfg: TrainConfig,
 
     mean = torch.as_tensor(standardizer.mean, device=device)
     std = torch.as_tensor(standardizer.std, device=device)
-    use_amp = device.type == "cuda"
+    step_fn = make_step(loss_fn, model, opt, ema, cfg, gen, mean, std, device, captured=cuda_graph)
+    runner = None
+    if cuda_graph:
+        shape = (min(cfg.batch_size, X.shape[0]), *X.shape[1:])
+        runner = CapturedStep(step_fn, shape, device, gen, opt)
+        X = X.pin_memory()  # the batch's copy into the static buffer runs asynchronously
     log_f = None
     if world.is_main:
         if resume:
@@ -287,31 +333,20 @@ def train_flowfm(model_cfg: FlowFMConfig, windows: np.ndarray, cfg: TrainConfig,
     step, loss_val, last_ckpt = start, float("nan"), None
     try:
         while step < cfg.steps:
+            lr = cfg.lr * lr_factor(step, cfg)
             for g in opt.param_groups:
-                g["lr"] = cfg.lr * lr_factor(step, cfg)
+                set_lr(g, lr)
             batch = batch_indices(step, X.shape[0], cfg.batch_size, cfg.seed)
             idx = world.shard(batch)
             gen.manual_seed(step_seed(cfg.seed, step, world.rank))
-            x1 = X[idx].to(device, non_blocking=True)
-            x_enc = augment(x1, mean, std, cfg.augment, gen)
-            with _cudnn_autotuned():
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    loss = loss_fn(x1, x_enc, gen)
+            if runner is not None:
+                loss, grad_norm = runner(X[idx])
+            else:
                 # DDP averages gradients over ranks; weighting each rank's batch mean by its share
                 # makes that average the gradient of the global batch mean, also when slices differ
                 # in size.
                 share = len(idx) * world.size / len(batch)
-                opt.zero_grad(set_to_none=True)
-                with nvtx_range("train.backward"):
-                    (loss * share if share != 1 else loss).backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            with nvtx_range("train.optimizer_step"):
-                opt.step()
-            if ema is not None:
-                with torch.no_grad():
-                    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - cfg.ema_decay)
-                    for b_ema, b in zip(ema.buffers(), model.buffers()):
-                        b_ema.copy_(b)
+                loss, grad_norm = step_fn(X[idx].to(device, non_blocking=True), share)
             step += 1
             seconds = elapsed_before + time.perf_counter() - t0
             if step % cfg.log_every == 0 or step == cfg.steps:
@@ -319,7 +354,7 @@ def train_flowfm(model_cfg: FlowFMConfig, windows: np.ndarray, cfg: TrainConfig,
                             else float(loss.detach()))
                 if not math.isfinite(loss_val):
                     raise FloatingPointError(f"loss became {loss_val} at step {step}")
-                rec = {"step": step, "loss": loss_val, "lr": opt.param_groups[0]["lr"],
+                rec = {"step": step, "loss": loss_val, "lr": lr,
                        "grad_norm": float(grad_norm), "seconds": round(seconds, 3)}
                 if log_f is not None:
                     log_f.write(json.dumps(rec) + "\n")

@@ -217,6 +217,52 @@ def test_rank_per_cpu_capability(fake_op, monkeypatch):
             assert R.select(fake_op, cpu).fn() == "cpp"  # forcing still reaches it
 
 
+def test_rank_inside_torch_compile(fake_op):
+    """A "compile:<device>" rank applies only while torch.compile traces: the op decomposes to the
+    reference inside the graph and keeps its kernel in eager calls; forcing still reaches it."""
+    R.register(fake_op, "torch")(lambda x: x * 2)
+    R.register(fake_op, "cpp", ranks={"cpu": 1, "compile:cpu": 0})(lambda x: x * 3)
+    impl = R.impl_for(fake_op, "cpp")
+    assert impl.rank("cpu", "avx2") == 1 and impl.rank("cpu", "avx2", compiling=True) == 0
+    assert impl.rank("cuda", "avx2", compiling=True) is None
+    x = torch.ones(3)
+    fn = lambda v: R.select(fake_op, v).fn(v)  # noqa: E731
+    assert torch.equal(fn(x), x * 3)
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(fn, fullgraph=True, backend="eager")(x), x * 2)
+    assert torch.equal(fn(x), x * 3)  # the eager choice (cached) is untouched
+    with use_backend("cpp"):
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(fn, fullgraph=True, backend="eager")(x), x * 3)
+    torch._dynamo.reset()
+
+
+@pytest.mark.skipif("cpp" not in backends_for("gated_residual"), reason="needs the C++ extension")
+def test_gated_residual_decomposes_inside_compiled_graphs_on_cpu():
+    """The measured choice (benchmarks/results/cpu-avx2-compile-ranks.md): eager calls take the cpp
+    kernel, a compiled graph the reference (no flowfm:: op in it)."""
+    res, h, gate = torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(2, 8)
+    assert R.select("gated_residual", res).backend == "cpp"
+    assert R.select("gated_residual_norm_modulate", res).backend == "cpp"
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    fn = torch.compile(lambda r, a, g: ops.gated_residual_norm_modulate(r, a, g, None, None, "layer")[1]
+                       + ops.gated_residual(r, a, g), fullgraph=True, backend=keep)
+    with use_backend(None):
+        want = fn(res, h, gate)
+    with use_backend("torch"):
+        ref = ops.gated_residual_norm_modulate(res, h, gate, None, None, "layer")[1] + ops.gated_residual(res, h, gate)
+    torch.testing.assert_close(want, ref)
+    targets = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets and not any("flowfm" in t for t in targets), targets
+    torch._dynamo.reset()
+
+
 def test_choice_is_cached_and_reset_by_register(fake_op):
     R.register(fake_op, "torch")(lambda: "torch")
     calls = []
