@@ -11,7 +11,9 @@ bent by the machine's drift between one implementation's rounds and the next's:
   fused ops stay in the graph as opaque custom ops (fake kernels, registered autograd) and
   Inductor fuses what lies between them. This is what a user who compiles their model gets.
 - GPU only: ``compile-ro`` and ``auto+compile-ro``, the same two with ``mode="reduce-overhead"``
-  (CUDA graphs through Inductor).
+  (CUDA graphs through Inductor), and for the training step ``auto+graph``: our ops with the whole
+  step (forward, backward, AdamW) captured as one CUDA graph, as ``train_flowfm(cuda_graph=True)``
+  runs it (:class:`flowfm_fast.train.graph.CapturedStep`).
 
 Each variant has its own copy of the model (same initial weights) and its own optimizer. The
 compiled variants are distinct graphs of the same code: Dynamo tells them apart by its guard on
@@ -33,6 +35,7 @@ from _common import graph_stats, time_interleaved
 from conftest import sync
 from flowfm_fast import ops
 from flowfm_fast.models import FlowFM, get_config
+from flowfm_fast.train.graph import CapturedStep
 from flowfm_fast.train.loop import make_optimizer
 from flowfm_fast.ops import _registry, use_backend
 
@@ -40,6 +43,7 @@ BATCH = 64
 FUSED = "auto" if torch.cuda.is_available() else "cpp"
 IMPLS = ["eager", "compile", FUSED, FUSED + "+compile"] + (
     ["compile-ro", FUSED + "+compile-ro"] if torch.cuda.is_available() else [])
+CAPTURED = FUSED + "+graph"  # the training step only, on CUDA
 
 
 def _fused_available(device) -> bool:
@@ -126,18 +130,29 @@ def test_train_step(benchmark, device, velocity):
     torch._dynamo.reset()
     x1 = torch.randn(BATCH, 3, 300, device=device)
     variants = {}
-    for impl in IMPLS:
+    for impl in IMPLS + ([CAPTURED] if device.type == "cuda" else []):
         model = _model(device, velocity)
         opt = make_optimizer(model, lr=1e-4, weight_decay=0.01)  # the trainer's (fused) AdamW
         mode = _compile_mode(impl)
         loss_fn = model.loss if mode is None else torch.compile(model.loss, mode=mode)
 
-        def step(loss_fn=loss_fn, opt=opt):
+        def train(x1, loss_fn=loss_fn, opt=opt):
             loss = loss_fn(x1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sync(device)
+            return (loss.detach(),)
+
+        if impl == CAPTURED:
+            captured = CapturedStep(train, x1.shape, device, None, opt)
+
+            def step(captured=captured):
+                captured(x1)
+                sync(device)
+        else:
+            def step(train=train):
+                train(x1)
+                sync(device)
         variants[impl] = (_impl_context(impl), step)
     warm = _warm(variants, 3)
     _timed(benchmark, f"train_step small/{velocity} B={BATCH}", variants, 25,

@@ -34,8 +34,8 @@ E2E_BAR = {("train_step", "cpp"): {"eager": 1.3, "compile": 0.0},
 # at most the reference's time on CPU, 1.2x it for triton and 1.0x for cuda on a GPU.
 HOST_BAR = {"cpu": 1.0, "triton": 1 / 1.2, "cuda": 1.0}
 SOLVE_BAR = {"steps": 8, "eager": {1: 2.0, 64: 1.5}, "torchdiffeq": 1.0}
-IMPL_ORDER = ("eager", "compile", "cpp", "cpp+compile", "triton", "cuda", "auto", "auto+compile", "torchdiffeq",
-              "ours", "ours_graph")
+IMPL_ORDER = ("eager", "compile", "compile-ro", "cpp", "cpp+compile", "triton", "cuda", "auto", "auto+compile",
+              "auto+compile-ro", "auto+graph", "torchdiffeq", "ours", "ours_graph")
 
 
 def copy_bandwidth(data: dict) -> tuple[float | None, str]:

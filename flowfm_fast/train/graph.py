@@ -104,13 +104,14 @@ def prepare_optimizer(opt: torch.optim.Optimizer, device: torch.device) -> None:
 class CapturedStep:
     """``step(x1) -> outputs`` (device tensors only) run as warm-up steps, then captured and replayed.
 
+    ``generator``: the generator the step draws from (None: torch's default CUDA generator).
     ``__call__(x1_host)`` copies the batch into the static buffer and runs the next step; the
     returned tensors are the graph's static outputs, overwritten by the next replay (read them
     before the next call, or clone them).
     """
 
     def __init__(self, step: Callable[[torch.Tensor], tuple], x1_shape, device: torch.device,
-                 generator: torch.Generator, optimizer: torch.optim.Optimizer, warmup: int = 3):
+                 generator: torch.Generator | None, optimizer: torch.optim.Optimizer, warmup: int = 3):
         if warmup < 1:
             raise ValueError(f"warmup must be >= 1 (the optimizer state must exist before capture), got {warmup}")
         self.step, self.device, self.generator, self.optimizer = step, device, generator, optimizer
@@ -152,7 +153,8 @@ class CapturedStep:
     def _capture(self) -> None:
         prepare_optimizer(self.optimizer, self.device)
         graph = torch.cuda.CUDAGraph()
-        graph.register_generator_state(self.generator)
+        if self.generator is not None:  # torch registers its default generator itself
+            graph.register_generator_state(self.generator)
         torch.cuda.synchronize(self.device)
         with torch.cuda.graph(graph), _validate.value_checks_off():
             self.outputs = self.step(self.x1)
