@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # GPU verification in one lease (device machine, run from the repo root):
 #   build the extension (CPU + CUDA kernels, sm_90); a direct bad-input call of the compiled ops
-#   (backtrace through cuda-gdb if it crashes); the whole test suite on CUDA; the Triton norm
-#   launch sweep; a profiled training step; the GPU benchmark selection (copy roofline, large-row op cases, sampling K=8,
-#   end-to-end step), in that order (tuning last: it takes what time is left). Stages:
-#   STAGES="tests host bench profile tune" (default: all), TESTS (pytest paths), SUITES="ops sample e2e",
-#   TUNE=fwd|bwd|both. Every stage has a deadline
-#   inside TOTAL_S so the logs and JSON always come back under $OUT. COMMIT (env): what was measured.
+#   (backtrace through cuda-gdb if it crashes); the whole test suite on CUDA (the captured training
+#   step's tests among them); the host time per op call; the GPU benchmarks: end to end first
+#   (small DiT training step: eager, compile, reduce-overhead, ours, ours compiled, ours compiled
+#   reduce-overhead, ours captured; 8-step sampling at batch 1, 64, 512: the same less the captured
+#   step), then sampling K=8 against the per-step loop, then the op cases (copy roofline, large
+#   rows). Stages: STAGES="tests host bench profile tune" (default: "tests host bench"; profile and
+#   the Triton norm launch sweep only when asked), TESTS (pytest paths), SUITES="e2e sample ops",
+#   TUNE=fwd|bwd|both. Every stage has a deadline inside TOTAL_S so the logs and JSON always come
+#   back under $OUT. COMMIT (env): what was measured.
 set -u
 OUT=${OUT:-/tmp/flowfm_gpu}; mkdir -p "$OUT"
-TOTAL_S=${TOTAL_S:-450}; STAGES=${STAGES:-"tests host bench profile tune"}
+TOTAL_S=${TOTAL_S:-480}; STAGES=${STAGES:-"tests host bench"}
 T0=$(date +%s)
 left() { echo $(( TOTAL_S - ($(date +%s) - T0) )); }
 at() { echo "$1 at $(( $(date +%s) - T0 ))s"; }
@@ -49,28 +52,30 @@ if [ $rc -ne 0 ]; then
 fi
 
 if [[ " $STAGES " == *" tests "* ]]; then
-  TEST_S=$(( $(left) - ${AFTER_TESTS_S:-170} ))
+  TEST_S=$(( $(left) - ${AFTER_TESTS_S:-280} ))  # what the host and e2e stages need after it
   OMP_NUM_THREADS=2 timeout -s INT $TEST_S python3 -m pytest ${TESTS:-tests} -q -n 12 --timeout=240 -p no:cacheprovider -rfE \
     --durations=10 > "$OUT/tests.log" 2>&1
   at "tests rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | grep -v test_data.py | tail -40
 fi
 if [[ " $STAGES " == *" host "* ]]; then
-  timeout -s INT 60 python3 benchmarks/gpu_host_overhead.py 2>&1 | tee "$OUT/host.log"
-  at "host overhead rc=$?"
+  timeout -s INT 50 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_host_overhead.py \
+    --benchmark-json="$OUT/host.json" > "$OUT/host_bench.log" 2>&1
+  at "host overhead bench rc=$?"; python3 benchmarks/report.py "$OUT/host.json" > "$OUT/host.md" 2>&1
 fi
 if [[ " $STAGES " == *" bench "* ]]; then
   A=${AFTER_BENCH_S:-0}
   B="python3 -m pytest -q -p no:cacheprovider --benchmark-max-time=0.2 --benchmark-min-rounds=5"
-  SUITES=${SUITES:-"ops sample e2e"}
-  [[ " $SUITES " == *" ops "* ]] && timeout -s INT $(( $(left) - A - 90 )) $B benchmarks/bench_copy.py benchmarks/bench_norm_modulate.py benchmarks/bench_fm_interpolate.py benchmarks/bench_fm_loss.py \
-    -k "copy or 1024-1024 or 2048 or 65536" --benchmark-json="$OUT/ops.json" > "$OUT/bench.log" 2>&1
-  at "ops bench rc=$?"
-  [[ " $SUITES " == *" sample "* ]] && timeout -s INT $(( $(left) - A - 40 )) $B benchmarks/bench_sample.py -k "K8-" --benchmark-json="$OUT/sample.json" >> "$OUT/bench.log" 2>&1
-  at "sample bench rc=$?"
-  if [[ " $SUITES " == *" e2e "* ]]; then
-    timeout -s INT $(( $(left) - A - 5 )) $B benchmarks/bench_e2e.py --benchmark-json="$OUT/e2e.json" >> "$OUT/bench.log" 2>&1
-    at "e2e bench rc=$?"
+  SUITES=${SUITES:-"e2e sample ops"}
+  if [[ " $SUITES " == *" e2e "* ]]; then  # the headline first; the ResNet step only when time is left
+    timeout -s INT $(( $(left) - A - 60 )) $B benchmarks/bench_e2e.py -k "dit or sample" \
+      --benchmark-json="$OUT/e2e.json" > "$OUT/bench.log" 2>&1
+    at "e2e bench rc=$?"; python3 benchmarks/report.py "$OUT/e2e.json" > "$OUT/e2e.md" 2>&1
   fi
+  [[ " $SUITES " == *" sample "* ]] && timeout -s INT $(( $(left) - A - 30 )) $B benchmarks/bench_sample.py -k "K8-" --benchmark-json="$OUT/sample.json" >> "$OUT/bench.log" 2>&1
+  at "sample bench rc=$?"
+  [[ " $SUITES " == *" ops "* ]] && timeout -s INT $(( $(left) - A - 5 )) $B benchmarks/bench_copy.py benchmarks/bench_norm_modulate.py benchmarks/bench_fm_interpolate.py benchmarks/bench_fm_loss.py \
+    -k "copy or 1024-1024 or 2048 or 65536" --benchmark-json="$OUT/ops.json" >> "$OUT/bench.log" 2>&1
+  at "ops bench rc=$?"
   grep -E "passed|failed|Error" "$OUT/bench.log" | tail -10
 fi
 if [[ " $STAGES " == *" profile "* ]]; then

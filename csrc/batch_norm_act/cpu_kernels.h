@@ -11,7 +11,9 @@ template <typename S>
 void channel_stats(const S* x, Dims d, double eps, acc_t<S>* mean, acc_t<S>* rstd, acc_t<S>* var_unbiased) {
   using A = acc_t<S>;
   const int64_t n = d.B * d.L;
-  at::parallel_for(0, d.C, 1, [&](int64_t c0, int64_t c1) {
+  // A task takes whole channels, up to kGrainElems values: a tiny batch stays on the calling thread
+  // (waking the pool cost more than the work), and each channel's sums keep one order either way.
+  at::parallel_for(0, d.C, grain_rows(n), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       A sum = A(0);
       for (int64_t b = 0; b < d.B; ++b) {
@@ -62,7 +64,7 @@ void backward(const S* dy, const S* x, Dims d, const acc_t<S>* mean, const acc_t
               const acc_t<S>* bias, bool training, S* dx, acc_t<S>* sg, acc_t<S>* sgx) {
   using A = acc_t<S>;
   const int64_t n = d.B * d.L;
-  at::parallel_for(0, d.C, 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, d.C, grain_rows(n), [&](int64_t c0, int64_t c1) {  // as channel_stats
     for (int64_t c = c0; c < c1; ++c) {
       const A m = mean[c], r = rstd[c], wc = w ? w[c] : A(1), bc = bias ? bias[c] : A(0);
       const A alpha = r * wc, beta = bc - m * alpha;  // the forward's fold: the same ReLU mask, bit for bit

@@ -66,9 +66,9 @@ if (_compiled := _ext.bind(FORWARD)) is not None:
         y, mean, _rstd, var_unbiased = _compiled(
             x, weight, bias, running_mean, running_var, training, eps, act or "none")
         if training and running_mean is not None:
-            with torch.no_grad():  # F.batch_norm's running update, outside the kernel
-                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-                running_var.lerp_(var_unbiased.to(running_var.dtype), momentum)
+            with torch.no_grad():  # F.batch_norm's running update, outside the kernel, in one call
+                torch._foreach_lerp_([running_mean, running_var], [mean.to(running_mean.dtype),
+                                                                   var_unbiased.to(running_var.dtype)], momentum)
         return y
 
     _ext.register_compiled(OP, FORWARD.name, _batch_norm_act_compiled, RANKS)
