@@ -26,12 +26,9 @@ import sys
 import pytest
 import torch
 
-from _common import graph_stats, time_interleaved
-from bench_e2e import _model
-from conftest import sync
+from bench_e2e import _timed, _warm, sample_fn, train_step_fn
 from flowfm_fast.models import get_config
 from flowfm_fast.ops import _registry
-from flowfm_fast.train.loop import make_optimizer
 
 GROUPS = {"gated_residual": ("gated_residual", "gated_residual_norm_modulate"), "norm_modulate": ("norm_modulate",),
           "attention": ("attention",), "linear_act": ("linear_act",), "batch_norm_act": ("batch_norm_act",)}
@@ -96,37 +93,12 @@ def test_compile_ranks(benchmark, device, what, velocity, batch, names):
     torch._dynamo.reset()
     variants = {}
     for name in names:
-        model = _model(device, velocity)
         if what == "sample":
-            model.eval()
-            model.velocity.forward_modulated = torch.compile(model.velocity.forward_modulated)
             z = torch.randn(batch, get_config("small").encoder.z_dim, device=device)
-
-            def fn(model=model, z=z):
-                with torch.no_grad():
-                    model.sample(z, steps=8, method="euler", generator=torch.Generator(device).manual_seed(0))
-                sync(device)
+            fn = sample_fn(device, z, "default")
         else:
-            opt = make_optimizer(model, lr=1e-4, weight_decay=0.01)
-            loss_fn = torch.compile(model.loss)
-            x1 = torch.randn(batch, 3, 300, device=device)
-
-            def fn(loss_fn=loss_fn, opt=opt, x1=x1):
-                loss = loss_fn(x1)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sync(device)
+            fn = train_step_fn(device, velocity, torch.randn(batch, 3, 300, device=device), "default")
         variants[name] = (_variant_context(name), fn)
-    before = graph_stats()
-    for context, fn in variants.values():
-        for _ in range(3):
-            with context():
-                fn()
-    warm = graph_stats()
-    time_interleaved(benchmark, group=f"compiled {what} small/{velocity} B={batch}", variants=variants,
-                     rounds=20 if batch == 1 else 12,
-                     info=dict(op="compile_ranks", velocity=velocity, device=device.type,
-                               compiled_variants=len(variants)))
-    benchmark.extra_info.update(compile_graphs=warm[0] - before[0], compile_breaks=warm[1] - before[1],
-                                recompiles_while_timed=graph_stats()[0] - warm[0])
+    warm = _warm(variants, 3)
+    _timed(benchmark, f"compiled {what} small/{velocity} B={batch}", variants, 20 if batch == 1 else 12,
+           dict(op="compile_ranks", velocity=velocity, device=device.type, compiled_variants=len(variants)), warm)

@@ -123,37 +123,53 @@ def _timed(benchmark, group, variants, rounds, info, warm):
     benchmark.extra_info.update(warm, recompiles_while_timed=graph_stats()[0] - before[0])
 
 
+def train_step_fn(device, velocity, x1, mode: str | None = None, captured: bool = False):
+    """A fresh ``small`` model's training step on ``x1`` (loss, backward, the trainer's fused AdamW),
+    as a callable that synchronises; ``mode``: torch.compile of ``model.loss`` in that mode;
+    ``captured``: the whole step as one CUDA graph (:class:`CapturedStep`)."""
+    model = _model(device, velocity)
+    opt = make_optimizer(model, lr=1e-4, weight_decay=0.01)
+    loss_fn = model.loss if mode is None else torch.compile(model.loss, mode=mode)
+
+    def train(x1):
+        loss = loss_fn(x1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return (loss.detach(),)
+
+    run = CapturedStep(train, x1.shape, device, None, opt) if captured else train
+
+    def step():
+        run(x1)
+        sync(device)
+    return step
+
+
+def sample_fn(device, z, mode: str | None = None):
+    """A fresh ``small`` DiT's 8-step Euler sampling from ``z`` as a callable that synchronises;
+    ``mode``: torch.compile of its velocity network in that mode."""
+    model = _model(device, "dit").eval()
+    if mode is not None:
+        model.velocity.forward_modulated = torch.compile(model.velocity.forward_modulated, mode=mode)
+
+    def run():
+        with torch.no_grad():
+            # A compiled variant's own CUDA graphs (reduce-overhead) cannot nest in the solver's.
+            model.sample(z, steps=8, method="euler", generator=torch.Generator(device).manual_seed(0),
+                         graph=False if mode is not None else None)
+        sync(device)
+    return run
+
+
 @pytest.mark.parametrize("velocity", ["dit", "resnet"])
 def test_train_step(benchmark, device, velocity):
     if not _fused_available(device):
         pytest.skip(f"no fused backend on {device.type}")
     torch._dynamo.reset()
     x1 = torch.randn(BATCH, 3, 300, device=device)
-    variants = {}
-    for impl in IMPLS + ([CAPTURED] if device.type == "cuda" else []):
-        model = _model(device, velocity)
-        opt = make_optimizer(model, lr=1e-4, weight_decay=0.01)  # the trainer's (fused) AdamW
-        mode = _compile_mode(impl)
-        loss_fn = model.loss if mode is None else torch.compile(model.loss, mode=mode)
-
-        def train(x1, loss_fn=loss_fn, opt=opt):
-            loss = loss_fn(x1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            return (loss.detach(),)
-
-        if impl == CAPTURED:
-            captured = CapturedStep(train, x1.shape, device, None, opt)
-
-            def step(captured=captured):
-                captured(x1)
-                sync(device)
-        else:
-            def step(train=train):
-                train(x1)
-                sync(device)
-        variants[impl] = (_impl_context(impl), step)
+    variants = {impl: (_impl_context(impl), train_step_fn(device, velocity, x1, _compile_mode(impl), impl == CAPTURED))
+                for impl in IMPLS + ([CAPTURED] if device.type == "cuda" else [])}
     warm = _warm(variants, 3)
     _timed(benchmark, f"train_step small/{velocity} B={BATCH}", variants, 25,
            dict(op="train_step", velocity=velocity, shape=f"B={BATCH},C=3,L=300", device=device.type), warm)
@@ -165,20 +181,7 @@ def test_sample_8_euler(benchmark, device, batch):
         pytest.skip(f"no fused backend on {device.type}")
     torch._dynamo.reset()
     z = torch.randn(batch, get_config("small").encoder.z_dim, device=device)
-    variants = {}
-    for impl in IMPLS:
-        model = _model(device, "dit").eval()
-        mode = _compile_mode(impl)
-        if mode is not None:
-            model.velocity.forward_modulated = torch.compile(model.velocity.forward_modulated, mode=mode)
-
-        def run(model=model, mode=mode):
-            with torch.no_grad():
-                # A compiled variant's own CUDA graphs (reduce-overhead) cannot nest in the solver's.
-                model.sample(z, steps=8, method="euler", generator=torch.Generator(device).manual_seed(0),
-                             graph=False if mode is not None else None)
-            sync(device)
-        variants[impl] = (_impl_context(impl), run)
+    variants = {impl: (_impl_context(impl), sample_fn(device, z, _compile_mode(impl))) for impl in IMPLS}
     warm = _warm(variants, 2)
     _timed(benchmark, f"sample euler K=8 small/dit B={batch}", variants, 10 if batch > 1 else 20,
            dict(op="sample", velocity="dit", shape=f"B={batch},K=8", device=device.type), warm)

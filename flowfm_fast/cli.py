@@ -142,7 +142,9 @@ def cmd_profile(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flowfm-fast", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="flowfm-fast", epilog="Each command's options: flowfm-fast COMMAND --help. User guide: docs/cli.md.",
+        description="FlowFM on wearable-sensor windows: pretrain, probe, sample, compare, demo, profile.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     q = sub.add_parser("pretrain", help="joint FlowFM pretraining")
@@ -212,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("demo", help="the main job: pretrain on HAPT, evaluate against baselines, sample, report")
     q.add_argument("--out", default="runs/demo")
-    q.add_argument("--minutes", type=float, default=10.0, help="pretraining wall-time cap")
+    q.add_argument("--minutes", type=float, default=None,
+                   help="optional pretraining wall-time budget (default: none, the full fixed number of steps; "
+                        "a run it cuts short says so in its report)")
     q.add_argument("--quick", action="store_true", help="tiny config on synthetic data (seconds; for tests)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", default="auto")

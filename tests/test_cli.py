@@ -421,3 +421,51 @@ def test_pretrain_takes_the_window_length_of_user_files(tmp_path):
     np.save(odd, make_synthetic(n=8, length=125, seed=0).x)   # not a multiple of the DiT patch
     assert main(["pretrain", "--config", "tiny", "--data", str(odd), "--steps", "1", "--out",
                  str(tmp_path / "odd"), "--quiet"]) == 2
+
+
+def test_top_level_help_is_plain_text_and_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "``" not in text  # reST markup would show raw
+    for command in ("pretrain", "probe", "sample", "compare", "demo", "profile"):
+        assert command in text
+    assert "--help" in text.split("options:")[-1]  # the epilogue points at each command's options
+
+
+def _numbers(results: dict) -> dict:
+    """What a demo measured, without its timings."""
+    drop = {"timings_s", "pretrain_seconds", "checkpoint"}
+    out = {k: v for k, v in results.items() if k not in drop}
+    out["recon_mse_by_steps"] = {k: v[0] for k, v in results["recon_mse_by_steps"].items()}
+    out["sampling"] = {k: v for k, v in results["sampling"].items()
+                       if "second" not in k and k != "npz" and not k.startswith("png")}
+    return out
+
+
+@pytest.mark.slow
+def test_demo_is_deterministic_and_says_where_its_checkpoint_is(tmp_path):
+    """The demo trains a fixed number of steps: two runs give the same numbers, and the report names
+    the checkpoint folder that `sample --ckpt` takes."""
+    from flowfm_fast.demo import run_demo
+    runs = [run_demo(tmp_path / f"demo{i}", quick=True, device="cpu") for i in range(2)]
+    a, b = (json.loads((r.parent / "results.json").read_text()) for r in runs)
+    assert a["pretrain_steps"] == a["planned_steps"] == 30 and a["checks"] is not None
+    assert _numbers(a) == _numbers(b)
+    report = runs[0].read_text()
+    assert f"Checkpoint: `{tmp_path / 'demo0' / 'pretrain'}`" in report
+    assert "Short run" not in report and ("PASS" in report or "MISS" in report)
+    rc, out, err = run_cli("sample", "--ckpt", tmp_path / "demo0", "--data", "synthetic", "--n", "2",
+                           "--steps", "2", "--out", tmp_path / "s.npz", "--device", "cpu")
+    assert rc == 0, err  # the demo folder itself is accepted: its one run is taken
+
+
+def test_demo_cut_short_by_its_budget_says_so(tmp_path):
+    from flowfm_fast.demo import run_demo
+    report = run_demo(tmp_path / "demo", quick=True, minutes=1e-6, device="cpu")
+    results = json.loads((report.parent / "results.json").read_text())
+    assert results["pretrain_steps"] < results["planned_steps"] and results["checks"] is None
+    text = report.read_text()
+    assert text.index("Short run: pretraining stopped at step") < text.index("## Linear probe")
+    assert "PASS" not in text and "MISS" not in text and "not judged" in text

@@ -264,6 +264,28 @@ def test_no_complete_checkpoint_raises(tmp_path):
         find_checkpoint(tmp_path / "missing")
 
 
+def test_a_folder_holding_one_run_resolves_to_it(trained_run, tmp_path):
+    """``sample --ckpt runs/demo``: the demo folder holds its run in pretrain/; that run is taken."""
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    shutil.copytree(trained_run, demo / "pretrain")
+    assert find_checkpoint(demo) == find_checkpoint(demo / "pretrain")
+    assert find_checkpoint(demo).parent.parent == demo / "pretrain"
+    shutil.copytree(trained_run, demo / "other")
+    with pytest.raises(CheckpointError, match="several runs.*other, pretrain"):
+        find_checkpoint(demo)
+
+
+def test_missing_checkpoint_messages_say_what_to_pass(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for where in (tmp_path / "empty", tmp_path / "missing"):
+        with pytest.raises(CheckpointError, match="pass a run directory"):
+            find_checkpoint(where)
+    (tmp_path / "run" / "checkpoints" / "step_00000002").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"no complete checkpoint \(1 step folder"):
+        find_checkpoint(tmp_path / "run")
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
 def test_corrupted_weights_raise(trained_run, data, damage):
     X, std = data

@@ -50,8 +50,8 @@ def test_cuda_graph_refuses_ddp():
 
 
 def test_cli_cuda_graph_on_cpu_is_a_clear_error(tmp_path, capsys):
-    from flowfm_fast import cli
-    rc = cli.main(["pretrain", "--config", "tiny", "--data", "synthetic", "--steps", "2", "--device", "cpu",
+    from flowfm_fast.cli import main
+    rc = main(["pretrain", "--config", "tiny", "--data", "synthetic", "--steps", "2", "--device", "cpu",
                    "--cuda-graph", "--out", str(tmp_path / "run"), "--quiet"])
     assert rc != 0
     assert "cuda_graph=True needs a CUDA device" in capsys.readouterr().err
@@ -149,9 +149,19 @@ def _losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture
+def deterministic_cudnn(monkeypatch):
+    """Both runs on the same cuDNN algorithms: the trainer's autotuning could pick others per run."""
+    import contextlib
+    from flowfm_fast.train import loop
+    monkeypatch.setattr(loop, "_cudnn_autotuned", contextlib.nullcontext)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("ema_decay", [0.0, 0.99])
-def test_captured_run_matches_uncaptured(data, tmp_path, ema_decay):
+def test_captured_run_matches_uncaptured(data, tmp_path, ema_decay, deterministic_cudnn):
     """50 steps with the same seed: the captured run draws fresh t / noise / augmentation every
     replay (its losses track the uncaptured run's step by step) and ends at the same weights."""
     x, std = data
@@ -167,7 +177,7 @@ def test_captured_run_matches_uncaptured(data, tmp_path, ema_decay):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_captured_run_resumes(data, tmp_path):
+def test_captured_run_resumes(data, tmp_path, deterministic_cudnn):
     x, std = data
     full = train_flowfm(model_cfg(), x, _cfg(steps=12, ckpt_every=6), tmp_path / "full", std, device="cuda",
                         progress=False, cuda_graph=True)

@@ -162,17 +162,29 @@ def find_checkpoint(path) -> Path:
         if missing:
             raise CheckpointError(f"{p}: incomplete checkpoint, missing {', '.join(missing)}")
         return p
+    what_to_pass = ("pass a run directory (pretrain's --out; for the demo, its pretrain folder), its "
+                    "checkpoints folder or a step_* folder")
+    if not p.is_dir():
+        raise CheckpointError(f"{path}: no such directory; {what_to_pass}")
     root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-    if not root.is_dir():
-        raise CheckpointError(f"{path}: no checkpoint found")
+    if root is p and not any(root.glob("step_*")):
+        # A folder holding run directories (the demo's runs/demo holds pretrain/): take its one run.
+        runs = sorted(d for d in p.iterdir() if (d / "checkpoints").is_dir())
+        if len(runs) == 1:
+            return find_checkpoint(runs[0])
+        if runs:
+            raise CheckpointError(f"{path} holds several runs ({', '.join(d.name for d in runs)}): pass one of them")
+        raise CheckpointError(f"{path}: no checkpoint here; {what_to_pass}")
     pointer = root / "latest"
     if pointer.is_file():
         cand = root / pointer.read_text().strip()
         if _is_complete(cand):
             return cand
-    complete = [d for d in sorted(root.glob("step_*")) if _is_complete(d)]
+    steps = sorted(root.glob("step_*"))
+    complete = [d for d in steps if _is_complete(d)]
     if not complete:
-        raise CheckpointError(f"{path}: no complete checkpoint found")
+        raise CheckpointError(f"{path}: no complete checkpoint ({len(steps)} step folder(s), none complete: "
+                              f"a run stopped while writing its first checkpoint?)")
     return complete[-1]
 
 

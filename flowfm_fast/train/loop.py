@@ -307,7 +307,6 @@ def train_flowfm(model_cfg: FlowFMConfig, windows: np.ndarray, cfg: TrainConfig,
     if cuda_graph:
         shape = (min(cfg.batch_size, X.shape[0]), *X.shape[1:])
         runner = CapturedStep(step_fn, shape, device, gen, opt)
-        X = X.pin_memory()  # the batch's copy into the static buffer runs asynchronously
     log_f = None
     if world.is_main:
         if resume:
