@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ._malloc import tune_cpu_allocator
@@ -87,7 +88,13 @@ def cmd_probe(a) -> int:
         raise ValueError("--seeds must be >= 1")
     res = {str(frac): probe_scores(model.encoder, b.train, b.test, frac, tuple(range(a.seeds)), dev)
            for frac in a.label_fraction}
-    print(json.dumps({"linear_probe_macro_f1": res}))
+    summary = {frac: {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
+               for frac, v in res.items()}
+    report = {"linear_probe_macro_f1": res, "summary": summary}
+    if a.seeds > 1 and any(frac >= 1.0 for frac in a.label_fraction):
+        report["note"] = ("fraction 1.0 uses every labelled window, so its probe has one score; --seeds draws "
+                          "the label subsets of fractions below 1.0")
+    print(json.dumps(report))
     return 0
 
 

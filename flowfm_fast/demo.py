@@ -36,6 +36,17 @@ def _fmt(xs):
     return f"{m:.3f}" if len(xs) == 1 else f"{m:.3f} ± {s:.3f} (n={len(xs)})"
 
 
+def _run_jobs(jobs: dict, desc: str, progress: bool) -> dict:
+    """Each job's result under its key, in order, with a progress bar (ETA) while they run."""
+    from tqdm.auto import tqdm   # lazy, as the trainer's bar
+    with tqdm(total=len(jobs), desc=desc, unit="run", disable=not progress, dynamic_ncols=True) as bar:
+        results = {}
+        for key, job in jobs.items():
+            results[key] = job()
+            bar.update(1)
+    return results
+
+
 def run_demo(out: Path, quick: bool = False, minutes: float | None = None, device="cpu", seed: int = 0) -> Path:
     """Run the demo into ``out`` and return the report's path. It trains a fixed number of steps
     (``DEMO_STEPS``), so every machine gets the same numbers; ``minutes`` is an explicit wall-time
@@ -68,14 +79,15 @@ def run_demo(out: Path, quick: bool = False, minutes: float | None = None, devic
 
     t = time.perf_counter()
     rand_enc = [build_model(cfg, 1000 + s).encoder for s in SEEDS]
-    probe_rows = {
-        ("FlowFM pretrained", "100%"): probe_scores(model.encoder, tr, te, 1.0, (0,), device),
-        ("FlowFM pretrained", "10%"): probe_scores(model.encoder, tr, te, 0.1, SEEDS, device),
-        ("random-init encoder", "100%"): [probe_scores(e, tr, te, 1.0, (0,), device)[0] for e in rand_enc],
+    probe_jobs = {
+        ("FlowFM pretrained", "100%"): lambda: probe_scores(model.encoder, tr, te, 1.0, (0,), device),
+        ("FlowFM pretrained", "10%"): lambda: probe_scores(model.encoder, tr, te, 0.1, SEEDS, device),
+        ("random-init encoder", "100%"): lambda: [probe_scores(e, tr, te, 1.0, (0,), device)[0] for e in rand_enc],
         # Each random encoder is probed on its own seed's 10% subset.
-        ("random-init encoder", "10%"): [probe_scores(e, tr, te, 0.1, (s,), device)[0]
-                                         for e, s in zip(rand_enc, SEEDS)],
+        ("random-init encoder", "10%"): lambda: [probe_scores(e, tr, te, 0.1, (s,), device)[0]
+                                                 for e, s in zip(rand_enc, SEEDS)],
     }
+    probe_rows = _run_jobs(probe_jobs, "linear probes", progress=not quick)
     timings["linear probes"] = time.perf_counter() - t
 
     def ft(encoder, fraction, s):
@@ -84,12 +96,13 @@ def run_demo(out: Path, quick: bool = False, minutes: float | None = None, devic
                         bundle.standardizer.std, steps=ft_steps, seed=s, device=device)["macro_f1"]
 
     t = time.perf_counter()
-    ft_rows = {
-        ("fine-tuned FlowFM encoder", "100%"): [ft(model.encoder, 1.0, 0)],
-        ("fine-tuned FlowFM encoder", "10%"): [ft(model.encoder, 0.1, s) for s in SEEDS],
-        ("supervised from scratch", "100%"): [ft(build_model(cfg, 2000).encoder, 1.0, 0)],
-        ("supervised from scratch", "10%"): [ft(build_model(cfg, 2000 + s).encoder, 0.1, s) for s in SEEDS],
+    ft_jobs = {
+        ("fine-tuned FlowFM encoder", "100%"): lambda: [ft(model.encoder, 1.0, 0)],
+        ("fine-tuned FlowFM encoder", "10%"): lambda: [ft(model.encoder, 0.1, s) for s in SEEDS],
+        ("supervised from scratch", "100%"): lambda: [ft(build_model(cfg, 2000).encoder, 1.0, 0)],
+        ("supervised from scratch", "10%"): lambda: [ft(build_model(cfg, 2000 + s).encoder, 0.1, s) for s in SEEDS],
     }
+    ft_rows = _run_jobs(ft_jobs, "fine-tuning", progress=not quick)
     timings["fine-tuning"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -138,11 +138,15 @@ def test_probe_prints_macro_f1(run_dir):
     rc, out, err = run_cli("probe", "--ckpt", run_dir, "--data", "synthetic", "--label-fraction", "1.0", "0.1",
                            "--seeds", 2, "--device", "cpu")
     assert rc == 0, err
-    res = _last_json(out)["linear_probe_macro_f1"]
+    printed = _last_json(out)
+    res = printed["linear_probe_macro_f1"]
     assert set(res) == {"1.0", "0.1"}
     assert len(res["1.0"]) == 1 and len(res["0.1"]) == 2
     for v in res["1.0"] + res["0.1"]:
         assert 0.0 <= v <= 1.0
+    assert printed["summary"]["0.1"]["n"] == 2
+    assert printed["summary"]["0.1"]["mean"] == pytest.approx(sum(res["0.1"]) / 2)
+    assert "fraction 1.0 uses every labelled window" in printed["note"]  # why 1.0 has one score
 
 
 def test_sample_writes_npz_and_pngs(run_dir, tmp_path):
