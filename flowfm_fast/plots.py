@@ -2,12 +2,26 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
+# The unit of a channel, by its name's prefix: the HAPT smartphone's accelerometer reads in g, its
+# gyroscope in rad/s. Channels of user data (ch0, ...) are in whatever units the user's arrays are.
+UNITS = {"acc": "g", "gyro": "rad/s"}
 
-def plot_windows(path, rows: dict[str, np.ndarray], channels, hz: float = 30.0, max_windows: int = 4) -> Path:
-    """``rows`` maps a title ("real", "reconstructed", ...) to windows (N, C, L) in physical units."""
+
+def channel_label(name: str) -> str:
+    """``acc-x [g]``; a name without a known unit stays as it is."""
+    unit = next((u for prefix, u in UNITS.items() if name.startswith(prefix)), None)
+    return f"{name} [{unit}]" if unit else name
+
+
+def plot_windows(path, rows: dict[str, np.ndarray], channels, hz: float = 30.0, max_windows: int = 4,
+                 titles: Sequence[str] | None = None, note: str | None = None) -> Path:
+    """``rows`` maps a name ("real", "reconstructed", ...) to windows (N, C, L) in physical units;
+    ``titles``: one per window column (the activity of each real window); ``note``: a line drawn
+    above the panels (say there what the reader could misread, such as unpaired rows)."""
     import matplotlib   # lazy: only sampling and reports draw, and matplotlib costs start-up time
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -15,7 +29,7 @@ def plot_windows(path, rows: dict[str, np.ndarray], channels, hz: float = 30.0, 
     names = list(rows)
     n = min(max_windows, min(len(v) for v in rows.values()))
     C = next(iter(rows.values())).shape[1]
-    fig, axes = plt.subplots(C, n, figsize=(3.2 * n, 1.6 * C + 0.6), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(C, n, figsize=(3.2 * n, 1.6 * C + (1.0 if note else 0.6)), squeeze=False, sharex=True)
     colors = ["k", "tab:blue", "tab:orange", "tab:green"]
     for j in range(n):
         for c in range(C):
@@ -25,11 +39,15 @@ def plot_windows(path, rows: dict[str, np.ndarray], channels, hz: float = 30.0, 
                 ax.plot(np.arange(w.shape[0]) / hz, w, color=colors[k % len(colors)], lw=0.8,
                         alpha=1.0 if k == 0 else 0.8, label=name)
             if j == 0:
-                ax.set_ylabel(channels[c] if c < len(channels) else f"ch{c}", fontsize=8)
+                ax.set_ylabel(channel_label(channels[c]) if c < len(channels) else f"ch{c}", fontsize=8)
             if c == C - 1:
-                ax.set_xlabel("s", fontsize=8)
+                ax.set_xlabel("time [s]", fontsize=8)
+            if c == 0 and titles is not None and j < len(titles):
+                ax.set_title(titles[j], fontsize=8)
             ax.tick_params(labelsize=7)
     axes[0, 0].legend(fontsize=7, loc="upper right")
+    if note:
+        fig.suptitle(note, fontsize=8)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,12 @@ def spread_indices(y, n: int, total: int) -> np.ndarray:
 def sample_and_plot(model, bundle, out_npz: Path, n: int, steps: int, method: str, seed: int, device="cpu",
                     graph: bool | None = None) -> dict:
     src = bundle.test if bundle.test is not None else bundle.pretrain
-    x_real = src.x[spread_indices(src.y, n, len(src))]
+    picked = spread_indices(src.y, n, len(src))
+    x_real = src.x[picked]
+    titles = None
+    if src.y is not None and (src.y[picked] >= 0).all():
+        titles = [f"real: {bundle.classes[int(y)]}" if int(y) < len(bundle.classes) else f"real: class {int(y)}"
+                  for y in src.y[picked]]
     gen = torch.Generator(device=device).manual_seed(seed)
     xr = torch.from_numpy(x_real).to(device)
     t0 = time.perf_counter()
@@ -45,9 +50,12 @@ def sample_and_plot(model, bundle, out_npz: Path, n: int, steps: int, method: st
     out_npz.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out_npz, real=real_u, reconstructed=recon_u, generated=gen_u, steps=steps, method=method)
     png_recon = plot_windows(out_npz.with_name(out_npz.stem + "_reconstructed.png"),
-                             {"real": real_u, "reconstructed": recon_u}, bundle.channels)
+                             {"real": real_u, "reconstructed": recon_u}, bundle.channels, titles=titles,
+                             note=f"each real window and its reconstruction x -> z -> {steps}-step {method} sample")
     png_gen = plot_windows(out_npz.with_name(out_npz.stem + "_generated.png"),
-                           {"real": real_u, "generated": gen_u}, bundle.channels)
+                           {"real": real_u, "generated": gen_u}, bundle.channels, titles=titles,
+                           note="generated windows are NOT paired with the real ones drawn beside them: their z "
+                                "are drawn from a Gaussian fitted to encoded windows")
     mse = float(np.mean((recon - x_real) ** 2))
     return {"npz": str(out_npz), "png_reconstructed": str(png_recon), "png_generated": str(png_gen),
             "recon_mse_standardised": mse, "recon_seconds": t_recon, "n": n, "steps": steps, "method": method}
