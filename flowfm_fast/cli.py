@@ -77,7 +77,7 @@ def cmd_pretrain(a) -> int:
 
 
 def cmd_probe(a) -> int:
-    from .eval import probe_scores   # lazy: scikit-learn (see the note at the imports)
+    from .eval import probe_per_class, probe_scores   # lazy: scikit-learn (see the note at the imports)
     dev = _device(a.device)
     model, std, _ = load_trained(a.ckpt, dev)
     b = load_bundle(a.data, a.test_data, a.gyro, standardizer=std, length=model.cfg.length)
@@ -86,11 +86,17 @@ def cmd_probe(a) -> int:
                         "and --test-data)")
     if a.seeds < 1:
         raise ValueError("--seeds must be >= 1")
+    if a.draws < 1 or any(k < 1 for k in a.per_class):
+        raise ValueError("--draws and every --per-class value must be >= 1")
     res = {str(frac): probe_scores(model.encoder, b.train, b.test, frac, tuple(range(a.seeds)), dev)
            for frac in a.label_fraction}
-    summary = {frac: {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
-               for frac, v in res.items()}
-    report = {"linear_probe_macro_f1": res, "summary": summary}
+    def summary(scores: dict) -> dict:
+        return {k: {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
+                for k, v in scores.items()}
+    report = {"linear_probe_macro_f1": res, "summary": summary(res)}
+    if a.per_class:
+        shots = {str(k): v for k, v in probe_per_class(model.encoder, b.train, b.test, a.per_class, a.draws, dev).items()}
+        report.update(per_class_macro_f1=shots, per_class_summary=summary(shots))
     if a.seeds > 1 and any(frac >= 1.0 for frac in a.label_fraction):
         report["note"] = ("fraction 1.0 uses every labelled window, so its probe has one score; --seeds draws "
                           "the label subsets of fractions below 1.0")
@@ -183,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ckpt", required=True, help="run directory or checkpoint")
     q.add_argument("--label-fraction", type=float, nargs="+", default=[1.0])
     q.add_argument("--seeds", type=int, default=3)
+    q.add_argument("--per-class", type=int, nargs="+", default=[],
+                   help="also probe with this many labelled windows per class (e.g. 1 2 5 10), --draws draws each")
+    q.add_argument("--draws", type=int, default=10, help="random draws of the labelled windows per --per-class value")
     q.add_argument("--device", default="auto")
     q.set_defaults(fn=cmd_probe)
 

@@ -54,3 +54,32 @@ def plot_windows(path, rows: dict[str, np.ndarray], channels, hz: float = 30.0, 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_label_efficiency(path, curves: dict[str, dict[float, Sequence[float]]],
+                          title: str = "linear probe, held-out subjects") -> Path:
+    """Macro-F1 (mean and sd over draws) against labelled windows per class, log x: one line per
+    encoder in ``curves`` (name -> {labelled windows per class: [score per draw]})."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.0, 3.4))
+    for name, points in curves.items():
+        xs = sorted(points)
+        means = [float(np.mean(points[x])) for x in xs]
+        sds = [float(np.std(points[x], ddof=1)) if len(points[x]) > 1 else 0.0 for x in xs]
+        ax.errorbar(xs, means, yerr=sds, marker="o", ms=3, capsize=2, lw=1, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled windows per class (log scale)", fontsize=8)
+    ax.set_ylabel("macro-F1", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

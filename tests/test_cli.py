@@ -149,6 +149,19 @@ def test_probe_prints_macro_f1(run_dir):
     assert "fraction 1.0 uses every labelled window" in printed["note"]  # why 1.0 has one score
 
 
+def test_probe_per_class(run_dir):
+    rc, out, err = run_cli("probe", "--ckpt", run_dir, "--data", "synthetic", "--per-class", 1, 3,
+                           "--draws", 4, "--device", "cpu")
+    assert rc == 0, err
+    printed = _last_json(out)
+    shots = printed["per_class_macro_f1"]
+    assert set(shots) == {"1", "3"} and all(len(v) == 4 for v in shots.values())
+    assert all(0.0 <= f <= 1.0 for v in shots.values() for f in v)
+    assert printed["per_class_summary"]["3"]["n"] == 4
+    rc, out, err = run_cli("probe", "--ckpt", run_dir, "--data", "synthetic", "--per-class", 0, "--device", "cpu")
+    assert rc == 2 and "--per-class" in err
+
+
 def test_sample_writes_npz_and_pngs(run_dir, tmp_path):
     out_npz = tmp_path / "d2" / "s.npz"
     rc, out, err = run_cli("sample", "--ckpt", run_dir, "--data", "synthetic", "--n", 3, "--steps", 2,
@@ -189,14 +202,19 @@ def test_demo_quick(tmp_path):
     assert elapsed < 60, f"demo --quick took {elapsed:.1f} s"
     report = (d / "report.md").read_text()
     for needle in ("Linear probe", "Fine-tuning", "macro-F1", "| encoder | labels | macro-F1 |",
-                   "FlowFM pretrained", "random-init encoder", "supervised from scratch"):
+                   "FlowFM pretrained", "random-init encoder", "supervised from scratch",
+                   "Label efficiency", "| k per class | FlowFM pretrained | random-init encoder | difference |"):
         assert needle in report, needle
+    assert (d / "label_efficiency.png").stat().st_size > 1000
     results = json.loads((d / "results.json").read_text())
     for table in ("probe", "finetune"):
         assert results[table]
         for vals in results[table].values():
             assert vals and all(0.0 <= v <= 1.0 for v in vals)
     assert results["pretrain_steps"] == 30
+    few = results["probe_per_class"]
+    assert set(few["FlowFM pretrained"]) == {"1", "2", "5", "10"}
+    assert len(few["FlowFM pretrained"]["1"]) == 10 and len(few["random-init encoder"]["1"]) == 30
     for png in ("samples_reconstructed.png", "samples_generated.png"):
         assert (d / png).read_bytes()[:8] == PNG_MAGIC
 

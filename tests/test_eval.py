@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from flowfm_fast.data import Standardizer, make_synthetic
-from flowfm_fast.eval import encode_windows, finetune, label_subset, linear_probe, predict
+from flowfm_fast.eval import (encode_windows, finetune, label_subset, linear_probe, per_class_subset, predict,
+                              probe_per_class)
 from flowfm_fast.models import ResNet1DEncoder, get_config
 
 
@@ -71,6 +72,40 @@ def _blobs(n, seed, centers):
     rng = np.random.default_rng(seed)
     y = np.tile(np.arange(len(centers)), n // len(centers))
     return (centers[y] + rng.standard_normal((len(y), centers.shape[1]))).astype(np.float32), y
+
+
+def test_per_class_subset_takes_k_of_every_class():
+    y = _labels()  # classes of 100, 50, 30 and 3 windows
+    for k in (1, 2, 5):
+        idx = per_class_subset(y, k, seed=0)
+        counts = np.bincount(y[idx], minlength=4)
+        assert counts.tolist() == [k, k, k, min(k, 3)]
+        assert len(np.unique(idx)) == len(idx)
+    assert np.bincount(y[per_class_subset(y, 10, 0)]).tolist() == [10, 10, 10, 3]  # a small class gives all
+    assert not np.array_equal(per_class_subset(y, 5, 0), per_class_subset(y, 5, 1))
+    assert np.array_equal(per_class_subset(y, 5, 3), per_class_subset(y, 5, 3))
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="per_class"):
+            per_class_subset(y, bad, 0)
+
+
+def test_probe_per_class_learns_with_more_labels():
+    """Overlapping Gaussian classes seen through an identity "encoder": a probe with 10 windows per
+    class beats one with 1, and each level has one score per draw."""
+    from flowfm_fast.data.windows import WindowSet
+    centers = np.random.default_rng(3).standard_normal((4, 8)).astype(np.float32)
+
+    def windows(n, seed):
+        rng = np.random.default_rng(seed)
+        y = np.repeat(np.arange(4), n // 4)
+        return WindowSet((centers[y] + 1.5 * rng.standard_normal((len(y), 8))).astype(np.float32)[:, None], y)
+
+    tr, te = windows(400, 0), windows(400, 1)
+    res = probe_per_class(torch.nn.Flatten(), tr, te, per_class=(1, 10), draws=8)
+    assert set(res) == {1, 10} and all(len(v) == 8 for v in res.values())
+    assert np.mean(res[10]) > np.mean(res[1]) + 0.05
+    with pytest.raises(ValueError, match="draws"):
+        probe_per_class(torch.nn.Flatten(), tr, te, per_class=(1,), draws=0)
 
 
 def test_linear_probe_separable_features():

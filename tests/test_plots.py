@@ -54,3 +54,19 @@ def test_sample_figures_name_activities_and_say_generated_is_unpaired(tmp_path, 
     assert recon_kw["titles"] == gen_kw["titles"] == want
     assert "NOT paired" in gen_kw["note"] and "NOT paired" not in recon_kw["note"]
     assert gen_path.name == "s_generated.png"
+
+
+def test_label_efficiency_plot_axes(tmp_path, monkeypatch):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    seen = {}
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (seen.setdefault("fig", fig), real_close(fig)))
+    curves = {"pretrained": {1: [0.5, 0.6], 10: [0.8, 0.85], 237: [0.9]},
+              "random-init": {1: [0.3, 0.4], 10: [0.6, 0.62], 237: [0.86]}}
+    out = plots.plot_label_efficiency(tmp_path / "le.png", curves)
+    assert out.is_file()
+    ax = seen["fig"].axes[0]
+    assert ax.get_xscale() == "log" and "per class" in ax.get_xlabel() and ax.get_ylabel() == "macro-F1"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["pretrained", "random-init"]
