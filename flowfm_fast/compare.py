@@ -34,6 +34,7 @@ from .eval import finetune, probe_scores
 from .eval.generation import (classifier_f1, frechet_distance_from_features, mmd_rbf,
                               train_feature_classifier, FeatureClassifierConfig)
 from .models import get_config
+from .progress import run_jobs
 from .train import TrainConfig, build_model, train_flowfm
 
 PAPER = {"training_time_reduction": 0.504, "max_inference_speedup": 51.0}
@@ -238,11 +239,15 @@ def run_compare(out, data: str = "hapt", cfg: CompareConfig | None = None, devic
     results["time_to_quality"] = ttq
 
     # 2. quality and wall time versus sampling steps
-    sweep = {"fm": [sample_metrics(models["fm"], clf, x_ref, f_ref, m, k, cfg.seed, device)
-                    for m in cfg.fm_methods for k in cfg.fm_steps],
-             "ddpm": [sample_metrics(models["ddpm"], clf, x_ref, f_ref, "ddpm", cfg.ddpm_steps, cfg.seed, device, clip)]
-             + [sample_metrics(models["ddpm"], clf, x_ref, f_ref, "ddim", k, cfg.seed, device, clip)
-                for k in cfg.ddim_steps]}
+    jobs = {("fm", m, k): (lambda m=m, k=k: sample_metrics(models["fm"], clf, x_ref, f_ref, m, k, cfg.seed, device))
+            for m in cfg.fm_methods for k in cfg.fm_steps}
+    jobs[("ddpm", "ddpm", cfg.ddpm_steps)] = lambda: sample_metrics(models["ddpm"], clf, x_ref, f_ref, "ddpm",
+                                                                    cfg.ddpm_steps, cfg.seed, device, clip)
+    for k in cfg.ddim_steps:
+        jobs[("ddpm", "ddim", k)] = (lambda k=k: sample_metrics(models["ddpm"], clf, x_ref, f_ref, "ddim", k,
+                                                                cfg.seed, device, clip))
+    done = run_jobs(jobs, "sampling sweep (FID per sampler and steps)", progress)
+    sweep = {o: [r for (obj, _, _), r in done.items() if obj == o] for o in OBJECTIVES}
     results["sampling"] = sweep
 
     # 3. FM speedup at matched sensor-FID
@@ -252,11 +257,15 @@ def run_compare(out, data: str = "hapt", cfg: CompareConfig | None = None, devic
 
     # 4. representation: final probes and baselines
     model_cfg = get_config(cfg.config, channels=tr.x.shape[1], length=tr.x.shape[2])
-    rand = [probe_scores(build_model(model_cfg, 1000 + s).encoder, tr, te, 1.0, (0,), device)[0]
-            for s in cfg.baseline_seeds]
-    sup = [finetune(build_model(model_cfg, 2000 + s).encoder, tr.x, tr.y, te.x, te.y, len(bundle.classes),
-                    bundle.standardizer.mean, bundle.standardizer.std, steps=cfg.supervised_steps, seed=s,
-                    device=device)["macro_f1"] for s in cfg.baseline_seeds]
+    baselines = run_jobs({
+        **{("rand", s): (lambda s=s: probe_scores(build_model(model_cfg, 1000 + s).encoder, tr, te, 1.0, (0,),
+                                                  device)[0]) for s in cfg.baseline_seeds},
+        **{("sup", s): (lambda s=s: finetune(build_model(model_cfg, 2000 + s).encoder, tr.x, tr.y, te.x, te.y,
+                                             len(bundle.classes), bundle.standardizer.mean, bundle.standardizer.std,
+                                             steps=cfg.supervised_steps, seed=s, device=device)["macro_f1"])
+           for s in cfg.baseline_seeds}}, "baselines (random-init probes, supervised training)", progress)
+    rand = [baselines[("rand", s)] for s in cfg.baseline_seeds]
+    sup = [baselines[("sup", s)] for s in cfg.baseline_seeds]
     results["baselines"] = {"random_init_probe_f1": rand, "supervised_f1": sup}
     results["total_seconds"] = time.perf_counter() - t_start
 

@@ -16,6 +16,7 @@ from .eval import finetune, label_subset, probe_per_class, probe_scores
 from .eval.samples import sample_and_plot
 from .models import get_config
 from .plots import plot_label_efficiency
+from .progress import run_jobs
 from .train import TrainConfig, build_model, train_flowfm
 
 # Pretraining recipe of the demo: every train-subject window at a 1 s hop, encoder-side
@@ -42,17 +43,6 @@ def _fmt(xs):
 def _merge(results: list[dict]) -> dict:
     """{k: scores} of several encoders as one {k: all their scores}."""
     return {k: [v for r in results for v in r[k]] for k in results[0]}
-
-
-def _run_jobs(jobs: dict, desc: str, progress: bool) -> dict:
-    """Each job's result under its key, in order, with a progress bar (ETA) while they run."""
-    from tqdm.auto import tqdm   # lazy, as the trainer's bar
-    with tqdm(total=len(jobs), desc=desc, unit="run", disable=not progress, dynamic_ncols=True) as bar:
-        results = {}
-        for key, job in jobs.items():
-            results[key] = job()
-            bar.update(1)
-    return results
 
 
 def run_demo(out: Path, quick: bool = False, minutes: float | None = None, device="cpu", seed: int = 0) -> Path:
@@ -95,9 +85,9 @@ def run_demo(out: Path, quick: bool = False, minutes: float | None = None, devic
         ("random-init encoder", "10%"): lambda: [probe_scores(e, tr, te, 0.1, (s,), device)[0]
                                                  for e, s in zip(rand_enc, SEEDS)],
     }
-    probe_rows = _run_jobs(probe_jobs, "linear probes", progress=not quick)
+    probe_rows = run_jobs(probe_jobs, "linear probes", progress=not quick)
     # The few-label regime, where pretraining has to pay: k labelled windows of every class.
-    per_class = _run_jobs({
+    per_class = run_jobs({
         "FlowFM pretrained": lambda: probe_per_class(model.encoder, tr, te, PER_CLASS, DRAWS, device),
         "random-init encoder": lambda: _merge([probe_per_class(e, tr, te, PER_CLASS, DRAWS, device) for e in rand_enc]),
     }, "few-label probes", progress=not quick)
@@ -115,7 +105,7 @@ def run_demo(out: Path, quick: bool = False, minutes: float | None = None, devic
         ("supervised from scratch", "100%"): lambda: [ft(build_model(cfg, 2000).encoder, 1.0, 0)],
         ("supervised from scratch", "10%"): lambda: [ft(build_model(cfg, 2000 + s).encoder, 0.1, s) for s in SEEDS],
     }
-    ft_rows = _run_jobs(ft_jobs, "fine-tuning", progress=not quick)
+    ft_rows = run_jobs(ft_jobs, "fine-tuning", progress=not quick)
     timings["fine-tuning"] = time.perf_counter() - t
 
     t = time.perf_counter()

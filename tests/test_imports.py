@@ -9,7 +9,8 @@ edge of one graph. Two rules hold on that graph:
 
 The layers, lowest first (a module belongs to the layer of its longest listed prefix):
 
-0. leaves: ``nvtx`` (NVTX ranges), ``_malloc`` (the CPU allocator knob), ``plots`` (PNG figures).
+0. leaves: ``nvtx`` (NVTX ranges), ``_malloc`` (the CPU allocator knob), ``plots`` (PNG figures),
+   ``progress`` (progress bars of long phases).
    They import no ``flowfm_fast`` module at all, so anything may import them.
 1. ops: the package root (``flowfm_fast/__init__``), ``ops``, ``kernels``, ``_backend``, ``_C``.
 2. nn: the thin modules over the ops.
@@ -39,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "flowfm_fast"
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("leaves", ("flowfm_fast.nvtx", "flowfm_fast._malloc", "flowfm_fast.plots")),
+    ("leaves", ("flowfm_fast.nvtx", "flowfm_fast._malloc", "flowfm_fast.plots", "flowfm_fast.progress")),
     ("ops", ("flowfm_fast", "flowfm_fast.ops", "flowfm_fast.kernels", "flowfm_fast._backend", "flowfm_fast._C")),
     ("nn", ("flowfm_fast.nn",)),
     ("data", ("flowfm_fast.data", "flowfm_fast.datasets")),
