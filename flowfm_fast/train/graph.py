@@ -128,7 +128,7 @@ class CapturedStep:
     def __call__(self, x1_host: torch.Tensor) -> tuple:
         if tuple(x1_host.shape) != tuple(self.x1.shape):
             raise ValueError(f"a captured step takes batches of shape {tuple(self.x1.shape)}, got "
-                             f"{tuple(x1_host.shape)} (use a batch_size that divides the windows)")
+                             f"{tuple(x1_host.shape)}: the graph was captured for that shape")
         self.x1.copy_(x1_host, non_blocking=True)
         if self.graph is None and self.warmup_left > 0:
             self.warmup_left -= 1
