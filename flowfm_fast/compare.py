@@ -34,6 +34,7 @@ from .eval import finetune, probe_scores
 from .eval.generation import (classifier_f1, frechet_distance_from_features, mmd_rbf,
                               train_feature_classifier, FeatureClassifierConfig)
 from .models import get_config
+from .plots import save_figure
 from .progress import run_jobs
 from .train import TrainConfig, build_model, train_flowfm
 
@@ -301,7 +302,7 @@ def _plots(out: Path, results: dict) -> dict:
     ax.set_xlabel("training wall time (s)")
     ax.set_ylabel("linear-probe macro-F1")
     ax.legend(fontsize=8)
-    p1 = _save(fig, out / "probe_f1_vs_time.png")
+    p1 = save_figure(fig, out / "probe_f1_vs_time.png")
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for o, rows in results["sampling"].items():
@@ -316,16 +317,8 @@ def _plots(out: Path, results: dict) -> dict:
     ax.set_xlabel("sampling wall time per window (ms, log)")
     ax.set_ylabel("sensor-FID")
     ax.legend(fontsize=8)
-    p2 = _save(fig, out / "fid_vs_sampling_time.png")
+    p2 = save_figure(fig, out / "fid_vs_sampling_time.png")
     return {"probe": p1.name, "fid": p2.name}
-
-
-def _save(fig, path):
-    import matplotlib.pyplot as plt
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def _report(res: dict, cfg: CompareConfig, data: str, bundle, plots: dict) -> str:

@@ -48,12 +48,7 @@ def plot_windows(path, rows: dict[str, np.ndarray], channels, hz: float = 30.0, 
     axes[0, 0].legend(fontsize=7, loc="upper right")
     if note:
         fig.suptitle(note, fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_label_efficiency(path, curves: dict[str, dict[float, Sequence[float]]],
@@ -77,6 +72,12 @@ def plot_label_efficiency(path, curves: dict[str, dict[float, Sequence[float]]],
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path) -> Path:
+    """Lay out, write as PNG (110 dpi, parent folders made) and close ``fig``; its path."""
+    import matplotlib.pyplot as plt
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
