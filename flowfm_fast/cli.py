@@ -18,6 +18,7 @@ from .data import AugmentConfig, DataError
 from .datasets import load_bundle
 from .integrate import METHODS
 from .models import CONFIG_NAMES, get_config
+from .models.coupling import COUPLINGS
 from .models.flowfm import DDPM_METHODS
 from .profiling import run_profile
 from .train import CheckpointError, TrainConfig, current_world, init_from_env, load_trained, train_flowfm
@@ -54,7 +55,7 @@ def cmd_pretrain(a) -> int:
     b = load_bundle(a.data, None, a.gyro, length=None)
     try:
         cfg = get_config(a.config, velocity=a.velocity, objective=a.objective, channels=b.pretrain.x.shape[1],
-                         length=b.pretrain.x.shape[2])
+                         length=b.pretrain.x.shape[2], coupling=a.coupling)
     except ValueError as exc:  # the windows' shape does not fit the model config
         raise DataError(f"{a.data}: windows of shape {b.pretrain.x.shape[1:]} do not fit --config {a.config}: {exc}") from None
     tc = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, ema_decay=a.ema, seed=a.seed,
@@ -166,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--velocity", default="dit", choices=("dit", "resnet"))
     q.add_argument("--objective", default="fm", choices=("fm", "ddpm"),
                    help="flow matching, or the DDPM counterpart (T=1000, cosine, eps prediction) with the same networks")
+    q.add_argument("--coupling", default="independent", choices=COUPLINGS,
+                   help="pairing of noise and windows per batch (flow matching): independent | ot (minibatch "
+                        "optimal transport) | wcfm (Gibbs-weighted pairs) | c2ot (condition-aware OT)")
     q.add_argument("--steps", type=int, default=2000)
     q.add_argument("--batch-size", type=int, default=64)
     q.add_argument("--lr", type=float, default=1e-3)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from .coupling import COUPLINGS
+
 
 @dataclass
 class EncoderConfig:
@@ -39,6 +41,9 @@ class FlowFMConfig:
     t_sampling: str = "logit_normal"  # "uniform" | "logit_normal" (sigmoid of N(0, 1): mid-t weighted; better features)
     objective: str = "fm"             # "fm" (flow matching) | "ddpm" (the diffusion counterpart: eps prediction)
     diffusion_steps: int = 1000       # T of the DDPM objective (cosine schedule)
+    coupling: str = "independent"     # noise-data pairing per batch: see models.coupling.COUPLINGS
+    coupling_eps: float = 0.1         # wcfm: Gibbs temperature, relative to the batch's mean pair cost
+    coupling_target_r: float = 0.2    # c2ot: share of re-pairings no costlier than the independent pair
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
     resnet: ResNetGenConfig = field(default_factory=ResNetGenConfig)
@@ -50,6 +55,15 @@ class FlowFMConfig:
             raise ValueError(f"t_sampling must be 'uniform' or 'logit_normal', got {self.t_sampling!r}")
         if self.objective not in ("fm", "ddpm"):
             raise ValueError(f"objective must be 'fm' or 'ddpm', got {self.objective!r}")
+        if self.coupling not in COUPLINGS:
+            raise ValueError(f"coupling must be one of {COUPLINGS}, got {self.coupling!r}")
+        if self.coupling != "independent" and self.objective != "fm":
+            raise ValueError(f"coupling={self.coupling!r} pairs noise with data for flow matching; "
+                             f"objective={self.objective!r} needs coupling='independent'")
+        if not self.coupling_eps > 0:
+            raise ValueError(f"coupling_eps must be > 0, got {self.coupling_eps}")
+        if not 0 < self.coupling_target_r < 1:
+            raise ValueError(f"coupling_target_r must lie in (0, 1), got {self.coupling_target_r}")
         if self.diffusion_steps < 1:
             raise ValueError(f"diffusion_steps must be >= 1, got {self.diffusion_steps}")
         if self.channels < 1 or self.length < 1:

@@ -20,6 +20,7 @@ from ..nvtx import nvtx_range
 
 SCHEDULE_OFFSET = 0.008
 MAX_BETA = 0.999
+SPACINGS = ("leading", "trailing")
 # Rows of conditioning computed per batched ``prepare`` call: at 1000 steps the modulations of
 # every step at once would take (steps x B x 6 x depth x dim) floats (~0.9 GB for small at B=64).
 PREPARE_ROWS = 4096
@@ -63,15 +64,24 @@ class CosineSchedule:
         """k ~ Uniform{1, ..., T} (the DDPM training distribution)."""
         return torch.randint(1, self.T + 1, (batch,), device=device, generator=generator)
 
-    def timesteps(self, steps: int) -> list[int]:
-        """Descending ``steps`` timesteps for a strided sampler, ending in 0 (abar = 1):
-        k_i = i * (T // steps) + 1 (the "leading" spacing of DDIM), so 1000 steps visit every k."""
+    def timesteps(self, steps: int, spacing: str = "leading") -> list[int]:
+        """Descending ``steps`` timesteps for a strided sampler, ending in 0 (abar = 1).
+
+        ``"leading"``: k_i = i * (T // steps) + 1 (DDIM's original spacing; the first step sits at
+        k = (steps - 1) * (T // steps) + 1 < T, so the chain starts from N(0, I) treated as a
+        slightly-less-noisy level). ``"trailing"``: k_i = round(T - i * T / steps), the first step
+        at k = T where x_T ~ N(0, I) is exactly the training marginal (Lin et al. 2024, table 2).
+        Both visit every k at steps = T."""
         if isinstance(steps, bool) or not isinstance(steps, int):
             raise TypeError(f"steps must be an int, got {type(steps).__name__}")
         if not 1 <= steps <= self.T:
             raise ValueError(f"steps must lie in [1, T={self.T}], got {steps}")
-        stride = self.T // steps
-        return [i * stride + 1 for i in reversed(range(steps))] + [0]
+        if spacing == "leading":
+            stride = self.T // steps
+            return [i * stride + 1 for i in reversed(range(steps))] + [0]
+        if spacing == "trailing":
+            return [int(round(self.T - i * self.T / steps)) for i in range(steps)] + [0]
+        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
 
 
 def eps_loss(eps_hat: torch.Tensor, eps: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -109,7 +119,7 @@ def _x0_hat(x, e, a: float, clip_x0: float | None):
 
 @torch.no_grad()
 def ddpm_sample(net, z: torch.Tensor, x_T: torch.Tensor, sch: CosineSchedule, steps: int | None = None,
-                generator=None, clip_x0: float | None = None) -> torch.Tensor:
+                generator=None, clip_x0: float | None = None, spacing: str = "leading") -> torch.Tensor:
     """Ancestral sampling over ``steps`` timesteps (T by default: the full DDPM chain), through the
     posterior q(x_k' | x_k, x0_hat): on a step k > k' with respaced beta = 1 - abar_k / abar_k'
     (Nichol & Dhariwal),
@@ -118,7 +128,7 @@ def ddpm_sample(net, z: torch.Tensor, x_T: torch.Tensor, sch: CosineSchedule, st
     eps form x' = (x - beta / sqrt(1 - abar_k) eps_hat) / sqrt(1 - beta) + sigma noise; ``clip_x0``
     clips x0_hat first (the ``clip_denoised`` of the reference code; near k = T, 1 / sqrt(abar_k)
     ~ 2e4 amplifies any eps error)."""
-    ks = sch.timesteps(sch.T if steps is None else steps)
+    ks = sch.timesteps(sch.T if steps is None else steps, spacing)
     eps = _eps_fn(net, z, sch, ks[:-1])
     ab = sch.alpha_bar
     x = x_T.clone()
@@ -137,14 +147,15 @@ def ddpm_sample(net, z: torch.Tensor, x_T: torch.Tensor, sch: CosineSchedule, st
 
 @torch.no_grad()
 def ddim_sample(net, z: torch.Tensor, x_T: torch.Tensor, sch: CosineSchedule, steps: int = 50,
-                eta: float = 0.0, generator=None, clip_x0: float | None = None) -> torch.Tensor:
+                eta: float = 0.0, generator=None, clip_x0: float | None = None,
+                spacing: str = "leading") -> torch.Tensor:
     """DDIM (Song et al. 2021) over ``steps`` timesteps: x0_hat = (x - sqrt(1 - abar_k) eps_hat) / sqrt(abar_k),
     x' = sqrt(abar_k') x0_hat + sqrt(1 - abar_k' - sigma^2) eps_hat + sigma noise,
     sigma = eta sqrt((1 - abar_k') / (1 - abar_k)) sqrt(1 - abar_k / abar_k'); eta = 0 is deterministic.
     ``clip_x0`` clips x0_hat and recomputes eps_hat = (x - sqrt(abar_k) x0_hat) / sqrt(1 - abar_k) from it."""
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    ks = sch.timesteps(steps)
+    ks = sch.timesteps(steps, spacing)
     eps = _eps_fn(net, z, sch, ks[:-1])
     ab = sch.alpha_bar
     x = x_T.clone()

@@ -13,7 +13,7 @@ from torch import nn
 from .. import ops
 from ..integrate import sample as ode_sample
 from ..nvtx import nvtx_wrap
-from . import diffusion
+from . import coupling, diffusion
 from .configs import FlowFMConfig
 from .dit1d import DiT1D
 from .encoder import ResNet1DEncoder
@@ -59,7 +59,8 @@ class FlowFM(nn.Module):
     def loss(self, x1: torch.Tensor, x_enc: torch.Tensor | None = None, generator=None,
              weight: torch.Tensor | None = None) -> torch.Tensor:
         """Flow-matching loss of reconstructing x1 from noise given z = E(x_enc) (x_enc defaults to
-        x1; training passes an augmented view so the encoder learns invariances). With
+        x1; training passes an augmented view so the encoder learns invariances), the noise paired
+        with the windows by ``cfg.coupling`` (:mod:`~flowfm_fast.models.coupling`). With
         ``objective="ddpm"``: the eps-prediction loss at k ~ U{1..T} instead."""
         self._check_windows(x1, "x1")
         z = self.encoder(x1 if x_enc is None else x_enc)
@@ -69,6 +70,9 @@ class FlowFM(nn.Module):
             x_k = self.schedule.q_sample(x1, k, x0)
             t_net = self.schedule.t_net(k).to(device=x1.device, dtype=torch.float32)
             return diffusion.eps_loss(self.velocity(x_k, t_net, z), x0, weight)
+        x0, w_pair = coupling.couple(self.cfg.coupling, x0, x1, z, self.cfg.coupling_eps, self.cfg.coupling_target_r)
+        if w_pair is not None:
+            weight = w_pair if weight is None else weight * w_pair
         t = self.sample_t(x1.shape[0], x1.device, generator)
         x_t, _ = ops.fm_interpolate(x0, x1, t, self.cfg.sigma_min)
         v = self.velocity(x_t, t, z)

@@ -29,6 +29,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..models.coupling import ASSIGNED
 from ..ops import _validate
 
 aten = torch.ops.aten
@@ -74,8 +75,11 @@ def forbid_host_syncs():
         yield
 
 
-def check_capturable(device: torch.device, distributed: bool) -> None:
+def check_capturable(device: torch.device, distributed: bool, coupling: str = "independent") -> None:
     """Raise :class:`CaptureError` where ``cuda_graph=True`` cannot work."""
+    if coupling in ASSIGNED:
+        raise CaptureError(f"cuda_graph=True cannot capture coupling={coupling!r}: its assignment is "
+                           "solved on the host every step; use coupling 'independent' or 'wcfm'")
     if device.type != "cuda":
         raise CaptureError(f"cuda_graph=True needs a CUDA device, got device {str(device)!r}")
     if distributed:

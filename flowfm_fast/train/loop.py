@@ -257,12 +257,12 @@ def train_flowfm(model_cfg: FlowFMConfig, windows: np.ndarray, cfg: TrainConfig,
     ``cuda_graph=True`` (CUDA, one process): the whole step is captured once as a CUDA graph and
     replayed from a static batch buffer (:mod:`flowfm_fast.train.graph`); the same draws, losses
     and weights as the uncaptured run within fp32 rounding. It raises a ``CaptureError`` naming
-    what it cannot capture (another device, torchrun)."""
+    what it cannot capture (another device, torchrun, a coupling solved on the host)."""
     cfg.validate()
     device = torch.device(device)
     world = current_world()
     if cuda_graph:
-        check_capturable(device, world.active)
+        check_capturable(device, world.active, model_cfg.coupling)
     out = Path(out_dir)
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
