@@ -19,9 +19,10 @@ from .datasets import load_bundle
 from .integrate import METHODS
 from .models import CONFIG_NAMES, get_config
 from .models.coupling import COUPLINGS
+from .models.diffusion import SPACINGS
 from .models.flowfm import DDPM_METHODS
 from .profiling import run_profile
-from .train import CheckpointError, TrainConfig, current_world, init_from_env, load_trained, train_flowfm
+from .train import CheckpointError, TrainConfig, read_grids, write_grids, current_world, init_from_env, load_trained, train_flowfm
 
 # The top of the CLI layer: it may import every module of the package (tests/test_imports.py
 # writes the layer order down). flowfm_fast.eval, .compare and .demo are imported inside the
@@ -114,9 +115,64 @@ def cmd_sample(a) -> int:
     dev = _device(a.device)
     model, std, _ = load_trained(a.ckpt, dev)
     method = a.method or ("ddim" if model.cfg.objective == "ddpm" else "euler")
+    grid = None
+    if a.grid == "optimal":
+        if model.cfg.objective != "fm":
+            raise ValueError("--grid optimal applies to flow-matching runs; a ddpm run takes --spacing")
+        grid = saved_grid(a.ckpt, method, a.steps)
+    if a.spacing is not None and model.cfg.objective != "ddpm":
+        raise ValueError("--spacing applies to ddpm runs (ddim / ddpm samplers)")
     b = load_bundle(a.data, a.test_data, a.gyro, standardizer=std, length=model.cfg.length)
-    print(json.dumps(sample_and_plot(model, b, Path(a.out), a.n, a.steps, method, a.seed, dev, graph=a.graph)))
+    print(json.dumps(sample_and_plot(model, b, Path(a.out), a.n, a.steps, method, a.seed, dev, graph=a.graph,
+                                     grid=grid, spacing=a.spacing)))
     return 0
+
+
+def cmd_grid(a) -> int:
+    for name in ("calib", "candidates"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name} must be >= 1")
+    if min(a.steps) < 1 or max(a.steps) > a.candidates:
+        raise ValueError(f"--steps must lie in [1, --candidates={a.candidates}], got {a.steps}")
+    dev = _device(a.device)
+    model, std, _ = load_trained(a.ckpt, dev)
+    if model.cfg.objective != "fm":
+        raise ValueError(f"--ckpt {a.ckpt}: optimal grids apply to flow-matching runs, this one is "
+                         f"objective {model.cfg.objective!r}")
+    b = load_bundle(a.data, a.test_data, a.gyro, standardizer=std, length=model.cfg.length)
+    rng = np.random.default_rng(a.seed)
+    idx = np.sort(rng.choice(len(b.pretrain), size=min(a.calib, len(b.pretrain)), replace=False))
+    z = model.encode(torch.from_numpy(np.ascontiguousarray(b.pretrain.x[idx])).to(dev))
+    records = {}
+    for K in a.steps:
+        gen = torch.Generator(device=dev).manual_seed(a.seed)
+        records[K] = model.optimal_grid(z, K, a.method, generator=gen, candidates=a.candidates)
+    where = write_grids(a.ckpt, {a.method: records})
+    print(json.dumps({"saved": str(where), "method": a.method,
+                      "grids": {K: {k: r[k] for k in ("grid", "cost", "uniform_cost") if k in r}
+                                for K, r in records.items()}}))
+    return 0
+
+
+def cmd_reflow(a) -> int:
+    from .train.reflow import ReflowConfig, run_reflow
+    cfg = ReflowConfig(pairs=a.pairs, gen_method=a.gen_method, gen_steps=a.gen_steps, steps=a.steps,
+                       batch_size=a.batch_size, lr=a.lr, ema_decay=a.ema, seed=a.seed, ckpt_every=a.ckpt_every)
+    dev = _device(a.device)
+    src, std, _ = load_trained(a.ckpt, "cpu")
+    b = load_bundle(a.data, None, a.gyro, standardizer=std, length=src.cfg.length)
+    res = run_reflow(a.ckpt, b.pretrain.x, cfg, Path(a.out), dev, resume=a.resume, progress=not a.quiet)
+    print(json.dumps(res))
+    return 0
+
+
+def saved_grid(ckpt, method: str, steps: int) -> list[float]:
+    """The optimal grid saved with ``ckpt`` for ``method`` and ``steps``, or an error saying how to make it."""
+    rec = read_grids(ckpt).get(method, {}).get(str(steps))
+    if rec is None:
+        raise ValueError(f"--grid optimal: no {steps}-step {method} grid is saved with {ckpt}; make one with "
+                         f"flowfm-fast grid --ckpt {ckpt} --steps {steps} --method {method}")
+    return rec["grid"]
 
 
 def cmd_demo(a) -> int:
@@ -158,7 +214,7 @@ def cmd_profile(a) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flowfm-fast", epilog="Each command's options: flowfm-fast COMMAND --help. User guide: docs/cli.md.",
-        description="FlowFM on wearable-sensor windows: pretrain, probe, sample, compare, demo, profile.")
+        description="FlowFM on wearable-sensor windows: pretrain, probe, sample, grid, reflow, compare, demo, profile.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     q = sub.add_parser("pretrain", help="joint FlowFM pretraining")
@@ -211,7 +267,40 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="auto")
     q.add_argument("--graph", action=argparse.BooleanOptionalAction, default=None,
                    help="replay the K-step solve as one CUDA graph (default: on for CUDA; no effect on CPU)")
+    q.add_argument("--grid", default="uniform", choices=("uniform", "optimal"),
+                   help="fm runs: uniform steps, or the grid saved for this --method and --steps by flowfm-fast grid")
+    q.add_argument("--spacing", default=None, choices=SPACINGS,
+                   help="ddpm runs: timestep spacing of ddim / ddpm (default leading)")
     q.set_defaults(fn=cmd_sample)
+
+    q = sub.add_parser("reflow", help="fine-tune a trained fm run's velocity on its own (noise, sample) pairs")
+    _add_data_args(q)
+    q.add_argument("--ckpt", required=True, help="the trained fm run (its EMA weights generate the pairs)")
+    q.add_argument("--pairs", type=int, default=4096, help="(x0, x1_hat, z) triples generated once")
+    q.add_argument("--gen-method", default="midpoint", choices=METHODS)
+    q.add_argument("--gen-steps", type=int, default=16, help="steps of the teacher's solve per pair")
+    q.add_argument("--steps", type=int, default=1000, help="fine-tuning steps")
+    q.add_argument("--batch-size", type=int, default=64)
+    q.add_argument("--lr", type=float, default=2e-4)
+    q.add_argument("--ema", type=float, default=0.999, help="EMA decay (0 = off)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--ckpt-every", type=int, default=250)
+    q.add_argument("--resume", action="store_true", help="continue from the reflow run's latest checkpoint")
+    q.add_argument("--out", default="runs/reflow")
+    q.add_argument("--device", default="auto")
+    q.add_argument("--quiet", action="store_true")
+    q.set_defaults(fn=cmd_reflow)
+
+    q = sub.add_parser("grid", help="choose K-step time grids for a trained fm run (BOSS) and save them with it")
+    _add_data_args(q)
+    q.add_argument("--ckpt", required=True, help="run directory or checkpoint (the grids are saved into it)")
+    q.add_argument("--steps", type=int, nargs="+", default=[4, 8], help="step budgets K")
+    q.add_argument("--method", default="euler", choices=METHODS)
+    q.add_argument("--calib", type=int, default=128, help="calibration windows (their z condition the solves)")
+    q.add_argument("--candidates", type=int, default=64, help="fine candidate grid size N (cost ~ N calls for euler)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default="auto")
+    q.set_defaults(fn=cmd_grid)
 
     q = sub.add_parser("compare", help="FlowFM vs its DDPM counterpart: time to quality, FID vs steps, report")
     q.add_argument("--data", default=None, choices=("hapt", "synthetic"),

@@ -28,7 +28,9 @@ def spread_indices(y, n: int, total: int) -> np.ndarray:
 
 
 def sample_and_plot(model, bundle, out_npz: Path, n: int, steps: int, method: str, seed: int, device="cpu",
-                    graph: bool | None = None) -> dict:
+                    graph: bool | None = None, grid=None, spacing: str | None = None) -> dict:
+    """Reconstruct n held-out windows and generate n new ones with ``steps`` steps of ``method``
+    (on ``grid`` when given: fm runs; with timestep ``spacing``: ddpm runs); .npz and two PNGs."""
     src = bundle.test if bundle.test is not None else bundle.pretrain
     picked = spread_indices(src.y, n, len(src))
     x_real = src.x[picked]
@@ -39,16 +41,18 @@ def sample_and_plot(model, bundle, out_npz: Path, n: int, steps: int, method: st
     gen = torch.Generator(device=device).manual_seed(seed)
     xr = torch.from_numpy(x_real).to(device)
     t0 = time.perf_counter()
-    recon = model.reconstruct(xr, steps, method, generator=gen, graph=graph).cpu().numpy()
+    kw = dict(generator=gen, graph=graph, grid=grid, spacing=spacing)
+    recon = model.reconstruct(xr, steps, method, **kw).cpu().numpy()
     t_recon = time.perf_counter() - t0
     z_pool = encode_windows(model.encoder, bundle.pretrain.x[:2048], device=device)
     z_new = torch.from_numpy(gaussian_z(z_pool, n, seed)).to(device)
-    generated = model.sample(z_new, steps, method, generator=gen, graph=graph).cpu().numpy()
+    generated = model.sample(z_new, steps, method, **kw).cpu().numpy()
     std = bundle.standardizer
     real_u, recon_u, gen_u = std.invert(x_real), std.invert(recon), std.invert(generated)
     out_npz = Path(out_npz)
     out_npz.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out_npz, real=real_u, reconstructed=recon_u, generated=gen_u, steps=steps, method=method)
+    np.savez(out_npz, real=real_u, reconstructed=recon_u, generated=gen_u, steps=steps, method=method,
+             grid=np.asarray(grid if grid is not None else [], dtype=np.float64))
     png_recon = plot_windows(out_npz.with_name(out_npz.stem + "_reconstructed.png"),
                              {"real": real_u, "reconstructed": recon_u}, bundle.channels, titles=titles,
                              note=f"each real window and its reconstruction x -> z -> {steps}-step {method} sample")

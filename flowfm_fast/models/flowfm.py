@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..integrate import boss
 from ..integrate import sample as ode_sample
 from ..nvtx import nvtx_wrap
 from . import coupling, diffusion
@@ -81,7 +82,7 @@ class FlowFM(nn.Module):
     @torch.no_grad()
     def sample(self, z: torch.Tensor, steps: int | None = None, method: str | None = None,
                x0: torch.Tensor | None = None, generator=None, grid=None, return_trajectory: bool = False,
-               graph: bool | None = None, clip_x0: float | None = None):
+               graph: bool | None = None, clip_x0: float | None = None, spacing: str | None = None):
         """Integrate noise x0 ~ N(0, I) to data along v(., t, z): ``steps`` uniform steps (8 by
         default) of ``method`` (euler by default) or the increasing ``grid``. ``graph``: CUDA-graph
         replay of the whole solve (None: on for CUDA; see :mod:`flowfm_fast.integrate.solvers`);
@@ -90,7 +91,8 @@ class FlowFM(nn.Module):
         ``objective="ddpm"``: ``method`` is "ddim" (default; eta = 0, ``steps`` default 50) or
         "ddpm" (ancestral, ``steps`` default T, fewer steps respace the chain); ``grid``,
         ``return_trajectory`` and ``graph`` do not apply; ``clip_x0`` bounds the predicted clean
-        window (see :func:`~flowfm_fast.models.diffusion.ddpm_sample`)."""
+        window (see :func:`~flowfm_fast.models.diffusion.ddpm_sample`); ``spacing`` is the timestep
+        spacing, "leading" (default) or "trailing" (see :meth:`~flowfm_fast.models.diffusion.CosineSchedule.timesteps`)."""
         if z.dim() != 2:
             raise ValueError(f"z must have shape (B, z_dim), got {tuple(z.shape)}")
         if x0 is None:
@@ -102,13 +104,14 @@ class FlowFM(nn.Module):
                 raise ValueError(f"a ddpm model samples with method in {DDPM_METHODS}, got {method!r}")
             if grid is not None or return_trajectory:
                 raise ValueError("grid and return_trajectory apply to flow-matching models only")
+            spacing = spacing or "leading"
             if method == "ddpm":
-                return diffusion.ddpm_sample(self.velocity, z, x0, self.schedule, steps, generator, clip_x0)
+                return diffusion.ddpm_sample(self.velocity, z, x0, self.schedule, steps, generator, clip_x0, spacing)
             return diffusion.ddim_sample(self.velocity, z, x0, self.schedule, 50 if steps is None else steps,
-                                         generator=generator, clip_x0=clip_x0)
+                                         generator=generator, clip_x0=clip_x0, spacing=spacing)
         method = method or "euler"
-        if clip_x0 is not None:
-            raise ValueError("clip_x0 applies to ddpm models only")
+        if clip_x0 is not None or spacing is not None:
+            raise ValueError("clip_x0 and spacing apply to ddpm models only")
         if method in DDPM_METHODS:
             raise ValueError(f"method {method!r} needs a model trained with objective='ddpm'")
         return ode_sample(self.velocity, x0, steps, method, grid, z=z, return_trajectory=return_trajectory,
@@ -116,9 +119,22 @@ class FlowFM(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, steps: int | None = 8, method: str | None = None, generator=None,
-                    graph: bool | None = None, clip_x0: float | None = None):
+                    graph: bool | None = None, clip_x0: float | None = None, grid=None, spacing: str | None = None):
         """x -> z = E(x) -> K-step sample (``method`` None: euler, or ddim for a ddpm model)."""
-        return self.sample(self.encode(x), steps, method, generator=generator, graph=graph, clip_x0=clip_x0)
+        return self.sample(self.encode(x), steps, method, generator=generator, graph=graph, clip_x0=clip_x0,
+                           grid=grid, spacing=spacing)
+
+    @torch.no_grad()
+    def optimal_grid(self, z: torch.Tensor, steps: int, method: str = "euler", x0: torch.Tensor | None = None,
+                     generator=None, candidates: int = 64, reference: str = "rk4") -> dict:
+        """The ``steps``-step time grid for ``method`` that best follows a fine ``reference`` solve
+        on the calibration conditions ``z`` (BOSS; :func:`flowfm_fast.integrate.boss.optimal_grid`)."""
+        if self.schedule is not None:
+            raise ValueError("optimal grids apply to flow-matching models only")
+        if x0 is None:
+            x0 = torch.randn(z.shape[0], self.cfg.channels, self.cfg.length, device=z.device, dtype=z.dtype,
+                             generator=generator)
+        return boss.optimal_grid(self.velocity, x0, steps, method, z=z, candidates=candidates, reference=reference)
 
     def _check_windows(self, x, name):
         if not isinstance(x, torch.Tensor):

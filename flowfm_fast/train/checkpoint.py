@@ -2,7 +2,9 @@
 
 - ``model.safetensors``: model weights (and ``ema.*`` when EMA is on),
 - ``optim.safetensors``: optimizer tensors and the training RNG state,
-- ``state.json``: model and training config, step, optimizer hyper-parameters, standardisation.
+- ``state.json``: model and training config, step, optimizer hyper-parameters, standardisation,
+- optionally ``grids.json``: sampling time grids chosen for these weights afterwards
+  (``flowfm-fast grid``), keyed by method and number of steps.
 
 Everything is written into a hidden temporary directory, fsynced, then renamed into place (a
 rename is atomic), and only then does the ``latest`` pointer (itself replaced atomically) move.
@@ -27,6 +29,7 @@ STATE = "state.json"
 MODEL = "model.safetensors"
 OPTIM = "optim.safetensors"
 FILES = (MODEL, OPTIM, STATE)
+GRIDS = "grids.json"
 TMP_PREFIX = ".tmp-"
 STEP_DIR = re.compile(r"step_\d{8}")
 
@@ -142,6 +145,34 @@ def save_checkpoint(root: Path, step: int, model_tensors: dict, optim_tensors: d
     for p in old[:-keep] if keep > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
     return final
+
+
+def write_grids(path, grids: dict) -> Path:
+    """Merge ``grids`` ({method: {steps: record}}) into the checkpoint's ``grids.json``, atomically."""
+    ckpt = find_checkpoint(path)
+    merged = read_grids(ckpt)
+    for method, by_steps in grids.items():
+        merged.setdefault(method, {}).update({str(k): v for k, v in by_steps.items()})
+    tmp = ckpt / f".{GRIDS}-{os.getpid()}"
+    _write_json(tmp, merged)
+    os.replace(tmp, ckpt / GRIDS)
+    _fsync_dir(ckpt)
+    return ckpt / GRIDS
+
+
+def read_grids(path) -> dict:
+    """The checkpoint's saved grids ({method: {"K": record}}), {} when none were saved."""
+    ckpt = find_checkpoint(path)
+    f = ckpt / GRIDS
+    if not f.is_file():
+        return {}
+    try:
+        grids = json.loads(f.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{f}: damaged ({exc})") from None
+    if not isinstance(grids, dict) or not all(isinstance(v, dict) for v in grids.values()):
+        raise CheckpointError(f"{f}: expected {{method: {{steps: record}}}}")
+    return grids
 
 
 def has_checkpoint(root) -> bool:
