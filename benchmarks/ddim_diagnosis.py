@@ -37,16 +37,16 @@ def eps_error_by_k(model, x, seed=0):
         kk = torch.full((x.shape[0],), k, dtype=torch.long)
         eps = torch.randn(x.shape, generator=g)
         x_k = sch.q_sample(x, kk, eps)
-        e = model.velocity(x_k, sch.t_net(kk).float(), z)
-        err = float(((e - eps) ** 2).mean())
+        out = model.velocity(x_k, sch.t_net(kk).float(), z)
         a = float(sch.alpha_bar[k])
-        rows.append({"k": k, "abar": a, "eps_mse": err, "x0_mse": err * (1 - a) / a,
-                     "eps_hat_rms": float(e.pow(2).mean().sqrt())})
+        x0, e = diffusion._x0_eps(out, x_k, a, model.cfg.prediction, None)
+        rows.append({"k": k, "abar": a, "eps_mse": float(((e - eps) ** 2).mean()),
+                     "x0_mse": float(((x0 - x) ** 2).mean()), "eps_hat_rms": float(e.pow(2).mean().sqrt())})
     return rows
 
 
 @torch.no_grad()
-def ddim_trace(model, x, K, spacing, clip, seed=0, eps_override=None):
+def ddim_trace(model, x, K, spacing, clip, seed=0):
     """DDIM as diffusion.ddim_sample does it, recording every step."""
     sch = model.schedule
     z = model.encode(x)
@@ -58,12 +58,10 @@ def ddim_trace(model, x, K, spacing, clip, seed=0, eps_override=None):
     for k, kp in zip(ks[:-1], ks[1:]):
         a, ap = float(ab[k]), float(ab[kp])
         t = sch.t_net(torch.full((x.shape[0],), k)).float()
-        e = model.velocity(xs, t, z)
-        x0 = (xs - math.sqrt(1 - a) * e) / math.sqrt(a)
+        out = model.velocity(xs, t, z)
+        x0, _ = diffusion._x0_eps(out, xs, a, model.cfg.prediction, None)
         clipped = float((x0.abs() > clip).float().mean()) if clip is not None else 0.0
-        if clip is not None:
-            x0 = x0.clamp(-clip, clip)
-            e = (xs - math.sqrt(a) * x0) / math.sqrt(1 - a)
+        x0, e = diffusion._x0_eps(out, xs, a, model.cfg.prediction, clip)
         steps.append({"k": k, "x0_hat_mse": float(((x0 - x) ** 2).mean()), "clipped": clipped,
                       "x_rms": float(xs.pow(2).mean().sqrt())})
         xs = math.sqrt(ap) * x0 + math.sqrt(max(0.0, 1 - ap)) * e
@@ -85,7 +83,8 @@ def main(argv=None):
     idx = np.sort(rng.choice(len(bundle.test), size=min(a.n, len(bundle.test)), replace=False))
     x = torch.from_numpy(np.ascontiguousarray(bundle.test.x[idx]))
     clip = float(np.abs(bundle.pretrain.x).max())
-    out = {"eps_error_by_k": eps_error_by_k(model, x), "traces": []}
+    out = {"ckpt": a.ckpt, "prediction": model.cfg.prediction, "eps_error_by_k": eps_error_by_k(model, x),
+           "traces": []}
     for K in (10, 50, 100):
         for spacing in diffusion.SPACINGS:
             for c in (clip, None):

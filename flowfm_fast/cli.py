@@ -19,7 +19,7 @@ from .datasets import load_bundle
 from .integrate import METHODS
 from .models import CONFIG_NAMES, get_config
 from .models.coupling import COUPLINGS
-from .models.diffusion import SPACINGS
+from .models.diffusion import PREDICTIONS, SPACINGS
 from .models.flowfm import DDPM_METHODS
 from .profiling import run_profile
 from .train import CheckpointError, TrainConfig, read_grids, write_grids, current_world, init_from_env, load_trained, train_flowfm
@@ -56,7 +56,7 @@ def cmd_pretrain(a) -> int:
     b = load_bundle(a.data, None, a.gyro, length=None)
     try:
         cfg = get_config(a.config, velocity=a.velocity, objective=a.objective, channels=b.pretrain.x.shape[1],
-                         length=b.pretrain.x.shape[2], coupling=a.coupling)
+                         length=b.pretrain.x.shape[2], coupling=a.coupling, prediction=a.prediction)
     except ValueError as exc:  # the windows' shape does not fit the model config
         raise DataError(f"{a.data}: windows of shape {b.pretrain.x.shape[1:]} do not fit --config {a.config}: {exc}") from None
     tc = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, ema_decay=a.ema, seed=a.seed,
@@ -184,14 +184,17 @@ def cmd_demo(a) -> int:
 
 def cmd_compare(a) -> int:
     from .compare import CompareConfig, run_compare   # lazy: scikit-learn, scipy (see the note at the imports)
-    kw = {k: v for k, v in (("config", a.config), ("steps", a.steps), ("eval_every_s", a.eval_every),
-                            ("ddpm_steps", a.ddpm_steps), ("max_minutes", a.max_minutes), ("n_eval", a.n_eval), ("ema", a.ema),
-                            ("seed", a.seed)) if v is not None}
+    kw = {k: v for k, v in (("config", a.config), ("steps", a.steps), ("evaluations", a.evaluations),
+                            ("ddpm_steps", a.ddpm_steps), ("max_minutes", a.max_minutes), ("n_eval", a.n_eval),
+                            ("ema", a.ema), ("seed", a.seed), ("reflow_steps", a.reflow_steps),
+                            ("ddpm_prediction", a.ddpm_prediction)) if v is not None}
+    if a.couplings is not None:
+        kw["couplings"] = tuple(a.couplings)
+    if a.no_grids:
+        kw["grid_steps"] = ()
     if a.no_ddpm_clip:
         kw["ddpm_clip"] = False
-    cfg = CompareConfig.quick(**kw) if a.quick else CompareConfig(**kw)
-    if cfg.steps < 1 or cfg.eval_every_s <= 0 or cfg.ddpm_steps < 1:
-        raise ValueError("--steps and --ddpm-steps must be >= 1 and --eval-every > 0")
+    cfg = (CompareConfig.quick(**kw) if a.quick else CompareConfig(**kw)).validate()
     data = a.data or ("synthetic" if a.quick else "hapt")
     report = run_compare(Path(a.out), data, cfg, _device(a.device), progress=not (a.quick or a.quiet))
     print(f"report written to {report}")
@@ -223,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--velocity", default="dit", choices=("dit", "resnet"))
     q.add_argument("--objective", default="fm", choices=("fm", "ddpm"),
                    help="flow matching, or the DDPM counterpart (T=1000, cosine, eps prediction) with the same networks")
+    q.add_argument("--prediction", default="eps", choices=PREDICTIONS,
+                   help="ddpm: the network predicts the noise (eps) or v = sqrt(abar) eps - sqrt(1 - abar) x")
     q.add_argument("--coupling", default="independent", choices=COUPLINGS,
                    help="pairing of noise and windows per batch (flow matching): independent | ot (minibatch "
                         "optimal transport) | wcfm (Gibbs-weighted pairs) | c2ot (condition-aware OT)")
@@ -302,15 +307,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="auto")
     q.set_defaults(fn=cmd_grid)
 
-    q = sub.add_parser("compare", help="FlowFM vs its DDPM counterpart: time to quality, FID vs steps, report")
+    q = sub.add_parser("compare", help="FlowFM (couplings, optimal grids, reflow) vs its DDPM counterpart: time to quality, FID vs NFE, report")
     q.add_argument("--data", default=None, choices=("hapt", "synthetic"),
                    help="hapt | synthetic (default: hapt; synthetic with --quick)")
     q.add_argument("--config", default=None, choices=CONFIG_NAMES, help="default: small (tiny with --quick)")
-    q.add_argument("--steps", type=int, default=None, help="training steps per objective (default 2000)")
-    q.add_argument("--eval-every", type=float, default=None, help="training seconds between probe/FID evaluations")
+    q.add_argument("--steps", type=int, default=None, help="training steps per variant (default 2000)")
+    q.add_argument("--evaluations", type=int, default=None,
+                   help="probe / FID evaluations per variant at evenly spaced steps (default 12)")
+    q.add_argument("--couplings", nargs="+", default=None, choices=COUPLINGS,
+                   help="FM variants, one training run each (default: all four)")
+    q.add_argument("--reflow-steps", type=int, default=None,
+                   help="reflow fine-tuning steps of the independent-coupling run (default 1000; 0 skips)")
+    q.add_argument("--no-grids", action="store_true", help="skip the optimal (BOSS) Euler grids")
+    q.add_argument("--ddpm-prediction", default=None, choices=PREDICTIONS,
+                   help="parameterisation of the DDPM counterpart (default v)")
     q.add_argument("--ddpm-steps", type=int, default=None, help="ancestral DDPM chain length (default 1000)")
     q.add_argument("--n-eval", type=int, default=None, help="held-out windows for the generation metrics")
-    q.add_argument("--max-minutes", type=float, default=None, help="training wall-time cap per objective")
+    q.add_argument("--max-minutes", type=float, default=None, help="training wall-time cap per variant")
     q.add_argument("--ema", type=float, default=None, help="EMA decay of both runs (default 0.999; 0 = off)")
     q.add_argument("--no-ddpm-clip", action="store_true",
                    help="do not clip DDPM's predicted clean window to the training data's range")

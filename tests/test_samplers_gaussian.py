@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from flowfm_fast.integrate import METHODS, sample as ode_sample
-from flowfm_fast.models.diffusion import SPACINGS, CosineSchedule, ddim_sample, ddpm_sample
+from flowfm_fast.models.diffusion import PREDICTIONS, SPACINGS, CosineSchedule, ddim_sample, ddpm_sample
 
 C, L = 2, 3
 D = C * L
@@ -46,21 +46,30 @@ def _gaussian(seed: int = 0):
 
 
 class OptimalEps:
-    """eps*(x_k, k) of N(mu, S); the network's time input t = 1 - k / T is mapped back to k."""
+    """eps*(x_k, k) of N(mu, S); the network's time input t = 1 - k / T is mapped back to k.
+    ``prediction="v"``: v* = sqrt(abar) eps* - sqrt(1 - abar) x0*, x0* = E[x | x_k] =
+    mu + sqrt(abar) S (abar S + (1 - abar) I)^-1 (x_k - sqrt(abar) mu), computed directly (not
+    through 1 / sqrt(abar), which is ~2e4 at k = T)."""
 
-    def __init__(self, sch: CosineSchedule, mu, S):
-        self.sch, self.mu = sch, mu
+    def __init__(self, sch: CosineSchedule, mu, S, prediction: str = "eps"):
+        self.sch, self.mu, self.prediction = sch, mu, prediction
         ab = sch.alpha_bar
         eye = torch.eye(D, dtype=torch.float64)
         # W_k = sqrt(1 - abar) (abar S + (1 - abar) I)^-1, one per k (k = 0 is never evaluated)
-        self.W = torch.stack([math.sqrt(1 - float(a)) * torch.linalg.inv(float(a) * S + (1 - float(a)) * eye)
-                              for a in ab])
+        inv = [torch.linalg.inv(float(a) * S + (1 - float(a)) * eye) for a in ab]
+        self.W = torch.stack([math.sqrt(1 - float(a)) * m for a, m in zip(ab, inv)])
+        self.X = torch.stack([math.sqrt(float(a)) * S @ m for a, m in zip(ab, inv)])   # x0* = mu + X y
         self.sqrt_ab = ab.sqrt()
 
     def __call__(self, x, t, z):
         k = int(round((1.0 - float(t[0])) * self.sch.T))
-        y = x.reshape(x.shape[0], D) - float(self.sqrt_ab[k]) * self.mu
-        return (y @ self.W[k].T).reshape(x.shape)
+        a = float(self.sqrt_ab[k])
+        y = x.reshape(x.shape[0], D) - a * self.mu
+        eps = y @ self.W[k].T
+        if self.prediction == "v":
+            x0 = self.mu + y @ self.X[k].T
+            eps = a * eps - math.sqrt(1 - a * a) * x0
+        return eps.reshape(x.shape)
 
 
 def optimal_velocity(mu, S, s: float = SIGMA_MIN):
@@ -98,15 +107,17 @@ def test_affine_law_reads_a_known_map():
     torch.testing.assert_close(cov, M @ M.T)
 
 
+@pytest.mark.parametrize("prediction", PREDICTIONS)
 @pytest.mark.parametrize("spacing", SPACINGS)
-def test_ddim_reproduces_gaussian_and_converges_with_K(spacing):
+def test_ddim_reproduces_gaussian_and_converges_with_K(spacing, prediction):
     mu, S = _gaussian()
     sch = CosineSchedule(1000)
-    eps = OptimalEps(sch, mu, S)
+    eps = OptimalEps(sch, mu, S, prediction)
     z = torch.zeros(D + 1, 1, dtype=torch.float64)
     errs = {}
     for K in (2, 5, 10, 50, 100, 1000):
-        errs[K] = errors(affine_law(lambda x: ddim_sample(eps, z, x, sch, K, spacing=spacing)), mu, S)
+        errs[K] = errors(affine_law(lambda x: ddim_sample(eps, z, x, sch, K, spacing=spacing,
+                                                          prediction=prediction)), mu, S)
     covs = [errs[K][1] for K in sorted(errs)]
     assert all(b < a for a, b in zip(covs, covs[1:])), errs          # first order in 1 / K
     assert errs[100][1] < 3e-2 and errs[1000][1] < 5e-3, errs
@@ -138,15 +149,15 @@ def test_every_integrator_reproduces_gaussian_and_converges_with_K(method):
     assert errs[K_ok][0] < tol and errs[K_ok][1] < tol, (method, errs)
 
 
-@pytest.mark.parametrize("spacing", SPACINGS)
-def test_ddpm_ancestral_reproduces_gaussian_covariance(spacing):
+@pytest.mark.parametrize("spacing, prediction", [("leading", "eps"), ("trailing", "v")])
+def test_ddpm_ancestral_reproduces_gaussian_covariance(spacing, prediction):
     mu, S = _gaussian()
     sch = CosineSchedule(1000)
-    eps = OptimalEps(sch, mu, S)
+    eps = OptimalEps(sch, mu, S, prediction)
     n = 40_000
     x_T = torch.randn(n, C, L, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     out = ddpm_sample(eps, torch.zeros(n, 1, dtype=torch.float64), x_T, sch, None,
-                      torch.Generator().manual_seed(2), spacing=spacing).reshape(n, D)
+                      torch.Generator().manual_seed(2), spacing=spacing, prediction=prediction).reshape(n, D)
     assert float((out.mean(0) - mu).abs().max()) < 0.05
     assert float((torch.cov(out.T) - S).abs().max()) < 0.05
 
@@ -170,3 +181,37 @@ def test_a_wrong_eps_fails_the_check():
     wrong = OptimalEps(sch, mu, 1.5 * S)
     z = torch.zeros(D + 1, 1, dtype=torch.float64)
     assert errors(affine_law(lambda x: ddim_sample(wrong, z, x, sch, 100)), mu, S)[1] > 0.2
+
+
+def test_v_prediction_does_not_amplify_an_error_at_high_noise():
+    """The same small output error (1e-2 on every entry) at every step: through eps it is
+    amplified by sqrt((1 - abar) / abar) ~ 2e4 at k = T and wrecks trailing DDIM; through v the
+    clean estimate moves by at most the error itself."""
+    mu, S = _gaussian()
+    sch = CosineSchedule(1000)
+    z = torch.zeros(D + 1, 1, dtype=torch.float64)
+    errs = {}
+    for prediction in PREDICTIONS:
+        good = OptimalEps(sch, mu, S, prediction)
+        bad = lambda x, t, zz, good=good: good(x, t, zz) + 1e-2
+        errs[prediction] = errors(affine_law(lambda x: ddim_sample(bad, z, x, sch, 100, spacing="trailing",
+                                                                   prediction=prediction)), mu, S)[0]
+    assert errs["v"] < 0.05 and errs["eps"] > 1.0, errs
+
+
+def test_v_target_and_loss_switch():
+    from flowfm_fast.models import FlowFM, get_config
+    from flowfm_fast.models.diffusion import v_target
+    sch = CosineSchedule(1000)
+    x, eps = torch.randn(3, 2, 5), torch.randn(3, 2, 5)
+    k = torch.tensor([1, 500, 1000])
+    ab = sch.alpha_bar[k].float().view(-1, 1, 1)
+    torch.testing.assert_close(v_target(x, eps, sch, k), ab.sqrt() * eps - (1 - ab).sqrt() * x)
+    with pytest.raises(ValueError, match="prediction"):
+        get_config("tiny", length=60, prediction="v")              # fm predicts the velocity
+    with pytest.raises(ValueError, match="prediction must be"):
+        get_config("tiny", length=60, objective="ddpm", prediction="x0")
+    m = FlowFM(get_config("tiny", length=60, objective="ddpm", prediction="v"))
+    assert torch.isfinite(m.loss(torch.randn(4, 3, 60)))
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        ddim_sample(lambda x, t, z: x, torch.zeros(1, 1), torch.zeros(1, 2, 3), sch, 2, prediction="x0")

@@ -41,6 +41,7 @@ class FlowFMConfig:
     t_sampling: str = "logit_normal"  # "uniform" | "logit_normal" (sigmoid of N(0, 1): mid-t weighted; better features)
     objective: str = "fm"             # "fm" (flow matching) | "ddpm" (the diffusion counterpart: eps prediction)
     diffusion_steps: int = 1000       # T of the DDPM objective (cosine schedule)
+    prediction: str = "eps"           # ddpm: the network predicts "eps" (Ho et al.) or "v" (Salimans & Ho)
     coupling: str = "independent"     # noise-data pairing per batch: see models.coupling.COUPLINGS
     coupling_eps: float = 0.1         # wcfm: Gibbs temperature, relative to the batch's mean pair cost
     coupling_target_r: float = 0.2    # c2ot: share of re-pairings no costlier than the independent pair
@@ -60,6 +61,11 @@ class FlowFMConfig:
         if self.coupling != "independent" and self.objective != "fm":
             raise ValueError(f"coupling={self.coupling!r} pairs noise with data for flow matching; "
                              f"objective={self.objective!r} needs coupling='independent'")
+        if self.prediction not in ("eps", "v"):
+            raise ValueError(f"prediction must be 'eps' or 'v', got {self.prediction!r}")
+        if self.prediction != "eps" and self.objective != "ddpm":
+            raise ValueError(f"prediction={self.prediction!r} is a ddpm parameterisation; objective "
+                             f"{self.objective!r} predicts the velocity")
         if not self.coupling_eps > 0:
             raise ValueError(f"coupling_eps must be > 0, got {self.coupling_eps}")
         if not 0 < self.coupling_target_r < 1:

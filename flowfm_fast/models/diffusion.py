@@ -21,6 +21,7 @@ from ..nvtx import nvtx_range
 SCHEDULE_OFFSET = 0.008
 MAX_BETA = 0.999
 SPACINGS = ("leading", "trailing")
+PREDICTIONS = ("eps", "v")            # what the network outputs: the noise, or v = sqrt(abar) eps - sqrt(1 - abar) x
 # Rows of conditioning computed per batched ``prepare`` call: at 1000 steps the modulations of
 # every step at once would take (steps x B x 6 x depth x dim) floats (~0.9 GB for small at B=64).
 PREPARE_ROWS = 4096
@@ -85,7 +86,8 @@ class CosineSchedule:
 
 
 def eps_loss(eps_hat: torch.Tensor, eps: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """mean_b w_b * mean_{C,L} (eps_hat - eps)^2 (w_b = 1 by default), accumulated in fp32."""
+    """mean_b w_b * mean_{C,L} (eps_hat - eps)^2 (w_b = 1 by default), accumulated in fp32 (the
+    v-prediction loss too, with v and its target in place of eps)."""
     per = ((eps_hat.float() - eps.float()) ** 2).flatten(1).mean(1)
     if weight is not None:
         per = per * weight.float()
@@ -111,15 +113,39 @@ def _eps_fn(net, z: torch.Tensor, sch: CosineSchedule, ks: list[int]):
     return eps
 
 
-def _x0_hat(x, e, a: float, clip_x0: float | None):
-    """x0_hat = (x - sqrt(1 - abar) eps_hat) / sqrt(abar), clipped to [-clip_x0, clip_x0] when given."""
-    x0 = (x - math.sqrt(1.0 - a) * e) / math.sqrt(a)
-    return x0.clamp(-clip_x0, clip_x0) if clip_x0 is not None else x0
+def v_target(x: torch.Tensor, eps: torch.Tensor, sch: "CosineSchedule", k: torch.Tensor) -> torch.Tensor:
+    """v = sqrt(abar_k) eps - sqrt(1 - abar_k) x (Salimans & Ho 2022), the target of prediction="v"."""
+    a, b = sch.coeffs(k, x)
+    return a * eps - b * x
+
+
+def _x0_eps(out, x, a: float, prediction: str, clip_x0: float | None):
+    """(x0_hat, eps_hat) at a step with abar = a from the network output ``out``.
+
+    eps: x0_hat = (x - sqrt(1 - a) eps_hat) / sqrt(a), whose error is the eps error times
+    sqrt((1 - a) / a) (~2e4 at k = T); v: x0_hat = sqrt(a) x - sqrt(1 - a) v_hat and
+    eps_hat = sqrt(1 - a) x + sqrt(a) v_hat, errors never amplified. With ``clip_x0``, x0_hat is
+    clipped to [-clip_x0, clip_x0] and eps_hat recomputed from it, so the two stay consistent."""
+    sa, sb = math.sqrt(a), math.sqrt(1.0 - a)
+    if prediction == "v":
+        x0, e = sa * x - sb * out, sb * x + sa * out
+    else:
+        x0, e = (x - sb * out) / sa, out
+    if clip_x0 is not None:
+        x0 = x0.clamp(-clip_x0, clip_x0)
+        e = (x - sa * x0) / sb
+    return x0, e
+
+
+def _check_prediction(prediction: str) -> None:
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
 
 
 @torch.no_grad()
 def ddpm_sample(net, z: torch.Tensor, x_T: torch.Tensor, sch: CosineSchedule, steps: int | None = None,
-                generator=None, clip_x0: float | None = None, spacing: str = "leading") -> torch.Tensor:
+                generator=None, clip_x0: float | None = None, spacing: str = "leading",
+                prediction: str = "eps") -> torch.Tensor:
     """Ancestral sampling over ``steps`` timesteps (T by default: the full DDPM chain), through the
     posterior q(x_k' | x_k, x0_hat): on a step k > k' with respaced beta = 1 - abar_k / abar_k'
     (Nichol & Dhariwal),
@@ -127,7 +153,9 @@ def ddpm_sample(net, z: torch.Tensor, x_T: torch.Tensor, sch: CosineSchedule, st
     sigma^2 = beta (1 - abar_k') / (1 - abar_k), no noise on the last step. Unclipped this is the
     eps form x' = (x - beta / sqrt(1 - abar_k) eps_hat) / sqrt(1 - beta) + sigma noise; ``clip_x0``
     clips x0_hat first (the ``clip_denoised`` of the reference code; near k = T, 1 / sqrt(abar_k)
-    ~ 2e4 amplifies any eps error)."""
+    ~ 2e4 amplifies any eps error). ``prediction``: what ``net`` outputs, "eps" or "v" (x0_hat and
+    eps_hat from either as :func:`_x0_eps` says)."""
+    _check_prediction(prediction)
     ks = sch.timesteps(sch.T if steps is None else steps, spacing)
     eps = _eps_fn(net, z, sch, ks[:-1])
     ab = sch.alpha_bar
@@ -136,7 +164,7 @@ def ddpm_sample(net, z: torch.Tensor, x_T: torch.Tensor, sch: CosineSchedule, st
         with nvtx_range("ddpm.step"):
             a, ap = float(ab[k]), float(ab[kp])
             beta = 1.0 - a / ap
-            x0 = _x0_hat(x, eps(x, i), a, clip_x0)
+            x0, _ = _x0_eps(eps(x, i), x, a, prediction, clip_x0)
             x = (math.sqrt(ap) * beta / (1.0 - a)) * x0 + (math.sqrt(1.0 - beta) * (1.0 - ap) / (1.0 - a)) * x
             if kp > 0:
                 var = beta * (1.0 - ap) / (1.0 - a)
@@ -148,13 +176,15 @@ def ddpm_sample(net, z: torch.Tensor, x_T: torch.Tensor, sch: CosineSchedule, st
 @torch.no_grad()
 def ddim_sample(net, z: torch.Tensor, x_T: torch.Tensor, sch: CosineSchedule, steps: int = 50,
                 eta: float = 0.0, generator=None, clip_x0: float | None = None,
-                spacing: str = "leading") -> torch.Tensor:
+                spacing: str = "leading", prediction: str = "eps") -> torch.Tensor:
     """DDIM (Song et al. 2021) over ``steps`` timesteps: x0_hat = (x - sqrt(1 - abar_k) eps_hat) / sqrt(abar_k),
     x' = sqrt(abar_k') x0_hat + sqrt(1 - abar_k' - sigma^2) eps_hat + sigma noise,
     sigma = eta sqrt((1 - abar_k') / (1 - abar_k)) sqrt(1 - abar_k / abar_k'); eta = 0 is deterministic.
-    ``clip_x0`` clips x0_hat and recomputes eps_hat = (x - sqrt(abar_k) x0_hat) / sqrt(1 - abar_k) from it."""
+    ``clip_x0`` clips x0_hat and recomputes eps_hat = (x - sqrt(abar_k) x0_hat) / sqrt(1 - abar_k) from it;
+    ``prediction``: what ``net`` outputs, "eps" or "v" (see :func:`_x0_eps`)."""
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
+    _check_prediction(prediction)
     ks = sch.timesteps(steps, spacing)
     eps = _eps_fn(net, z, sch, ks[:-1])
     ab = sch.alpha_bar
@@ -162,10 +192,7 @@ def ddim_sample(net, z: torch.Tensor, x_T: torch.Tensor, sch: CosineSchedule, st
     for i, (k, kp) in enumerate(zip(ks[:-1], ks[1:])):
         with nvtx_range("ddim.step"):
             a, ap = float(ab[k]), float(ab[kp])
-            e = eps(x, i)
-            x0 = _x0_hat(x, e, a, clip_x0)
-            if clip_x0 is not None:
-                e = (x - math.sqrt(a) * x0) / math.sqrt(1.0 - a)
+            x0, e = _x0_eps(eps(x, i), x, a, prediction, clip_x0)
             sigma = eta * math.sqrt((1.0 - ap) / (1.0 - a)) * math.sqrt(max(0.0, 1.0 - a / ap))
             x = math.sqrt(ap) * x0 + math.sqrt(max(0.0, 1.0 - ap - sigma ** 2)) * e
             if sigma > 0 and kp > 0:

@@ -62,7 +62,7 @@ class FlowFM(nn.Module):
         """Flow-matching loss of reconstructing x1 from noise given z = E(x_enc) (x_enc defaults to
         x1; training passes an augmented view so the encoder learns invariances), the noise paired
         with the windows by ``cfg.coupling`` (:mod:`~flowfm_fast.models.coupling`). With
-        ``objective="ddpm"``: the eps-prediction loss at k ~ U{1..T} instead."""
+        ``objective="ddpm"``: the eps- (or v-, ``cfg.prediction``) prediction loss at k ~ U{1..T} instead."""
         self._check_windows(x1, "x1")
         z = self.encoder(x1 if x_enc is None else x_enc)
         x0 = torch.randn(x1.shape, device=x1.device, dtype=x1.dtype, generator=generator)
@@ -70,7 +70,8 @@ class FlowFM(nn.Module):
             k = self.schedule.sample_k(x1.shape[0], x1.device, generator)
             x_k = self.schedule.q_sample(x1, k, x0)
             t_net = self.schedule.t_net(k).to(device=x1.device, dtype=torch.float32)
-            return diffusion.eps_loss(self.velocity(x_k, t_net, z), x0, weight)
+            target = diffusion.v_target(x1, x0, self.schedule, k) if self.cfg.prediction == "v" else x0
+            return diffusion.eps_loss(self.velocity(x_k, t_net, z), target, weight)
         x0, w_pair = coupling.couple(self.cfg.coupling, x0, x1, z, self.cfg.coupling_eps, self.cfg.coupling_target_r)
         if w_pair is not None:
             weight = w_pair if weight is None else weight * w_pair
@@ -106,9 +107,11 @@ class FlowFM(nn.Module):
                 raise ValueError("grid and return_trajectory apply to flow-matching models only")
             spacing = spacing or "leading"
             if method == "ddpm":
-                return diffusion.ddpm_sample(self.velocity, z, x0, self.schedule, steps, generator, clip_x0, spacing)
+                return diffusion.ddpm_sample(self.velocity, z, x0, self.schedule, steps, generator, clip_x0, spacing,
+                                             self.cfg.prediction)
             return diffusion.ddim_sample(self.velocity, z, x0, self.schedule, 50 if steps is None else steps,
-                                         generator=generator, clip_x0=clip_x0, spacing=spacing)
+                                         generator=generator, clip_x0=clip_x0, spacing=spacing,
+                                         prediction=self.cfg.prediction)
         method = method or "euler"
         if clip_x0 is not None or spacing is not None:
             raise ValueError("clip_x0 and spacing apply to ddpm models only")
