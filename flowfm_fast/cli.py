@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--config", default="small", choices=CONFIG_NAMES)
     q.add_argument("--velocity", default="dit", choices=("dit", "resnet"))
     q.add_argument("--objective", default="fm", choices=("fm", "ddpm"),
-                   help="flow matching, or the DDPM counterpart (T=1000, cosine, eps prediction) with the same networks")
+                   help="flow matching, or the DDPM counterpart (T=1000, cosine; --prediction) with the same networks")
     q.add_argument("--prediction", default="eps", choices=PREDICTIONS,
                    help="ddpm: the network predicts the noise (eps) or v = sqrt(abar) eps - sqrt(1 - abar) x")
     q.add_argument("--coupling", default="independent", choices=COUPLINGS,

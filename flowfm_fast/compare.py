@@ -39,6 +39,7 @@ from .eval.generation import (classifier_f1, frechet_distance_from_features, mmd
                               train_feature_classifier, FeatureClassifierConfig)
 from .models import get_config
 from .models.coupling import ASSIGNED, couple
+from .models.diffusion import PREDICTIONS, SPACINGS
 from .plots import save_figure
 from .progress import run_jobs
 from .train import TrainConfig, build_model, load_trained, train_flowfm
@@ -106,6 +107,12 @@ class CompareConfig:
             raise ValueError("reflow fine-tunes the independent-coupling run: keep 'independent' in couplings")
         if not self.headline_seeds:
             raise ValueError("headline_seeds must hold at least one seed")
+        if self.ddpm_steps > 1000 or (self.ddim_steps and max(self.ddim_steps) > 1000) or min(self.ddim_steps, default=1) < 1:
+            raise ValueError(f"ddpm_steps and ddim_steps must lie in [1, T=1000], got {self.ddpm_steps}, {self.ddim_steps}")
+        if not set(self.ddim_spacings) <= set(SPACINGS):
+            raise ValueError(f"ddim_spacings must be among {SPACINGS}, got {self.ddim_spacings}")
+        if self.ddpm_prediction not in PREDICTIONS:
+            raise ValueError(f"ddpm_prediction must be one of {PREDICTIONS}, got {self.ddpm_prediction!r}")
         if self.grid_steps and max(self.grid_steps) > self.grid_candidates:
             raise ValueError(f"grid_steps {self.grid_steps} exceed grid_candidates={self.grid_candidates}")
         return self
@@ -163,6 +170,8 @@ def generate(model, x_ref: torch.Tensor, method: str, steps: int, seed: int, bat
 def sample_metrics(model, clf, x_ref_np: np.ndarray, f_ref: np.ndarray, method: str, steps: int, seed: int,
                    device, clip_x0: float | None = None, grid=None, spacing: str | None = None) -> dict:
     x_ref = torch.from_numpy(x_ref_np).to(device)
+    if torch.device(device).type == "cuda":   # capture the sampler's CUDA graph off the clock
+        generate(model, x_ref[:1], method, steps, seed, clip_x0=clip_x0, grid=grid, spacing=spacing)
     gen, seconds = _Clock(device)(lambda: generate(model, x_ref, method, steps, seed, clip_x0=clip_x0, grid=grid,
                                                    spacing=spacing))
     return {"method": method, "steps": steps, "nfe": steps * NFE_PER_STEP[method],
@@ -360,19 +369,24 @@ def run_compare(out, data: str = "hapt", cfg: CompareConfig | None = None, devic
     few = [r for r in fm_rows if r["nfe"] <= 8]
     cand = first_nfe_reaching(few, ref_rows[0]["fid"]) or min(few or fm_rows, key=lambda r: r["fid"])
     key = (cand["variant"], cand["method"], cand["steps"], "optimal" if cand["grid"] == "optimal" else "uniform")
+    g_cand = grids[(key[0], key[2])]["grid"] if key[3] == "optimal" else None
     extra = {}
-    for s in cfg.headline_seeds[1:]:
+    for s in cfg.headline_seeds:
+        if s == cfg.seed:                  # the sweep already sampled this seed
+            continue
         extra[(DDPM, s)] = lambda s=s: sample_metrics(models[DDPM], clf, x_ref, f_ref, "ddpm", cfg.ddpm_steps, s,
                                                       device, clip, spacing="leading")
-        g = grids[(key[0], key[2])]["grid"] if key[3] == "optimal" else None
-        extra[("fm", s)] = lambda s=s, g=g: sample_metrics(models[key[0]], clf, x_ref, f_ref, key[1], key[2], s,
-                                                           device, grid=g)
+        extra[("fm", s)] = lambda s=s: sample_metrics(models[key[0]], clf, x_ref, f_ref, key[1], key[2], s,
+                                                      device, grid=g_cand)
     more = run_jobs(extra, "headline seeds", progress)
-    ref_seeds = [ref_rows[0]] + [more[(DDPM, s)] for s in cfg.headline_seeds[1:]]
-    fm_seeds = [cand] + [more[("fm", s)] for s in cfg.headline_seeds[1:]]
+    ref_seeds = [ref_rows[0] if s == cfg.seed else more[(DDPM, s)] for s in cfg.headline_seeds]
+    fm_seeds = [cand if s == cfg.seed else more[("fm", s)] for s in cfg.headline_seeds]
+    fm_mean, ref_mean = (float(np.mean([r["fid"] for r in rows])) for rows in (fm_seeds, ref_seeds))
     results["headline"] = {
         "variant": cand["variant"], "method": cand["method"], "steps": cand["steps"], "nfe": cand["nfe"],
-        "grid": cand["grid"], "reached": cand["fid"] <= ref_rows[0]["fid"],
+        "grid": cand["grid"], "seeds": list(cfg.headline_seeds),
+        # chosen on seed cfg.seed's FID; judged on the mean over every headline seed
+        "reached": fm_mean <= ref_mean,
         "fm_fid": [r["fid"] for r in fm_seeds], "ddpm_fid": [r["fid"] for r in ref_seeds],
         "fm_ms": [r["ms_per_sample"] for r in fm_seeds], "ddpm_ms": [r["ms_per_sample"] for r in ref_seeds],
         "fm_recon_mse": [r["recon_mse"] for r in fm_seeds],
@@ -506,14 +520,15 @@ def _report(res: dict, cfg: CompareConfig, data: str, bundle, plots: dict) -> st
     hl_txt = (f"{_label(hl['variant'])}, {hl['method']} {hl['steps']} ({hl['grid']} grid, NFE {hl['nfe']}): FID "
               f"{_mean_sd(hl['fm_fid'])} vs DDPM-{cfg.ddpm_steps} {_mean_sd(hl['ddpm_fid'])}; "
               f"{hl['speedup']:.1f}x faster per sample")
-    L.append(f"| few-step FM at DDPM-1000's quality | up to {PAPER['max_inference_speedup']:.1f}x faster | "
+    L.append(f"| few-step FM at DDPM-{cfg.ddpm_steps}'s quality | up to {PAPER['max_inference_speedup']:.1f}x faster | "
              + ("reached: " if hl["reached"] else "not reached at NFE <= 8 (best shown): ") + hl_txt + " |")
     b8 = res.get("best_recon_8_steps")
     if b8 is not None:
         L.append(f"| reconstruction MSE, x -> z -> 8 Euler steps (bar <= 0.15) | - | {b8['recon_mse']:.3f} "
                  f"({_label(b8['variant'])}, {b8['grid']} grid) |")
-    L += ["", f"Headline spread: sampling seeds {list(cfg.headline_seeds)} on the same trained weights (mean ± sd); "
-          "the training seed's spread is not measured (one run per variant).", "",
+    L += ["", f"Headline spread: sampling seeds {list(cfg.headline_seeds)} on the same trained weights (mean ± sd; "
+          f"the setting is chosen on seed {cfg.seed} and judged on the mean); the training seed's spread is not "
+          "measured (one run per variant).", "",
           "## 1. Training time to the same quality", "",
           "Targets: probe macro-F1 = lowest final F1 - 0.01; sensor-FID = the worst final FID (standard "
           f"samplers: FM {cfg.standard_fm[0]} {cfg.standard_fm[1]}, DDPM {cfg.standard_ddpm[0]} {cfg.standard_ddpm[1]}). "

@@ -47,6 +47,27 @@ def test_cost_table_matches_single_steps(method):
     assert bool(torch.isinf(cost[3, 2])) and bool(torch.isinf(cost[2, 2]))
 
 
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_cost_table_keeps_each_window_with_its_condition(method):
+    """A field that depends on z (one rate per window): every cost entry equals the single step
+    taken by hand, so the batched stages keep x, t and z of each window together; chunking the
+    j axis (max_rows) changes nothing."""
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(4, 2, 3, dtype=torch.float64, generator=g)
+    z = torch.linspace(0.5, 3.0, 4, dtype=torch.float64).view(4, 1)
+    f = lambda x, t, z: -z.view(-1, 1, 1) * t.to(x.dtype).view(-1, 1, 1) ** 3 * x
+    t, cost = step_cost_table(f, x0, method, z=z, candidates=6)
+    _, chunked = step_cost_table(f, x0, method, z=z, candidates=6, max_rows=8)
+    torch.testing.assert_close(chunked, cost)
+    _, traj = sample(f, x0, None, "rk4", grid=t.tolist(), z=z, return_trajectory=True)
+    for i, j in [(0, 6), (1, 4), (3, 5)]:
+        one = sample(f, traj[i], None, method, grid=[float(t[i]), float(t[j])], z=z)
+        assert float(cost[i, j]) == pytest.approx(float(((one - traj[j]) ** 2).mean()), rel=1e-9, abs=1e-15)
+    # the same table with the conditions shuffled against the windows differs
+    _, wrong = step_cost_table(f, x0, method, z=z.flip(0), candidates=6)
+    assert not torch.allclose(wrong[0, 1:], cost[0, 1:])
+
+
 @pytest.mark.parametrize("K", [2, 4, 8])
 def test_optimal_grid_beats_uniform_on_a_late_field(K):
     x0 = torch.randn(16, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))

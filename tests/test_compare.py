@@ -108,3 +108,13 @@ def test_time_to_reach_and_speedup():
 def test_compare_rejects_bad_arguments(tmp_path, capsys, args, match):
     assert main(["compare", "--quick", *args, "--out", str(tmp_path)]) == 2
     assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad, match", [(dict(ddim_steps=(10, 2000)), "ddim_steps"),
+                                        (dict(ddim_spacings=("middle",)), "ddim_spacings"),
+                                        (dict(ddpm_prediction="x0"), "ddpm_prediction"),
+                                        (dict(grid_steps=(100,)), "grid_candidates"),
+                                        (dict(couplings=("ot", "ot")), "each once")])
+def test_compare_config_validation(bad, match):
+    with pytest.raises(ValueError, match=match):
+        CompareConfig(**bad).validate()

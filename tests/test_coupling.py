@@ -86,11 +86,27 @@ def test_c2ot_keeps_pairs_within_a_condition_cluster():
     assert any(side[i] != side[j] for j, i in enumerate(idx_ot))
 
 
-def test_c2ot_with_identical_conditions_is_plain_ot():
+def test_c2ot_with_identical_conditions_and_reachable_target_is_plain_ot():
+    """Identical z: the condition term is 0 everywhere; plain OT meets a loose target at w = 0."""
     g = torch.Generator().manual_seed(5)
     x0, x1 = torch.randn(16, 3, 10, generator=g), torch.randn(16, 3, 10, generator=g)
     z = torch.ones(16, 4)
-    torch.testing.assert_close(couple("c2ot", x0, x1, z)[0], couple("ot", x0, x1)[0])
+    torch.testing.assert_close(couple("c2ot", x0, x1, z, target_r=0.9)[0], couple("ot", x0, x1)[0])
+
+
+def test_c2ot_without_a_reachable_target_keeps_independent_pairs():
+    """Fewer windows than 1 / target_r, or conditions equal up to fp32 rounding: no finite w meets
+    the target, and the pairs stay as drawn (not an assignment on rounding noise)."""
+    g = torch.Generator().manual_seed(8)
+    x0, x1 = torch.randn(4, 3, 10, generator=g), torch.randn(4, 3, 10, generator=g)
+    y0, _ = couple("c2ot", x0, x1, torch.randn(4, 5, generator=g), target_r=0.2)
+    assert y0 is x0
+    x0, x1 = torch.randn(16, 3, 10, generator=g), torch.randn(16, 3, 10, generator=g)
+    z = torch.ones(16, 4) + 1e-8 * torch.randn(16, 4, generator=g)
+    C = condition_costs(z)
+    assert float(C.abs().max()) == 0.0
+    assert math.isinf(search_condition_weight(pair_costs(x0, x1), C, 0.01))
+    assert couple("c2ot", x0, x1, z, target_r=0.01)[0] is x0
 
 
 def test_c2ot_needs_z():

@@ -78,6 +78,24 @@ def test_run_reflow_freezes_encoder_saves_and_resumes(teacher_run, tmp_path):
                    progress=False)
 
 
+def test_reflow_notices_a_teacher_trained_further(tmp_path):
+    """The same run folder trained on: other teacher weights, so the saved pairs are made anew and
+    the reflow checkpoint is not resumed on them."""
+    src = tmp_path / "src"
+    args = ["pretrain", "--data", "synthetic", "--config", "tiny", "--batch-size", "8", "--out", str(src),
+            "--quiet", "--device", "cpu", "--ckpt-every", "4"]
+    assert main([*args, "--steps", "4"]) == 0
+    windows, _ = _windows(src)
+    cfg = ReflowConfig(pairs=16, gen_steps=2, steps=2, batch_size=8, ckpt_every=2)
+    out = tmp_path / "reflow"
+    run_reflow(src, windows, cfg, out, progress=False)
+    before = (out / PAIRS).read_bytes()
+    assert main([*args, "--steps", "8", "--resume"]) == 0
+    with pytest.raises(CheckpointError, match="teacher"):
+        run_reflow(src, windows, cfg, out, resume=True, progress=False)
+    assert (out / PAIRS).read_bytes() != before
+
+
 def test_reflow_refusals(teacher_run, tmp_path):
     windows, _ = _windows(teacher_run)
     with pytest.raises(ValueError, match="gen_method"):

@@ -211,7 +211,20 @@ def test_v_target_and_loss_switch():
         get_config("tiny", length=60, prediction="v")              # fm predicts the velocity
     with pytest.raises(ValueError, match="prediction must be"):
         get_config("tiny", length=60, objective="ddpm", prediction="x0")
+    torch.manual_seed(0)
     m = FlowFM(get_config("tiny", length=60, objective="ddpm", prediction="v"))
-    assert torch.isfinite(m.loss(torch.randn(4, 3, 60)))
+    for p in m.velocity.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    x1 = torch.randn(4, 3, 60)
+    loss = m.loss(x1, generator=torch.Generator().manual_seed(5))
+    # the same draws by hand: noise first, then k (as FlowFM.loss draws them)
+    g = torch.Generator().manual_seed(5)
+    noise = torch.randn(x1.shape, generator=g)
+    kk = m.schedule.sample_k(4, "cpu", g)
+    x_k = m.schedule.q_sample(x1, kk, noise)
+    out = m.velocity(x_k, m.schedule.t_net(kk).float(), m.encoder(x1))
+    ab = m.schedule.alpha_bar[kk].float().view(-1, 1, 1)
+    want = ((out - (ab.sqrt() * noise - (1 - ab).sqrt() * x1)) ** 2).mean()
+    torch.testing.assert_close(loss, want)
     with pytest.raises(ValueError, match="prediction must be one of"):
         ddim_sample(lambda x, t, z: x, torch.zeros(1, 1), torch.zeros(1, 2, 3), sch, 2, prediction="x0")

@@ -29,7 +29,8 @@ def _call(velocity, x, t, z):
 
 @torch.no_grad()
 def step_cost_table(velocity: Callable, x0: torch.Tensor, method: str = "euler", z: torch.Tensor | None = None,
-                    candidates: int = 64, reference: str = "rk4") -> tuple[torch.Tensor, torch.Tensor]:
+                    candidates: int = 64, reference: str = "rk4",
+                    max_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """(candidate times (N + 1,) float64, cost (N + 1, N + 1) float64 with +inf where j <= i)."""
     if method not in METHODS or reference not in METHODS:
         raise ValueError(f"method and reference must be in {METHODS}, got {method!r}, {reference!r}")
@@ -45,21 +46,28 @@ def step_cost_table(velocity: Callable, x0: torch.Tensor, method: str = "euler",
     for i in range(N):
         xi = X[i]
         k0 = _call(velocity, xi, tx(float(t[i])), z)                 # stage 0 is shared by every j
-        js = torch.arange(i + 1, N + 1)
-        h = (t[js] - t[i]).to(X.dtype).to(X.device)                   # (J,)
-        J = len(js)
-        hb = h.repeat_interleave(B).view(J * B, *([1] * (xi.dim() - 1)))
-        xb = xi.repeat(J, *([1] * (xi.dim() - 1)))
-        zb = z.repeat(J, 1) if z is not None else None
-        ks = [k0.repeat(J, *([1] * (xi.dim() - 1)))]
-        for s in range(1, len(tab.c)):
-            xs = xb + hb * sum(a * kk for a, kk in zip(tab.a[s], ks) if a != 0.0) if any(tab.a[s]) else xb
-            ts = (float(t[i]) + tab.c[s] * h).repeat_interleave(B)
-            ks.append(_call(velocity, xs, ts, zb))
-        step = xb + hb * sum(b * kk for b, kk in zip(tab.b, ks) if b != 0.0)
-        err = (step - X[js].reshape(J * B, *xi.shape[1:])).double().pow(2).reshape(J, -1).mean(1)
-        cost[i, js] = err.double().cpu()
+        js_all = torch.arange(i + 1, N + 1)
+        # at most ~max_rows windows per network call: the inner stages of every j run batched
+        for js in js_all.split(max(1, max_rows // B)) if len(tab.c) > 1 else (js_all,):
+            cost[i, js] = _step_errors(velocity, tab, X, t, i, js, xi, k0, z).cpu()
     return t, cost
+
+
+def _step_errors(velocity, tab, X, t, i, js, xi, k0, z):
+    """mean |X(t_j) - Phi(X(t_i), t_i, t_j)|^2 for every j in ``js``, (J,) float64."""
+    B, J = xi.shape[0], len(js)
+    h = (t[js] - t[i]).to(X.dtype).to(X.device)                      # (J,)
+    ones = [1] * (xi.dim() - 1)
+    hb = h.repeat_interleave(B).view(J * B, *ones)
+    xb = xi.repeat(J, *ones)
+    zb = z.repeat(J, 1) if z is not None else None
+    ks = [k0.repeat(J, *ones)]
+    for s in range(1, len(tab.c)):
+        xs = xb + hb * sum(a * kk for a, kk in zip(tab.a[s], ks) if a != 0.0)
+        ts = (float(t[i]) + tab.c[s] * h).repeat_interleave(B)
+        ks.append(_call(velocity, xs, ts, zb))
+    step = xb + hb * sum(b * kk for b, kk in zip(tab.b, ks) if b != 0.0)
+    return (step - X[js].reshape(J * B, *xi.shape[1:])).double().pow(2).reshape(J, -1).mean(1)
 
 
 def best_path(cost: torch.Tensor, steps: int) -> tuple[list[int], float]:

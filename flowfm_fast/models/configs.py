@@ -39,7 +39,7 @@ class FlowFMConfig:
     velocity: str = "dit"             # "dit" | "resnet"
     sigma_min: float = 0.0
     t_sampling: str = "logit_normal"  # "uniform" | "logit_normal" (sigmoid of N(0, 1): mid-t weighted; better features)
-    objective: str = "fm"             # "fm" (flow matching) | "ddpm" (the diffusion counterpart: eps prediction)
+    objective: str = "fm"             # "fm" (flow matching) | "ddpm" (the diffusion counterpart, see prediction)
     diffusion_steps: int = 1000       # T of the DDPM objective (cosine schedule)
     prediction: str = "eps"           # ddpm: the network predicts "eps" (Ho et al.) or "v" (Salimans & Ho)
     coupling: str = "independent"     # noise-data pairing per batch: see models.coupling.COUPLINGS

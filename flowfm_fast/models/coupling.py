@@ -10,7 +10,8 @@
   window it was drawn beside (z_i), the cost adds w (1 - cos(z_i, z_j)), and w is chosen per
   batch so that a fraction ``target_r`` of the (i, j) entries cost no more than window j's own
   independent pair (their adaptive search; 0.2 is the paper's value for continuous conditions).
-  w -> inf gives back the independent pairs, w = 0 plain OT.
+  w -> inf gives back the independent pairs (also where no finite w meets the target), w = 0
+  plain OT.
 - ``wcfm``: Weighted CFM (Calvo-Ordonez et al. 2025): the independent pairs kept, each weighted
   by the Gibbs kernel exp(-c(x0_i, x1_i) / eps), normalised to mean 1 over the batch, which
   ``fm_loss``'s ``weight`` carries into the fused loss kernels. ``eps`` is relative to the batch's
@@ -21,6 +22,8 @@ The assignment is scipy's ``linear_sum_assignment`` (Jonker-Volgenant) on the ho
 step, so ``ot`` and ``c2ot`` cannot be captured in a CUDA graph (``wcfm`` can).
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -36,27 +39,33 @@ def pair_costs(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
 
 
 def condition_costs(z: torch.Tensor) -> torch.Tensor:
-    """(B, B) cosine distance 1 - cos(z_i, z_j) of the conditions (C2OT's choice for continuous ones)."""
+    """(B, B) cosine distance 1 - cos(z_i, z_j) of the conditions (C2OT's choice for continuous
+    ones); exactly 0 on the diagonal, and entries within fp32 rounding of 0 are 0."""
     u = torch.nn.functional.normalize(z.detach().float(), dim=1)
-    return (1.0 - u @ u.T).clamp_min_(0.0)
+    C = 1.0 - u @ u.T
+    return C.masked_fill_(C < 1e-6, 0.0).fill_diagonal_(0.0)
 
 
 def cheaper_fraction(M: torch.Tensor, C: torch.Tensor, w: float) -> float:
     """Fraction of entries (i, j) with M_ij + w C_ij <= M_jj: how many re-pairings of window j
-    cost no more than its own independent pair."""
-    return float(((M + w * C) <= torch.diagonal(M)[None, :]).float().mean())
+    cost no more than its own independent pair (w = inf: those with C_ij = 0 and M_ij <= M_jj)."""
+    diag = torch.diagonal(M)[None, :]
+    if math.isinf(w):
+        return float(((C == 0) & (M <= diag)).float().mean())
+    return float(((M + w * C) <= diag).float().mean())
 
 
-def search_condition_weight(M: torch.Tensor, C: torch.Tensor, target_r: float,
-                            iters: int = 40, w_max: float = 1e12) -> float:
-    """The smallest w (to a relative 2^-iters of the bracket) whose cheaper fraction is <= target_r."""
+def search_condition_weight(M: torch.Tensor, C: torch.Tensor, target_r: float, iters: int = 40) -> float:
+    """The smallest w (to a relative 2^-iters of the bracket) whose cheaper fraction is <= target_r;
+    0 when plain OT already meets it, inf when no finite w can (a batch of fewer than 1 / target_r
+    windows, or many identical conditions): then the pairs stay independent."""
     if cheaper_fraction(M, C, 0.0) <= target_r:
         return 0.0
+    if cheaper_fraction(M, C, math.inf) > target_r:
+        return math.inf
     hi = float(M.mean()) + 1.0            # the scale at which the condition term starts to count
     while cheaper_fraction(M, C, hi) > target_r:
         hi *= 2.0
-        if hi > w_max:
-            return w_max
     lo = 0.0
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
@@ -101,6 +110,9 @@ def couple(kind: str, x0: torch.Tensor, x1: torch.Tensor, z: torch.Tensor | None
             if z is None:
                 raise ValueError("coupling='c2ot' needs the conditions z")
             C = condition_costs(z)
-            M = M + search_condition_weight(M, C, target_r) * C
+            w = search_condition_weight(M, C, target_r)
+            if math.isinf(w):
+                return x0, None
+            M = M + w * C
         perm = assign(M)
     return x0[perm], None

@@ -1,14 +1,15 @@
 """DDPM counterpart of the flow-matching objective (Ho et al. 2020; cosine schedule of Nichol &
-Dhariwal 2021): epsilon prediction with the same conditioned networks, ancestral and DDIM samplers.
+Dhariwal 2021): epsilon or v prediction with the same conditioned networks, ancestral and DDIM samplers.
 
 Discrete timesteps k = 1..T, k = T is (almost) pure noise. The schedule:
 
     alpha_bar(k) = f(k) / f(0),  f(k) = cos^2(((k / T + s) / (1 + s)) * pi / 2),  s = 0.008
     beta_k = min(1 - alpha_bar(k) / alpha_bar(k - 1), 0.999),  alpha_bar recomputed as prod(1 - beta)
 
-Forward process: x_k = sqrt(abar_k) x + sqrt(1 - abar_k) eps. The network predicts eps from
-(x_k, t_net, z), where the network's time input follows the package convention (t = 0 noise,
-t = 1 data): ``t_net = 1 - k / T``, so the same timestep embedder serves both objectives.
+Forward process: x_k = sqrt(abar_k) x + sqrt(1 - abar_k) eps. The network predicts eps (or
+v = sqrt(abar_k) eps - sqrt(1 - abar_k) x, ``prediction="v"``) from (x_k, t_net, z), where the
+network's time input follows the package convention (t = 0 noise, t = 1 data):
+``t_net = 1 - k / T``, so the same timestep embedder serves both objectives.
 """
 from __future__ import annotations
 

@@ -29,8 +29,8 @@ from safetensors.torch import load_file, save_file
 from .. import ops
 from ..data import Standardizer
 from ..integrate import METHODS
-from .checkpoint import (CheckpointError, has_checkpoint, load_weights, optimizer_from_flat, optimizer_to_flat,
-                         read_checkpoint, save_checkpoint)
+from .checkpoint import (CheckpointError, find_checkpoint, has_checkpoint, load_weights, optimizer_from_flat,
+                         optimizer_to_flat, read_checkpoint, save_checkpoint)
 from .distributed import step_seed
 from .loop import TrainConfig, _truncate_metrics, batch_indices, load_trained, lr_factor, make_optimizer
 
@@ -103,9 +103,13 @@ def make_pairs(teacher, windows: np.ndarray, cfg: ReflowConfig, device, progress
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def _pairs_meta(source: str, cfg: ReflowConfig) -> dict:
+def _pairs_meta(source: str, cfg: ReflowConfig, windows: np.ndarray) -> dict:
+    """What the pairs depend on: the teacher checkpoint (its step folder, so a run trained further
+    is another teacher), the windows (shape and a sum of 64 of them) and the generation settings."""
+    probe = np.linspace(0, len(windows) - 1, min(len(windows), 64)).round().astype(int)
     return {"source": source, "pairs": str(cfg.pairs), "gen_method": cfg.gen_method,
-            "gen_steps": str(cfg.gen_steps), "seed": str(cfg.seed)}
+            "gen_steps": str(cfg.gen_steps), "seed": str(cfg.seed),
+            "windows": f"{list(windows.shape)} {float(np.asarray(windows[probe], dtype=np.float64).sum()):.6e}"}
 
 
 def _save_pairs(path: Path, pairs: dict, meta: dict) -> None:
@@ -156,7 +160,7 @@ def run_reflow(ckpt, windows: np.ndarray, cfg: ReflowConfig, out_dir, device="cp
     out.mkdir(parents=True, exist_ok=True)
     tc = cfg.train_config()
 
-    meta = _pairs_meta(str(Path(ckpt).resolve()), cfg)
+    meta = _pairs_meta(str(find_checkpoint(ckpt).resolve()), cfg, windows)
     t0 = time.perf_counter()
     pairs = _load_pairs(out / PAIRS, meta)
     if pairs is None:
@@ -172,8 +176,9 @@ def run_reflow(ckpt, windows: np.ndarray, cfg: ReflowConfig, out_dir, device="cp
     start, elapsed_before = 0, 0.0
     if resume and has_checkpoint(out / "checkpoints"):
         tensors, optim_tensors, state, where = read_checkpoint(out)
-        if state.get("reflow") != dataclasses.asdict(cfg) or state.get("reflow_source") != meta["source"]:
-            raise CheckpointError(f"{where}: checkpoint was made with another reflow config or source run")
+        if state.get("reflow") != dataclasses.asdict(cfg) or state.get("reflow_pairs") != meta:
+            raise CheckpointError(f"{where}: checkpoint was made with another reflow config, teacher "
+                                  "checkpoint or windows")
         load_weights(model, tensors, "model.", str(where))
         if ema is not None:
             load_weights(ema, tensors, "ema.", str(where))
@@ -190,7 +195,7 @@ def run_reflow(ckpt, windows: np.ndarray, cfg: ReflowConfig, out_dir, device="cp
         opt_t, opt_rest = optimizer_to_flat(opt)
         state = {"model_config": model.cfg.to_dict(), "train_config": tc.to_dict(), "optimizer": opt_rest,
                  "standardizer": std.to_dict(), "train_seconds": seconds, "reflow": dataclasses.asdict(cfg),
-                 "reflow_source": meta["source"],
+                 "reflow_pairs": meta,
                  **{k: src_state[k] for k in ("channels", "classes") if k in src_state}}
         return save_checkpoint(out / "checkpoints", step, model_t, opt_t, state, tc.keep_checkpoints)
 
