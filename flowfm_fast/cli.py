@@ -143,10 +143,8 @@ def cmd_grid(a) -> int:
     rng = np.random.default_rng(a.seed)
     idx = np.sort(rng.choice(len(b.pretrain), size=min(a.calib, len(b.pretrain)), replace=False))
     z = model.encode(torch.from_numpy(np.ascontiguousarray(b.pretrain.x[idx])).to(dev))
-    records = {}
-    for K in a.steps:
-        gen = torch.Generator(device=dev).manual_seed(a.seed)
-        records[K] = model.optimal_grid(z, K, a.method, generator=gen, candidates=a.candidates)
+    gen = torch.Generator(device=dev).manual_seed(a.seed)
+    records = model.optimal_grids(z, sorted(set(a.steps)), a.method, generator=gen, candidates=a.candidates)
     where = write_grids(a.ckpt, {a.method: records})
     print(json.dumps({"saved": str(where), "method": a.method,
                       "grids": {K: {k: r[k] for k in ("grid", "cost", "uniform_cost") if k in r}

@@ -334,12 +334,13 @@ def run_compare(out, data: str = "hapt", cfg: CompareConfig | None = None, devic
         cal = np.sort(rng.choice(len(bundle.pretrain), size=min(cfg.grid_calib, len(bundle.pretrain)), replace=False))
         x_cal = torch.from_numpy(np.ascontiguousarray(bundle.pretrain.x[cal])).to(device)
 
-        def grid_job(name, K):
+        def grid_job(name):
             m = models[name]
             gen = torch.Generator(device=device).manual_seed(cfg.seed)
-            return m.optimal_grid(m.encode(x_cal), K, "euler", generator=gen, candidates=cfg.grid_candidates)
-        grids = run_jobs({(n, K): (lambda n=n, K=K: grid_job(n, K)) for n in fm_names for K in cfg.grid_steps},
-                         "optimal grids (BOSS)", progress)
+            return m.optimal_grids(m.encode(x_cal), cfg.grid_steps, "euler", generator=gen,
+                                   candidates=cfg.grid_candidates)
+        per_model = run_jobs({n: (lambda n=n: grid_job(n)) for n in fm_names}, "optimal grids (BOSS)", progress)
+        grids = {(n, K): rec for n, recs in per_model.items() for K, rec in recs.items()}
         results["grids"] = {f"{n} euler {K}": g for (n, K), g in grids.items()}
 
     # Quality and wall time versus NFE.
@@ -466,9 +467,12 @@ def _plots(out: Path, results: dict) -> dict:
         ax.legend(fontsize=7)
         paths[key] = save_figure(fig, out / fname).name
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(6.8, 4.4))
     ref = [r for r in results["sampling"][DDPM] if r["method"] == "ddpm"][0]
-    for n, rows in results["sampling"].items():
+    # one colour per model, one line style per sampler and grid
+    styles = {("euler", "uniform"): "o-", ("midpoint", "uniform"): "^--", ("euler", "optimal"): "s:",
+              ("ddim", "leading"): "o-", ("ddim", "trailing"): "^--"}
+    for c, (n, rows) in enumerate(results["sampling"].items()):
         groups: dict[tuple, list] = {}
         for r in rows:
             if r["method"] == "ddpm":
@@ -476,7 +480,8 @@ def _plots(out: Path, results: dict) -> dict:
             groups.setdefault((r["method"], r["grid"]), []).append(r)
         for (m, g), rs in groups.items():
             rs = sorted(rs, key=lambda r: r["nfe"])
-            ax.plot([r["nfe"] for r in rs], [r["fid"] for r in rs], "o-", ms=3, label=f"{_label(n)}: {m} ({g})")
+            ax.plot([r["nfe"] for r in rs], [r["fid"] for r in rs], styles.get((m, g), "o-"), ms=3,
+                    color=f"C{c % 10}", label=f"{_label(n)}: {m} ({g})")
     ax.axhline(ref["fid"], color="k", ls="--", label=f"DDPM-{ref['steps']} ancestral")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("network evaluations per sample (NFE, log)")
@@ -535,10 +540,10 @@ def _report(res: dict, cfg: CompareConfig, data: str, bundle, plots: dict) -> st
           f"{cfg.evaluations} evaluations per variant.", "",
           "| variant | probe-F1 target s | ratio to DDPM | sensor-FID target s | ratio to DDPM |",
           "|---|---|---|---|---|"]
+    ratio = lambda q, n: "1 (reference)" if n == DDPM else _fmt(ttq[q]["over_ddpm"].get(n))
     for n in V:
-        L.append(f"| {_label(n)} | {_fmt(ttq['probe_f1']['seconds'][n], '.1f')} | "
-                 f"{_fmt(ttq['probe_f1']['over_ddpm'].get(n))} | {_fmt(ttq['fid']['seconds'][n], '.1f')} | "
-                 f"{_fmt(ttq['fid']['over_ddpm'].get(n))} |")
+        L.append(f"| {_label(n)} | {_fmt(ttq['probe_f1']['seconds'][n], '.1f')} | {ratio('probe_f1', n)} | "
+                 f"{_fmt(ttq['fid']['seconds'][n], '.1f')} | {ratio('fid', n)} |")
     L += ["", f"Targets: probe F1 {ttq['probe_f1']['target']:.3f}, sensor-FID {ttq['fid']['target']:.3f}.", "",
           "| variant | steps | train s | s / step | final probe F1 | final sensor-FID | evaluations |",
           "|---|---|---|---|---|---|---|"]

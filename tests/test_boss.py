@@ -12,7 +12,7 @@ import torch
 
 from flowfm_fast.cli import main
 from flowfm_fast.integrate import METHODS, sample
-from flowfm_fast.integrate.boss import best_path, optimal_grid, step_cost_table
+from flowfm_fast.integrate.boss import best_path, optimal_grid, optimal_grids, step_cost_table
 from flowfm_fast.models import FlowFM, get_config
 from flowfm_fast.train import CheckpointError, read_grids, write_grids
 
@@ -80,6 +80,15 @@ def test_optimal_grid_beats_uniform_on_a_late_field(K):
     err_uni = float((sample(late_field, x0, K, "euler") - exact).abs().max())
     assert err_opt < 0.75 * err_uni
     assert g[1] > 0.5                        # the field is ~0 early: one long first step
+
+
+def test_optimal_grids_share_one_table():
+    x0 = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    many = optimal_grids(late_field, x0, [2, 4, 8], "euler", candidates=16)
+    for K in (2, 4, 8):
+        one = optimal_grid(late_field, x0, K, "euler", candidates=16)
+        assert many[K]["grid"] == one["grid"] and many[K]["cost"] == pytest.approx(one["cost"])
+    assert many[8]["cost"] <= many[4]["cost"] <= many[2]["cost"]    # more steps never cost more locally
 
 
 def test_optimal_grid_validation():

@@ -90,6 +90,29 @@ def best_path(cost: torch.Tensor, steps: int) -> tuple[list[int], float]:
     return path, float(D[steps, N])
 
 
+def optimal_grids(velocity: Callable, x0: torch.Tensor, steps, method: str = "euler",
+                  z: torch.Tensor | None = None, candidates: int = 64, reference: str = "rk4") -> dict[int, dict]:
+    """{K: the BOSS grid record for K steps of ``method``} for every K in ``steps``, from one cost
+    table (the table is the expensive part; each extra K is one dynamic programme)."""
+    steps = list(steps)
+    for K in steps:
+        if isinstance(K, bool) or not isinstance(K, int) or K < 1:
+            raise ValueError(f"steps must be positive ints, got {K!r}")
+        if candidates < K:
+            raise ValueError(f"candidates ({candidates}) must be >= steps ({K})")
+    t, cost = step_cost_table(velocity, x0, method, z, candidates, reference)
+    out = {}
+    for K in steps:
+        path, total = best_path(cost, K)
+        rec = {"grid": [float(t[i]) for i in path], "method": method, "steps": K, "cost": total,
+               "candidates": candidates, "reference": reference, "calibration": int(x0.shape[0])}
+        if candidates % K == 0:
+            u = list(range(0, candidates + 1, candidates // K))
+            rec["uniform_cost"] = float(sum(cost[a, b] for a, b in zip(u, u[1:])))
+        out[K] = rec
+    return out
+
+
 def optimal_grid(velocity: Callable, x0: torch.Tensor, steps: int, method: str = "euler",
                  z: torch.Tensor | None = None, candidates: int = 64, reference: str = "rk4") -> dict:
     """The BOSS grid for ``steps`` steps of ``method``: ``{"grid": [K + 1 floats], "cost": summed
@@ -97,13 +120,4 @@ def optimal_grid(velocity: Callable, x0: torch.Tensor, steps: int, method: str =
     candidates), ...}``. Pass the result's ``grid`` to ``sample(..., grid=...)``."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if candidates < steps:
-        raise ValueError(f"candidates ({candidates}) must be >= steps ({steps})")
-    t, cost = step_cost_table(velocity, x0, method, z, candidates, reference)
-    path, total = best_path(cost, steps)
-    out = {"grid": [float(t[i]) for i in path], "method": method, "steps": steps, "cost": total,
-           "candidates": candidates, "reference": reference, "calibration": int(x0.shape[0])}
-    if candidates % steps == 0:
-        u = list(range(0, candidates + 1, candidates // steps))
-        out["uniform_cost"] = float(sum(cost[a, b] for a, b in zip(u, u[1:])))
-    return out
+    return optimal_grids(velocity, x0, [steps], method, z, candidates, reference)[steps]

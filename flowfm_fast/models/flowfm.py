@@ -128,16 +128,21 @@ class FlowFM(nn.Module):
                            grid=grid, spacing=spacing)
 
     @torch.no_grad()
-    def optimal_grid(self, z: torch.Tensor, steps: int, method: str = "euler", x0: torch.Tensor | None = None,
-                     generator=None, candidates: int = 64, reference: str = "rk4") -> dict:
-        """The ``steps``-step time grid for ``method`` that best follows a fine ``reference`` solve
-        on the calibration conditions ``z`` (BOSS; :func:`flowfm_fast.integrate.boss.optimal_grid`)."""
+    def optimal_grids(self, z: torch.Tensor, steps, method: str = "euler", x0: torch.Tensor | None = None,
+                      generator=None, candidates: int = 64, reference: str = "rk4") -> dict[int, dict]:
+        """{K: the K-step time grid for ``method`` that best follows a fine ``reference`` solve on
+        the calibration conditions ``z``} for every K in ``steps`` (BOSS;
+        :func:`flowfm_fast.integrate.boss.optimal_grids`); pass a record's ``"grid"`` to ``sample``."""
         if self.schedule is not None:
             raise ValueError("optimal grids apply to flow-matching models only")
         if x0 is None:
             x0 = torch.randn(z.shape[0], self.cfg.channels, self.cfg.length, device=z.device, dtype=z.dtype,
                              generator=generator)
-        return boss.optimal_grid(self.velocity, x0, steps, method, z=z, candidates=candidates, reference=reference)
+        return boss.optimal_grids(self.velocity, x0, steps, method, z=z, candidates=candidates, reference=reference)
+
+    def optimal_grid(self, z: torch.Tensor, steps: int, method: str = "euler", **kw) -> dict:
+        """:meth:`optimal_grids` for one budget ``steps``."""
+        return self.optimal_grids(z, [steps], method, **kw)[steps]
 
     def _check_windows(self, x, name):
         if not isinstance(x, torch.Tensor):
