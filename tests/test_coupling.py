@@ -189,3 +189,19 @@ def test_cli_pretrain_coupling_is_saved(tmp_path):
     assert rc == 0
     state = json.loads(next(out.rglob("state.json")).read_text())
     assert state["model_config"]["coupling"] == "c2ot"
+
+
+@pytest.mark.parametrize("kind", ["independent", "wcfm"])
+def test_tensor_couplings_compile_fullgraph(kind):
+    """The couplings without a host assignment stay inside a fullgraph compile of the loss."""
+    torch.manual_seed(0)
+    m = FlowFM(get_config("tiny", length=L, coupling=kind))
+    x = torch.randn(8, 3, L)
+    torch._dynamo.reset()
+    try:
+        torch.manual_seed(1)
+        loss = torch.compile(m.loss, fullgraph=True, backend="eager")(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(loss, m.loss(x))
+    finally:
+        torch._dynamo.reset()

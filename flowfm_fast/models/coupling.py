@@ -89,30 +89,37 @@ def assign(cost: torch.Tensor) -> torch.Tensor:
 
 
 def gibbs_weights(x0: torch.Tensor, x1: torch.Tensor, eps: float) -> torch.Tensor:
-    """exp(-c_i / (eps mean(c))) of the pairs (x0_i, x1_i), normalised to mean 1 (fp32, (B,))."""
+    """exp(-c_i / (eps mean(c))) of the pairs (x0_i, x1_i), normalised to mean 1 (fp32, (B,), no grad)."""
     c = (x0.detach().float() - x1.detach().float()).flatten(1).pow(2).sum(1)
     return torch.softmax(-c / (eps * c.mean().clamp_min(1e-12)), 0) * c.shape[0]
 
 
-@torch.compiler.disable
 def couple(kind: str, x0: torch.Tensor, x1: torch.Tensor, z: torch.Tensor | None = None,
            eps: float = 0.1, target_r: float = 0.2) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(x0 re-paired with x1 in order, per-pair loss weights or None) for coupling ``kind``."""
+    """(x0 re-paired with x1 in order, per-pair loss weights or None) for coupling ``kind``.
+    ``independent`` and ``wcfm`` are tensor ops (``torch.compile(fullgraph=True)`` traces them);
+    ``ot`` and ``c2ot`` leave the graph for the host assignment."""
     if kind == "independent":
         return x0, None
     if kind not in COUPLINGS:
         raise ValueError(f"coupling must be one of {COUPLINGS}, got {kind!r}")
-    with torch.no_grad():
-        if kind == "wcfm":
-            return x0, gibbs_weights(x0, x1, eps)
-        M = pair_costs(x0, x1)
-        if kind == "c2ot":
-            if z is None:
-                raise ValueError("coupling='c2ot' needs the conditions z")
-            C = condition_costs(z)
-            w = search_condition_weight(M, C, target_r)
-            if math.isinf(w):
-                return x0, None
-            M = M + w * C
-        perm = assign(M)
-    return x0[perm], None
+    if kind == "wcfm":
+        return x0, gibbs_weights(x0, x1, eps)
+    if kind == "c2ot" and z is None:
+        raise ValueError("coupling='c2ot' needs the conditions z")
+    perm = _assignment(kind, x0, x1, z, target_r)
+    return (x0, None) if perm is None else (x0[perm], None)
+
+
+@torch.compiler.disable
+@torch.no_grad()
+def _assignment(kind: str, x0, x1, z, target_r: float) -> torch.Tensor | None:
+    """The permutation of x0 that ``ot`` / ``c2ot`` pair with x1 (None: keep the drawn pairs)."""
+    M = pair_costs(x0, x1)
+    if kind == "c2ot":
+        C = condition_costs(z)
+        w = search_condition_weight(M, C, target_r)
+        if math.isinf(w):
+            return None
+        M = M + w * C
+    return assign(M)
