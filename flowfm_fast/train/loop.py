@@ -206,6 +206,20 @@ def _check_resume_config(state: dict, model_cfg: FlowFMConfig, cfg: TrainConfig,
                               f"(shape {saved.get('shape') if isinstance(saved, dict) else '?'}, now {data['shape']})")
 
 
+def restore_state(tensors: dict, optim_tensors: dict, state: dict, where, model, ema, opt,
+                  device) -> tuple[int, float]:
+    """Load a checkpoint's weights (``model.*``, and ``ema.*`` when ``ema``) and optimizer state;
+    returns (step, training seconds) to continue from."""
+    load_weights(model, tensors, "model.", str(where))
+    if ema is not None:
+        load_weights(ema, tensors, "ema.", str(where))
+    try:
+        optimizer_from_flat(opt, {k: v.to(device) for k, v in optim_tensors.items()}, state["optimizer"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: optimizer state does not fit the model ({exc})") from None
+    return int(state["step"]), float(state.get("train_seconds", 0.0))
+
+
 def make_step(loss_fn, model: FlowFM, opt: torch.optim.Optimizer, ema: FlowFM | None, cfg: TrainConfig,
               gen: torch.Generator, mean: torch.Tensor, std: torch.Tensor, device: torch.device,
               captured: bool = False):
@@ -282,14 +296,7 @@ def train_flowfm(model_cfg: FlowFMConfig, windows: np.ndarray, cfg: TrainConfig,
     if resume and has_checkpoint(out / "checkpoints"):
         tensors, optim_tensors, state, where = read_checkpoint(out)
         _check_resume_config(state, model_cfg, cfg, data, where)
-        load_weights(model, tensors, "model.", str(where))
-        if ema is not None:
-            load_weights(ema, tensors, "ema.", str(where))
-        try:
-            optimizer_from_flat(opt, {k: v.to(device) for k, v in optim_tensors.items()}, state["optimizer"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{where}: optimizer state does not fit the model ({exc})") from None
-        start, elapsed_before = int(state["step"]), float(state.get("train_seconds", 0.0))
+        start, elapsed_before = restore_state(tensors, optim_tensors, state, where, model, ema, opt, device)
     # A rank that resumed from another step (out_dir not shared between machines) would train a
     # different model under the same all-reduce: stop all of them instead.
     world.check_same(start, "the step to resume from (is --out on a filesystem every node shares?)", device)

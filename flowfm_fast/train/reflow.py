@@ -29,10 +29,11 @@ from safetensors.torch import load_file, save_file
 from .. import ops
 from ..data import Standardizer
 from ..integrate import METHODS
-from .checkpoint import (CheckpointError, find_checkpoint, has_checkpoint, load_weights, optimizer_from_flat,
-                         optimizer_to_flat, read_checkpoint, save_checkpoint)
+from .checkpoint import (CheckpointError, find_checkpoint, has_checkpoint, optimizer_to_flat, read_checkpoint,
+                         save_checkpoint)
 from .distributed import step_seed
-from .loop import TrainConfig, _truncate_metrics, batch_indices, load_trained, lr_factor, make_optimizer
+from .loop import (TrainConfig, _truncate_metrics, batch_indices, load_trained, lr_factor, make_optimizer,
+                   restore_state)
 
 PAIRS = "pairs.safetensors"
 
@@ -179,14 +180,7 @@ def run_reflow(ckpt, windows: np.ndarray, cfg: ReflowConfig, out_dir, device="cp
         if state.get("reflow") != dataclasses.asdict(cfg) or state.get("reflow_pairs") != meta:
             raise CheckpointError(f"{where}: checkpoint was made with another reflow config, teacher "
                                   "checkpoint or windows")
-        load_weights(model, tensors, "model.", str(where))
-        if ema is not None:
-            load_weights(ema, tensors, "ema.", str(where))
-        try:
-            optimizer_from_flat(opt, {k: v.to(device) for k, v in optim_tensors.items()}, state["optimizer"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{where}: optimizer state does not fit the model ({exc})") from None
-        start, elapsed_before = int(state["step"]), float(state.get("train_seconds", 0.0))
+        start, elapsed_before = restore_state(tensors, optim_tensors, state, where, model, ema, opt, device)
 
     def checkpoint(step: int, seconds: float) -> Path:
         model_t = {f"model.{k}": v for k, v in model.state_dict().items()}
