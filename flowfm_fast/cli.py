@@ -22,7 +22,7 @@ from .models.coupling import COUPLINGS
 from .models.diffusion import PREDICTIONS, SPACINGS
 from .models.flowfm import DDPM_METHODS
 from .profiling import run_profile
-from .train import CheckpointError, TrainConfig, read_grids, write_grids, current_world, init_from_env, load_trained, train_flowfm
+from .train import CheckpointError, TrainConfig, build_model, read_grids, write_grids, current_world, init_from_env, load_trained, train_flowfm
 
 # The top of the CLI layer: it may import every module of the package (tests/test_imports.py
 # writes the layer order down). flowfm_fast.eval, .compare and .demo are imported inside the
@@ -79,7 +79,7 @@ def cmd_pretrain(a) -> int:
 
 
 def cmd_probe(a) -> int:
-    from .eval import probe_per_class, probe_scores   # lazy: scikit-learn (see the note at the imports)
+    from .eval import finetune, finetune_per_class, label_subset, probe_per_class, probe_scores   # lazy: scikit-learn
     dev = _device(a.device)
     model, std, _ = load_trained(a.ckpt, dev)
     b = load_bundle(a.data, a.test_data, a.gyro, standardizer=std, length=model.cfg.length)
@@ -90,6 +90,8 @@ def cmd_probe(a) -> int:
         raise ValueError("--seeds must be >= 1")
     if a.draws < 1 or any(k < 1 for k in a.per_class):
         raise ValueError("--draws and every --per-class value must be >= 1")
+    if a.random_init < 0 or a.finetune_steps < 1:
+        raise ValueError("--random-init must be >= 0 and --finetune-steps >= 1")
     res = {str(frac): probe_scores(model.encoder, b.train, b.test, frac, tuple(range(a.seeds)), dev)
            for frac in a.label_fraction}
     def summary(scores: dict) -> dict:
@@ -99,6 +101,29 @@ def cmd_probe(a) -> int:
     if a.per_class:
         shots = {str(k): v for k, v in probe_per_class(model.encoder, b.train, b.test, a.per_class, a.draws, dev).items()}
         report.update(per_class_macro_f1=shots, per_class_summary=summary(shots))
+    seeds = tuple(range(a.seeds))
+    # Baselines on the same label draws: the probe of random-init encoders of the run's config, and
+    # fine-tuning the pretrained encoder against supervised training from scratch; each is reported
+    # as the pretrained probe is ("summary" per label fraction, "per_class_summary" per k).
+    if a.random_init:
+        encoders = [build_model(model.cfg, 1000 + i).encoder.to(dev) for i in range(a.random_init)]
+        fracs = {str(f): [v for e in encoders for v in probe_scores(e, b.train, b.test, f, seeds, dev)]
+                 for f in a.label_fraction}
+        shots = {str(k): [v for e in encoders for v in probe_per_class(e, b.train, b.test, (k,), a.draws, dev)[k]]
+                 for k in a.per_class}
+        report["random_init_probe"] = {"encoders": a.random_init, "summary": summary(fracs),
+                                       "per_class_summary": summary(shots)}
+    if a.finetune:
+        n_cls, mean, sd = len(b.classes), b.standardizer.mean, b.standardizer.std
+        for name, make in (("finetune", lambda s: model.encoder),
+                           ("scratch", lambda s: build_model(model.cfg, 3000 + s).encoder)):
+            fracs = {str(f): [finetune(make(s), b.train.x[idx], b.train.y[idx], b.test.x, b.test.y, n_cls, mean, sd,
+                                       steps=a.finetune_steps, seed=s, device=dev)["macro_f1"]
+                              for s in (seeds if f < 1.0 else seeds[:1]) for idx in [label_subset(b.train.y, f, s)]]
+                     for f in a.label_fraction}
+            shots = {str(k): v for k, v in finetune_per_class(make, b.train, b.test, n_cls, mean, sd, a.per_class,
+                                                              a.draws, a.finetune_steps, dev).items()}
+            report[name] = {"steps": a.finetune_steps, "summary": summary(fracs), "per_class_summary": summary(shots)}
     if a.seeds > 1 and any(frac >= 1.0 for frac in a.label_fraction):
         report["note"] = ("fraction 1.0 uses every labelled window, so its probe has one score; --seeds draws "
                           "the label subsets of fractions below 1.0")
@@ -255,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--per-class", type=int, nargs="+", default=[],
                    help="also probe with this many labelled windows per class (e.g. 1 2 5 10), --draws draws each")
     q.add_argument("--draws", type=int, default=10, help="random draws of the labelled windows per --per-class value")
+    q.add_argument("--random-init", type=int, default=0, metavar="N",
+                   help="also probe N random-init encoders of the run's config on the same labels (a baseline)")
+    q.add_argument("--finetune", action="store_true",
+                   help="also fine-tune the encoder and train one from scratch on the same labels (slow: minutes)")
+    q.add_argument("--finetune-steps", type=int, default=100, help="training steps of --finetune (default 100)")
     q.add_argument("--device", default="auto")
     q.set_defaults(fn=cmd_probe)
 

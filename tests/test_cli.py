@@ -162,6 +162,26 @@ def test_probe_per_class(run_dir):
     assert rc == 2 and "--per-class" in err
 
 
+def test_probe_baselines_on_the_same_labels(run_dir):
+    rc, out, err = run_cli("probe", "--ckpt", run_dir, "--data", "synthetic", "--per-class", 2, "--draws", 3,
+                           "--label-fraction", 0.5, 1.0, "--seeds", 2, "--random-init", 2, "--finetune",
+                           "--finetune-steps", 3, "--device", "cpu")
+    assert rc == 0, err
+    printed = _last_json(out)
+    rand = printed["random_init_probe"]
+    assert rand["encoders"] == 2
+    assert rand["per_class_summary"]["2"]["n"] == 6            # 2 encoders x 3 draws
+    assert rand["summary"]["0.5"]["n"] == 4 and rand["summary"]["1.0"]["n"] == 2
+    for name in ("finetune", "scratch"):
+        rows = printed[name]
+        assert rows["steps"] == 3
+        assert rows["per_class_summary"]["2"]["n"] == 3
+        assert rows["summary"]["0.5"]["n"] == 2 and rows["summary"]["1.0"]["n"] == 1
+        assert all(0.0 <= r["mean"] <= 1.0 for r in (*rows["summary"].values(), *rows["per_class_summary"].values()))
+    rc, out, err = run_cli("probe", "--ckpt", run_dir, "--data", "synthetic", "--random-init", -1, "--device", "cpu")
+    assert rc == 2 and "--random-init" in err
+
+
 def test_sample_writes_npz_and_pngs(run_dir, tmp_path):
     out_npz = tmp_path / "d2" / "s.npz"
     rc, out, err = run_cli("sample", "--ckpt", run_dir, "--data", "synthetic", "--n", 3, "--steps", 2,
@@ -203,7 +223,7 @@ def test_demo_quick(tmp_path):
     report = (d / "report.md").read_text()
     for needle in ("Linear probe", "Fine-tuning", "macro-F1", "| encoder | labels | macro-F1 |",
                    "FlowFM pretrained", "random-init encoder", "supervised from scratch",
-                   "Label efficiency", "| k per class | FlowFM pretrained | random-init encoder | difference |"):
+                   "Label efficiency", "| k per class | probe, FlowFM | probe, random-init | probe gain | fine-tuned FlowFM |"):
         assert needle in report, needle
     assert (d / "label_efficiency.png").stat().st_size > 1000
     results = json.loads((d / "results.json").read_text())
@@ -212,9 +232,12 @@ def test_demo_quick(tmp_path):
         for vals in results[table].values():
             assert vals and all(0.0 <= v <= 1.0 for v in vals)
     assert results["pretrain_steps"] == 30
-    few = results["probe_per_class"]
+    few = results["per_class"]
     assert set(few["FlowFM pretrained"]) == {"1", "2", "5", "10"}
     assert len(few["FlowFM pretrained"]["1"]) == 10 and len(few["random-init encoder"]["1"]) == 30
+    for name in ("fine-tuned FlowFM encoder", "supervised from scratch"):
+        assert set(few[name]) == {"1", "2", "5", "10"} and all(len(v) == 10 for v in few[name].values())
+    assert "fine-tune - scratch >= 2 sd at 1 per class" in results["checks"]
     for png in ("samples_reconstructed.png", "samples_generated.png"):
         assert (d / png).read_bytes()[:8] == PNG_MAGIC
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flowfm_fast.data import Standardizer, make_synthetic
-from flowfm_fast.eval import (encode_windows, finetune, label_subset, linear_probe, per_class_subset, predict,
+from flowfm_fast.eval import (encode_windows, finetune, finetune_per_class, label_subset, linear_probe, per_class_subset, predict,
                               probe_per_class)
 from flowfm_fast.models import ResNet1DEncoder, get_config
 
@@ -282,3 +282,27 @@ def test_predict_shape():
     x = np.random.default_rng(0).standard_normal((9, 3, 60)).astype(np.float32)
     p = predict(enc, head, x, batch=4)
     assert p.shape == (9,) and p.min() >= 0 and p.max() < 5
+
+
+def test_finetune_per_class_draws_match_single_finetunes():
+    """Draw d of level k is finetune() on per_class_subset(y, k, d) with seed d; an encoder factory
+    gets a new encoder per draw, a module is copied and never changed."""
+    from flowfm_fast.data.windows import WindowSet as Windows
+    rng_tr, rng_te = make_synthetic(120, length=60, seed=1), make_synthetic(64, length=60, seed=2)
+    std = Standardizer.fit(rng_tr.x)
+    tr, te = Windows(std.apply(rng_tr.x), rng_tr.y), Windows(std.apply(rng_te.x), rng_te.y)
+    enc = _tiny_encoder()
+    before = [p.clone() for p in enc.parameters()]
+    kw = dict(num_classes=4, mean=std.mean, std=std.std)
+    res = finetune_per_class(enc, tr, te, per_class=(1, 3), draws=2, steps=4, **kw)
+    assert set(res) == {1, 3} and all(len(v) == 2 for v in res.values())
+    idx = per_class_subset(tr.y, 3, 1)
+    one = finetune(enc, tr.x[idx], tr.y[idx], te.x, te.y, steps=4, batch_size=64, seed=1, **kw)["macro_f1"]
+    assert res[3][1] == one
+    assert all(torch.equal(p, q) for p, q in zip(enc.parameters(), before))
+    made = []
+    scratch = finetune_per_class(lambda d: made.append(d) or _tiny_encoder(seed=100 + d), tr, te, per_class=(2,),
+                                 draws=3, steps=2, **kw)
+    assert made == [0, 1, 2] and len(scratch[2]) == 3
+    with pytest.raises(ValueError, match="draws"):
+        finetune_per_class(enc, tr, te, per_class=(1,), draws=0, **kw)

@@ -12,7 +12,7 @@ from sklearn.metrics import f1_score
 from sklearn.preprocessing import StandardScaler
 
 from ..data.augment import AugmentConfig, augment
-from .probe import encode_windows
+from .probe import encode_windows, per_class_subset
 
 HEAD_INITS = ("random", "probe")
 
@@ -102,3 +102,29 @@ def finetune(encoder: torch.nn.Module, x_train: np.ndarray, y_train: np.ndarray,
     pred = predict(enc, head, x_test, device=device)
     return {"macro_f1": float(f1_score(y_test, pred, average="macro")), "accuracy": float((pred == y_test).mean()),
             "encoder": enc, "head": head}
+
+
+def finetune_per_class(encoder, train, test, num_classes: int, mean: np.ndarray, std: np.ndarray,
+                       per_class=(1, 2, 5, 10), draws: int = 10, steps: int = 100, device="cpu",
+                       head_init: str = "random") -> dict[int, list[float]]:
+    """Fine-tuning macro-F1 on ``test`` with ``k`` labelled windows per class, for each ``k`` in
+    ``per_class`` and each of ``draws`` draws of those windows: draw ``d`` takes the windows
+    ``per_class_subset(train.y, k, d)`` (the linear probe's draws, so the two are paired) and trains
+    with seed ``d``.
+
+    ``encoder`` is a module (a fresh copy is trained for every draw: fine-tuning a pretrained
+    encoder) or a callable ``d -> module`` (a new encoder per draw: supervised training from
+    scratch, whose spread then covers the initialisation as well as the labelled windows)."""
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
+    make = encoder if callable(encoder) and not isinstance(encoder, torch.nn.Module) else (lambda d: encoder)
+    out = {}
+    for k in per_class:
+        scores = []
+        for d in range(draws):
+            idx = per_class_subset(train.y, k, d)
+            scores.append(finetune(make(d), train.x[idx], train.y[idx], test.x, test.y, num_classes, mean, std,
+                                   steps=steps, batch_size=64, seed=d, device=device,
+                                   head_init=head_init)["macro_f1"])
+        out[int(k)] = scores
+    return out
