@@ -110,14 +110,13 @@ def run_demo(out: Path, quick: bool = False, minutes: float | None = None, devic
     # Fine-tuning and scratch on the probes' draws of k windows per class (draw d: windows of seed d;
     # scratch: a new encoder per draw).
     few_steps = 10 if quick else FEW_LABEL_FINETUNE_STEPS
-    per_class.update(run_jobs({
-        "fine-tuned FlowFM encoder": lambda: finetune_per_class(
-            model.encoder, tr, te, n_cls, bundle.standardizer.mean, bundle.standardizer.std, PER_CLASS, DRAWS,
-            few_steps, device),
-        "supervised from scratch": lambda: finetune_per_class(
-            lambda d: build_model(cfg, 3000 + d).encoder, tr, te, n_cls, bundle.standardizer.mean,
-            bundle.standardizer.std, PER_CLASS, DRAWS, few_steps, device),
-    }, "few-label fine-tuning", progress=not quick))
+    mean, sd = bundle.standardizer.mean, bundle.standardizer.std
+    makers = {"fine-tuned FlowFM encoder": lambda d: model.encoder,
+              "supervised from scratch": lambda d: build_model(cfg, 3000 + d).encoder}
+    few_ft = run_jobs({(name, k): (lambda make=make, k=k: finetune_per_class(
+        make, tr, te, n_cls, mean, sd, (k,), DRAWS, few_steps, device)[k])
+        for name, make in makers.items() for k in PER_CLASS}, "few-label fine-tuning", progress=not quick)
+    per_class.update({name: {k: few_ft[(name, k)] for k in PER_CLASS} for name in makers})
     timings["fine-tuning"] = time.perf_counter() - t
 
     t = time.perf_counter()
