@@ -47,3 +47,40 @@ def test_ablation_table_means_sds_and_changes():
     assert lines[3] == "| other | 1 | 0.950 | 0.600 ± 0.141 | 0.800 ± 0.000 | +0.040 | - |"
     with pytest.raises(KeyError):
         ab.table({"other": results["other"]}, 10, [0], 2)   # no baseline to compare with
+
+
+def _compare_result(seed, fm_fid, ddpm_fid, reflow_fid, fm_curve_s, ddpm_curve_s):
+    """A compare results.json reduced to what compare_seeds reads."""
+    def row(method, steps, grid, fid, nfe, ms):
+        return {"method": method, "steps": steps, "grid": grid, "seed": 0, "fid": fid, "nfe": nfe,
+                "ms_per_sample": ms, "recon_mse": 0.4}
+
+    def curve(seconds, final_f1, final_fid):
+        return [{"seconds": s, "probe_f1": final_f1 * (i + 1) / len(seconds),
+                 "fid": final_fid * len(seconds) / (i + 1)} for i, s in enumerate(seconds)]
+    return {
+        "config": {"seed": seed},
+        "sampling": {"ddpm": [row("ddpm", 1000, "leading", ddpm_fid, 1000, 600.0)],
+                     "fm": [row("euler", 8, "optimal", fm_fid, 8, 5.0), row("euler", 1, "uniform", 90.0, 1, 1.0)],
+                     "fm+reflow": [row("euler", 4, "optimal", reflow_fid, 4, 3.0)]},
+        "variants": {"fm": {"final_probe_f1": 0.9, "final_fid": fm_fid, "curve": curve(fm_curve_s, 0.9, fm_fid)},
+                     "ddpm": {"final_probe_f1": 0.9, "final_fid": ddpm_fid,
+                              "curve": curve(ddpm_curve_s, 0.9, ddpm_fid)}},
+        "best_recon_8_steps": {"recon_mse": 0.4},
+    }
+
+
+def test_compare_seeds_reads_fixed_settings_and_spreads():
+    cs = _load("compare_seeds")
+    a = cs.summarise(_compare_result(0, 16.0, 20.0, 25.0, [10, 20, 30], [20, 40, 60]))
+    b = cs.summarise(_compare_result(1, 22.0, 20.0, 18.0, [10, 20, 30], [10, 20, 30]))
+    assert a["fid"]["FM Euler 8, optimal grid"] == 16.0 and a["fid"]["FM midpoint 4 (NFE 8)"] is None
+    # seed 0: only FM Euler 8 reaches DDPM; seed 1: only the reflow row, at half the NFE
+    assert a["first_reaching"].startswith("fm euler 8") and a["speedup"] == pytest.approx(120.0)
+    assert b["first_reaching"].startswith("fm+reflow euler 4") and b["speedup"] == pytest.approx(200.0)
+    # F1 curves reach 0.89 at their last point: FM 30 s, DDPM 60 s (seed 0), equal (seed 1)
+    assert a["time"]["probe_f1"] == pytest.approx(0.5) and b["time"]["probe_f1"] == pytest.approx(1.0)
+    md = cs.table([a, b]).splitlines()
+    assert md[2].startswith("| 0 | 20.0 | 16.0 | - | 25.0 |")
+    assert "| mean ± sd (2 runs) | 20.0 ± 0.0 | 19.0 ± 4.2 |" in md[4]
+    assert md[-1] == "| 1 | fm+reflow euler 4 (optimal), NFE 4 | 200 |"
