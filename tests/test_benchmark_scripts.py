@@ -52,7 +52,7 @@ def test_ablation_table_means_sds_and_changes():
 def _compare_result(seed, fm_fid, ddpm_fid, reflow_fid, fm_curve_s, ddpm_curve_s):
     """A compare results.json reduced to what compare_seeds reads."""
     def row(method, steps, grid, fid, nfe, ms):
-        return {"method": method, "steps": steps, "grid": grid, "seed": 0, "fid": fid, "nfe": nfe,
+        return {"method": method, "steps": steps, "grid": grid, "seed": seed, "fid": fid, "nfe": nfe,
                 "ms_per_sample": ms, "recon_mse": 0.4}
 
     def curve(seconds, final_f1, final_fid):
@@ -83,4 +83,4 @@ def test_compare_seeds_reads_fixed_settings_and_spreads():
     md = cs.table([a, b]).splitlines()
     assert md[2].startswith("| 0 | 20.0 | 16.0 | - | 25.0 |")
     assert "| mean ± sd (2 runs) | 20.0 ± 0.0 | 19.0 ± 4.2 |" in md[4]
-    assert md[-1] == "| 1 | fm+reflow euler 4 (optimal), NFE 4 | 200 |"
+    assert md[-1] == "| 1 | fm+reflow euler 4 (optimal), NFE 4 | 200 | - | - | - | - |"
