@@ -45,6 +45,11 @@ VARIANTS = {
     "no augmentation": ({}, {"augment": AugmentConfig(enabled=False)}, False),
     "stronger augmentation": ({}, {"augment": AugmentConfig(max_angle_deg=60.0, scale_low=0.6, scale_high=1.4,
                                                              jitter_std=0.1)}, False),
+    "generator rebuilds the augmented window": ({}, {"augment": AugmentConfig(target="augmented")}, False),
+    "z from 4 time segments": ({"encoder": dataclasses.replace(BASE_ENCODER, pool_segments=4)}, {}, False),
+    "z from 8 time segments": ({"encoder": dataclasses.replace(BASE_ENCODER, pool_segments=8)}, {}, False),
+    "no augmentation, z from 8 time segments": ({"encoder": dataclasses.replace(BASE_ENCODER, pool_segments=8)},
+                                                {"augment": AugmentConfig(enabled=False)}, False),
 }
 
 
@@ -118,14 +123,13 @@ def _cell(xs) -> str:
 def table(results: dict, steps: int, seeds, draws: int) -> str:
     """Markdown: one row per variant, mean ± sd over seeds (100 %) and over seeds x draws (k/class)."""
     cols = ["100%", *[f"{k}/class" for k in PER_CLASS]]
-    base = results["baseline (demo recipe)"]
+    base = results.get("baseline (demo recipe)")
     lines = [f"| variant | runs | probe, all labels | " + " | ".join(f"probe, {k} per class" for k in PER_CLASS)
              + " | change vs baseline (all labels) | recon MSE, 8 steps |", "|---" * (5 + len(PER_CLASS)) + "|"]
     for name, scores in results.items():
         n = len(scores["100%"])
-        delta = np.mean(scores["100%"]) - np.mean(base["100%"])
-        lines.append(f"| {name} | {n} | " + " | ".join(_cell(scores[c]) for c in cols)
-                     + f" | {'-' if scores is base else f'{delta:+.3f}'} | "
+        delta = "-" if base is None or scores is base else f"{np.mean(scores['100%']) - np.mean(base['100%']):+.3f}"
+        lines.append(f"| {name} | {n} | " + " | ".join(_cell(scores[c]) for c in cols) + f" | {delta} | "
                      + (_cell(scores["recon"]) if "recon" in scores else "-") + " |")
     return "\n".join(lines)
 

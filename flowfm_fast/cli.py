@@ -61,7 +61,7 @@ def cmd_pretrain(a) -> int:
         raise DataError(f"{a.data}: windows of shape {b.pretrain.x.shape[1:]} do not fit --config {a.config}: {exc}") from None
     tc = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, ema_decay=a.ema, seed=a.seed,
                      warmup_steps=min(a.warmup, max(1, a.steps // 10)), ckpt_every=a.ckpt_every, log_every=a.log_every,
-                     max_minutes=a.max_minutes, augment=AugmentConfig(enabled=not a.no_augment))
+                     max_minutes=a.max_minutes, augment=AugmentConfig(enabled=not a.no_augment, target=a.augment_target))
     # Under torchrun (WORLD_SIZE > 1) every process joins one DDP group; alone, nothing changes.
     device, joined = init_from_env(_device(a.device))
     world = current_world()
@@ -264,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--log-every", type=int, default=25, help="steps between metrics.jsonl records")
     q.add_argument("--max-minutes", type=float, default=None)
     q.add_argument("--no-augment", action="store_true")
+    q.add_argument("--augment-target", choices=AugmentConfig.TARGETS, default="clean",
+                   help="what the generator rebuilds: the clean window (z ignores the augmented pose) or the "
+                        "augmented window the encoder saw (z keeps it: better reconstructions)")
     q.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     q.add_argument("--cuda-graph", action="store_true",
                    help="CUDA, one process: capture the whole training step once as a CUDA graph and replay it")

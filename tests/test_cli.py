@@ -134,6 +134,22 @@ def test_pretrain_resume_with_another_config_is_refused(run_dir, tmp_path):
     assert sorted(p.name for p in (d / "checkpoints").iterdir()) == before
 
 
+def test_pretrain_augment_target_reaches_the_checkpoint_and_is_checked_on_resume(run_dir, tmp_path):
+    d = tmp_path / "aug"
+    rc, out, err = run_cli(*PRETRAIN, "--steps", 2, "--augment-target", "augmented", "--out", d)
+    assert rc == 0, err
+    state = json.loads((d / "checkpoints" / "step_00000002" / "state.json").read_text())
+    assert state["train_config"]["augment"]["target"] == "augmented"
+    # the run made with the default target refuses to resume under the other one
+    rc, out, err = run_cli(*PRETRAIN, "--steps", 30, "--augment-target", "augmented",
+                           "--out", _copy_run(run_dir, tmp_path), "--resume")
+    assert rc == 2 and "augment" in err
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exc:
+        main([*PRETRAIN, "--augment-target", "noisy", "--out", str(tmp_path / "bad")])
+    assert exc.value.code == 2 and "--augment-target" in err.getvalue()
+
+
 def test_probe_prints_macro_f1(run_dir):
     rc, out, err = run_cli("probe", "--ckpt", run_dir, "--data", "synthetic", "--label-fraction", "1.0", "0.1",
                            "--seeds", 2, "--device", "cpu")

@@ -67,6 +67,34 @@ def test_other_channel_counts_and_lengths(velocity):
     assert model.velocity(x, torch.full((3,), 0.3), z).shape == (3, 6, 40)
 
 
+@pytest.mark.parametrize("segments", [1, 3, 4])
+def test_encoder_segment_pooling(segments):
+    """z = head(means of the final feature map over equal time segments, channel-major); one segment
+    is global average pooling, i.e. head(features(x))."""
+    cfg = dataclasses.replace(tiny().encoder, pool_segments=segments)
+    torch.manual_seed(0)
+    enc = perturb_(ResNet1DEncoder(3, cfg)).eval()
+    x = randn(4, 3, L)
+    h = enc.out_norm(enc.blocks(enc.stem(x)))        # (B, C, L'); L' = 30 divides into 1, 3 segments
+    if h.shape[-1] % segments == 0:
+        means = torch.stack([c.mean(-1) for c in h.chunk(segments, dim=-1)], dim=-1)   # (B, C, S)
+        torch.testing.assert_close(enc(x), enc.head(means.flatten(1)))
+    else:                                            # 30 into 4: adaptive pooling's overlapping bins
+        assert enc(x).shape == (4, cfg.z_dim)
+    if segments == 1:
+        torch.testing.assert_close(enc(x), enc.head(enc.features(x)))
+    else:
+        assert enc.head.in_features == segments * h.shape[1]
+
+
+def test_encoder_pool_segments_validated_and_defaulted():
+    with pytest.raises(ValueError, match="pool_segments"):
+        tiny(encoder=dataclasses.replace(tiny().encoder, pool_segments=0)).validate()
+    d = tiny().to_dict()
+    del d["encoder"]["pool_segments"]   # a checkpoint written before the option existed
+    assert FlowFMConfig.from_dict(d).encoder.pool_segments == 1
+
+
 def test_velocity_is_zero_at_init_and_depends_on_z_after_perturbation():
     """adaLN-Zero / zero output layers: v == 0 at init. Once weights move, v depends on x, t and z."""
     for velocity in VELOCITIES:

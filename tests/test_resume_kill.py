@@ -210,7 +210,8 @@ def test_step_directory_missing_a_file_raises(uninterrupted, tmp_path):
 
 
 @pytest.mark.parametrize("other", [dict(seed=1), dict(batch_size=8), dict(ema_decay=0.0),
-                                   dict(augment=dict(enabled=False))], ids=lambda d: next(iter(d)))
+                                   dict(augment=dict(enabled=False)), dict(augment=dict(target="augmented"))],
+                         ids=["seed", "batch_size", "ema_decay", "augment", "augment_target"])
 def test_resume_with_other_training_config_raises(data, uninterrupted, tmp_path, other):
     import dataclasses
     import shutil
@@ -223,6 +224,19 @@ def test_resume_with_other_training_config_raises(data, uninterrupted, tmp_path,
     field = next(iter(other))
     with pytest.raises(CheckpointError, match=f"another training config \\({field}: checkpoint"):
         train_flowfm(model_cfg(), X, cfg, tmp_path / "run", std, resume=True, progress=False)
+
+
+def test_resume_of_a_checkpoint_older_than_an_augment_field(data, uninterrupted, tmp_path):
+    """state.json written before AugmentConfig grew ``target``: the missing field takes its default."""
+    import shutil
+    X, std = data
+    shutil.copytree(uninterrupted, tmp_path / "run")
+    state_path = find_checkpoint(tmp_path / "run") / ckpt_mod.STATE
+    state = json.loads(state_path.read_text())
+    del state["train_config"]["augment"]["target"]
+    state_path.write_text(json.dumps(state))
+    r = train_flowfm(model_cfg(), X, train_cfg(steps=16), tmp_path / "run", std, resume=True, progress=False)
+    assert r.step == 16
 
 
 @pytest.mark.parametrize("change", ["fewer", "reordered", "other_file"])

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from flowfm_fast.data import AugmentConfig, augment, random_rotations
-from flowfm_fast.train import (CheckpointError, TrainConfig, batch_indices, find_checkpoint, load_trained,
-                               lr_factor, read_checkpoint, train_flowfm)
+from flowfm_fast.train import (CheckpointError, TrainConfig, batch_indices, build_model, find_checkpoint,
+                               load_trained, lr_factor, read_checkpoint, train_flowfm)
+from flowfm_fast.train.loop import make_step
 from tiny_training import model_cfg, synthetic_windows
 
 
@@ -401,6 +402,40 @@ def test_augment_scale_only(aug_inputs):
     torch.testing.assert_close(raw_out, s[:, None, None] * raw_in, atol=1e-4, rtol=1e-5)
     assert float(s.min()) >= 0.5 - 1e-5 and float(s.max()) <= 2.0 + 1e-5
     assert float(s.max() - s.min()) > 0.1   # windows get different factors
+
+
+@pytest.mark.parametrize("kw", [dict(target="noisy"), dict(max_angle_deg=-1.0), dict(max_angle_deg=200.0),
+                                dict(scale_low=0.0), dict(scale_low=1.2, scale_high=1.1), dict(jitter_std=-0.1)],
+                         ids=lambda d: next(iter(d)))
+def test_augment_config_validation(kw):
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        AugmentConfig(**kw)
+
+
+@pytest.mark.parametrize("target", ["clean", "augmented"])
+def test_augment_target_is_what_the_generator_rebuilds(data, target):
+    """The step hands the loss (generator target, encoder input): the clean window and its augmented
+    copy by default, the augmented copy twice with target="augmented"."""
+    X, std = data
+    model = build_model(model_cfg(), 0)
+    seen = []
+
+    def loss_fn(x1, x_enc, gen):
+        seen.append((x1.clone(), x_enc.clone()))
+        return sum(p.sum() for p in model.parameters()) * 0.0 + (x_enc - x1).square().mean()
+
+    cfg = train_cfg(augment=AugmentConfig(target=target))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    step = make_step(loss_fn, model, opt, None, cfg, torch.Generator().manual_seed(0), torch.zeros(3),
+                     torch.ones(3), torch.device("cpu"))
+    x1 = torch.from_numpy(X[:8]).float()
+    loss, _ = step(x1)
+    target_seen, enc_seen = seen[0]
+    assert not torch.allclose(enc_seen, x1, atol=1e-3)   # the encoder sees an augmented copy
+    if target == "clean":
+        assert torch.equal(target_seen, x1) and float(loss) > 1e-4
+    else:
+        assert torch.equal(target_seen, enc_seen) and float(loss) == 0.0
 
 
 def test_augment_six_channels_and_non_triads():

@@ -1,6 +1,11 @@
 """Encoder-side augmentation of x1: random 3-D rotation (each xyz triad, one rotation per
 window), amplitude scaling and jitter. Rotation acts on physical units, so standardised windows
-are mapped back, rotated and re-standardised. The generator's target stays the clean window."""
+are mapped back, rotated and re-standardised.
+
+What the generator rebuilds is a choice (``target``): the clean window (the default, FlowFM's
+recipe: z must ignore the pose the augmentation changed, which is what makes it a good feature for
+recognising activities) or the augmented window the encoder saw (z must then keep the pose, which
+is what a faithful reconstruction x -> z -> x needs)."""
 from __future__ import annotations
 
 import math
@@ -16,6 +21,20 @@ class AugmentConfig:
     scale_high: float = 1.2
     jitter_std: float = 0.05
     enabled: bool = True
+    target: str = "clean"   # what the generator rebuilds: "clean" x1 or the "augmented" window
+
+    TARGETS = ("clean", "augmented")
+
+    def __post_init__(self):
+        if self.target not in self.TARGETS:
+            raise ValueError(f"augment target must be one of {self.TARGETS}, got {self.target!r}")
+        if not 0.0 <= self.max_angle_deg <= 180.0:
+            raise ValueError(f"max_angle_deg must lie in [0, 180], got {self.max_angle_deg}")
+        if not 0.0 < self.scale_low <= self.scale_high:
+            raise ValueError(f"scale_low / scale_high must satisfy 0 < scale_low <= scale_high, "
+                             f"got {self.scale_low} / {self.scale_high}")
+        if not self.jitter_std >= 0.0:
+            raise ValueError(f"jitter_std must be >= 0, got {self.jitter_std}")
 
 
 def random_rotations(n: int, max_angle: float, generator=None, device=None) -> torch.Tensor:

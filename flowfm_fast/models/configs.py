@@ -13,6 +13,9 @@ class EncoderConfig:
     blocks_per_stage: int = 1
     kernel_size: int = 5
     z_dim: int = 128
+    # z = head(features averaged over this many equal time segments): 1 is global average pooling
+    # (shift-invariant, z forgets where in the window things happen); more keeps coarse timing
+    pool_segments: int = 1
 
 
 @dataclass
@@ -70,6 +73,8 @@ class FlowFMConfig:
             raise ValueError(f"coupling_eps must be > 0, got {self.coupling_eps}")
         if not 0 < self.coupling_target_r < 1:
             raise ValueError(f"coupling_target_r must lie in (0, 1), got {self.coupling_target_r}")
+        if self.encoder.pool_segments < 1:
+            raise ValueError(f"encoder.pool_segments must be >= 1, got {self.encoder.pool_segments}")
         if self.diffusion_steps < 1:
             raise ValueError(f"diffusion_steps must be >= 1, got {self.diffusion_steps}")
         if self.channels < 1 or self.length < 1:

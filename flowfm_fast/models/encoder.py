@@ -1,9 +1,11 @@
 """SSL-Wearables-style 1-D ResNet encoder: pre-activation residual blocks (k = 5), a stride-2
-downsampling at the start of every stage after the first, global average pooling, E(x) -> z."""
+downsampling at the start of every stage after the first, global average pooling (or averages over
+``pool_segments`` equal time segments, which keep coarse timing), E(x) -> z."""
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..nn import BatchNorm1d
 from ..nvtx import nvtx_range
@@ -45,14 +47,19 @@ class ResNet1DEncoder(nn.Module):
                 c = w
         self.blocks = nn.Sequential(*blocks)
         self.out_norm = BatchNorm1d(c, act="relu")
-        self.head = nn.Linear(c, cfg.z_dim)
+        self.segments = cfg.pool_segments
+        self.head = nn.Linear(c * self.segments, cfg.z_dim)
         self.z_dim = cfg.z_dim
 
+    def _feature_map(self, x):
+        return self.out_norm(self.blocks(self.stem(x)))
+
     def features(self, x):
-        """Pooled pre-projection features (B, widths[-1])."""
-        h = self.blocks(self.stem(x))
-        return self.out_norm(h).mean(dim=-1)
+        """Globally pooled pre-projection features (B, widths[-1])."""
+        return self._feature_map(x).mean(dim=-1)
 
     def forward(self, x):
         with nvtx_range("encoder"):
-            return self.head(self.features(x))
+            h = self._feature_map(x)
+            pooled = h.mean(dim=-1) if self.segments == 1 else F.adaptive_avg_pool1d(h, self.segments).flatten(1)
+            return self.head(pooled)

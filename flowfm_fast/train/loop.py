@@ -196,6 +196,8 @@ def _check_resume_config(state: dict, model_cfg: FlowFMConfig, cfg: TrainConfig,
     if not isinstance(saved, dict):
         raise CheckpointError(f"{where}: state.json lacks the training config")
     now = cfg.to_dict()
+    if isinstance(saved.get("augment"), dict):   # fields added since (e.g. target) take their defaults
+        saved = {**saved, "augment": {**dataclasses.asdict(AugmentConfig()), **saved["augment"]}}
     differ = [k for k in TrainConfig.RESUME_FIELDS if k in saved and saved[k] != now[k]]
     if differ:
         diffs = ", ".join(f"{k}: checkpoint {saved[k]!r}, now {now[k]!r}" for k in differ)
@@ -232,11 +234,13 @@ def make_step(loss_fn, model: FlowFM, opt: torch.optim.Optimizer, ema: FlowFM | 
     params = list(model.parameters())
     ema_pairs = None if ema is None else (list(ema.parameters()), params, list(ema.buffers()), list(model.buffers()))
 
+    rebuild_augmented = cfg.augment.enabled and cfg.augment.target == "augmented"
+
     def step(x1: torch.Tensor, share: float = 1.0):
         x_enc = augment(x1, mean, std, cfg.augment, gen)
         with _cudnn_autotuned():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp, cache_enabled=not captured):
-                loss = loss_fn(x1, x_enc, gen)
+                loss = loss_fn(x_enc if rebuild_augmented else x1, x_enc, gen)
             opt.zero_grad(set_to_none=True)
             with nvtx_range("train.backward"):
                 (loss * share if share != 1 else loss).backward()
