@@ -217,6 +217,8 @@ def cmd_compare(a) -> int:
         kw["grid_steps"] = ()
     if a.no_ddpm_clip:
         kw["ddpm_clip"] = False
+    if a.no_augment:
+        kw["augment"] = False
     cfg = (CompareConfig.quick(**kw) if a.quick else CompareConfig(**kw)).validate()
     data = a.data or ("synthetic" if a.quick else "hapt")
     report = run_compare(Path(a.out), data, cfg, _device(a.device), progress=not (a.quick or a.quiet))
@@ -358,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ema", type=float, default=None, help="EMA decay of both runs (default 0.999; 0 = off)")
     q.add_argument("--no-ddpm-clip", action="store_true",
                    help="do not clip DDPM's predicted clean window to the training data's range")
+    q.add_argument("--no-augment", action="store_true",
+                   help="train every variant without encoder-side augmentation (z keeps the pose: better "
+                        "reconstructions, a slightly weaker probe)")
     q.add_argument("--quick", action="store_true", help="tiny config, synthetic data, few steps (for tests)")
     q.add_argument("--seed", type=int, default=None)
     q.add_argument("--out", default="runs/compare")

@@ -7,6 +7,8 @@ DDPM (:mod:`flowfm_fast.models.diffusion`); everything else (training loop, augm
 checkpoints, evaluation) is shared."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -122,9 +124,21 @@ class FlowFM(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, steps: int | None = 8, method: str | None = None, generator=None,
-                    graph: bool | None = None, clip_x0: float | None = None, grid=None, spacing: str | None = None):
-        """x -> z = E(x) -> K-step sample (``method`` None: euler, or ddim for a ddpm model)."""
-        return self.sample(self.encode(x), steps, method, generator=generator, graph=graph, clip_x0=clip_x0,
+                    graph: bool | None = None, clip_x0: float | None = None, grid=None, spacing: str | None = None,
+                    temperature: float = 1.0):
+        """x -> z = E(x) -> K-step sample (``method`` None: euler, or ddim for a ddpm model).
+
+        ``temperature`` scales the starting noise: 1 draws a sample of p(x | z) (its expected
+        squared error is twice Var(x | z) plus the bias), 0 integrates from x0 = 0, a deterministic
+        reconstruction near E[x | z] (the diffusion-autoencoder reading). The ancestral ddpm sampler
+        still adds its per-step noise."""
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        z = self.encode(x)
+        x0 = None
+        if temperature != 1.0:
+            x0 = temperature * torch.randn(x.shape, device=z.device, dtype=z.dtype, generator=generator)
+        return self.sample(z, steps, method, x0=x0, generator=generator, graph=graph, clip_x0=clip_x0,
                            grid=grid, spacing=spacing)
 
     @torch.no_grad()
