@@ -79,6 +79,8 @@ def summarise(res: dict) -> dict:
         "probe_fm": res["variants"]["fm"]["final_probe_f1"],
         "probe_ddpm": res["variants"]["ddpm"]["final_probe_f1"],
         "recon_8": (res.get("best_recon_8_steps") or {}).get("recon_mse"),
+        # absent in runs made before compare measured it
+        "recon_8_deterministic": (res.get("recon_deterministic_8_steps") or {}).get("fm"),
         "time": time_ratios(res),
     }
 
@@ -101,7 +103,7 @@ def table(runs: list[dict]) -> str:
     cols = [label for label, *_ in SETTINGS]
     head = (["training seed"] + [f"FID, {c}" for c in cols]
             + ["best FID at NFE <= 8", "FM probe F1", "DDPM probe F1", "recon MSE, 8 steps",
-               "time to probe F1, FM / DDPM", "time to FID, FM / DDPM"])
+               "recon MSE, 8 steps from x0 = 0 (FM)", "time to probe F1, FM / DDPM", "time to FID, FM / DDPM"])
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
 
     def cells(get, spec):
@@ -110,6 +112,7 @@ def table(runs: list[dict]) -> str:
     columns = ([cells(lambda r, c=c: r["fid"][c], ".1f") for c in cols]
                + [cells(lambda r: r["best_few"], ".1f"), cells(lambda r: r["probe_fm"], ".3f"),
                   cells(lambda r: r["probe_ddpm"], ".3f"), cells(lambda r: r["recon_8"], ".3f"),
+                  cells(lambda r: r["recon_8_deterministic"], ".3f"),
                   cells(lambda r: r["time"]["probe_f1"], ".2f"), cells(lambda r: r["time"]["fid"], ".2f")])
     for i, r in enumerate(runs):
         lines.append(f"| {r['seed']} | " + " | ".join(_f(vals[i], spec) for vals, spec in columns) + " |")

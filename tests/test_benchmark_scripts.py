@@ -85,3 +85,10 @@ def test_compare_seeds_reads_fixed_settings_and_spreads():
     assert md[2].startswith("| 0 | 20.0 | 16.0 | - | 25.0 |")
     assert "| mean ± sd (2 runs) | 20.0 ± 0.0 | 19.0 ± 4.2 |" in md[4]
     assert md[-1] == "| 1 | fm+reflow euler 4 (optimal), NFE 4 | 200 | - | - | - | - |"
+    # the deterministic reconstruction column: "-" for runs made before compare measured it
+    assert a["recon_8_deterministic"] is None
+    c = cs.summarise({**_compare_result(2, 16.0, 20.0, 25.0, [10], [10]),
+                      "recon_deterministic_8_steps": {"fm": 0.125, "fm+reflow": 0.2}})
+    assert c["recon_8_deterministic"] == 0.125
+    row = cs.table([a, c]).splitlines()[3].split(" | ")
+    assert row[-3] == "0.125" and cs.table([a]).splitlines()[2].split(" | ")[-3] == "-"

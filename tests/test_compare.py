@@ -77,6 +77,21 @@ def test_quick_compare_results_are_finite_and_consistent(quick_run):
     # The synthetic classes are easy: the judge must recognise them, and real-vs-real FID must be small.
     assert res["feature_classifier"]["test_macro_f1"] > 0.8
     assert res["speedup"]["vs_ddpm"]["speedup"] > 0
+    # the deterministic 8-step reconstruction of every FM model, and the augmentation used
+    det = res["recon_deterministic_8_steps"]
+    assert set(det) == {"fm", "fm-ot", "fm+reflow"} and all(math.isfinite(v) and v > 0 for v in det.values())
+    assert res["config"]["augment"] is True
+    assert "| the same, deterministic (x0 = 0, uniform grid) |" in (quick_run / "report.md").read_text()
+
+
+def test_compare_no_augment_reaches_every_training_run(tmp_path):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--quick", "--no-augment", "--couplings", "independent", "--reflow-steps", "0",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    assert json.loads((out / "results.json").read_text())["config"]["augment"] is False
+    for run in ("train_fm", "train_ddpm"):
+        states = sorted((out / run / "checkpoints").glob("step_*/state.json"))
+        assert json.loads(states[-1].read_text())["train_config"]["augment"]["enabled"] is False
 
 
 def test_eval_steps_and_first_nfe():

@@ -110,20 +110,21 @@ def test_feature_classifier_trains_saves_and_loads(synthetic, tmp_path):
 
 
 class Identity(torch.nn.Module):
-    """A 'model' whose reconstruction is x + delta: the error must be delta^2."""
+    """A 'model' whose reconstruction is x + temperature * delta: the error must be (temperature * delta)^2."""
 
     def __init__(self, delta):
         super().__init__()
         self.p = torch.nn.Parameter(torch.zeros(1))
         self.delta = delta
 
-    def reconstruct(self, x, steps, method=None, generator=None):
-        return x + self.delta
+    def reconstruct(self, x, steps, method=None, generator=None, temperature=1.0):
+        return x + temperature * self.delta
 
 
 def test_reconstruction_error_known_value():
     x = np.random.default_rng(0).standard_normal((10, 3, 20)).astype(np.float32)
     assert reconstruction_error(Identity(0.5), x, 4, batch=3) == pytest.approx(0.25, rel=1e-6)
+    assert reconstruction_error(Identity(0.5), x, 4, batch=3, temperature=0.5) == pytest.approx(0.0625, rel=1e-6)
 
 
 def test_reconstruction_error_of_models_is_finite():

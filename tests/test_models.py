@@ -235,6 +235,24 @@ def test_sample_and_reconstruct_shapes_and_determinism(velocity):
     torch.testing.assert_close(r1, r3)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.5, 1.0, 2.0])
+def test_reconstruct_temperature_scales_the_starting_noise(temperature):
+    model = make_model("dit").eval()
+    x = randn(3, 3, L, seed=13)
+    r = model.reconstruct(x, steps=3, generator=torch.Generator().manual_seed(5), temperature=temperature)
+    x0 = torch.randn(3, 3, L, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(r, model.sample(model.encode(x), steps=3, x0=temperature * x0))
+    if temperature == 0.0:   # deterministic: no draw matters
+        torch.testing.assert_close(r, model.reconstruct(x, steps=3, generator=torch.Generator().manual_seed(6),
+                                                        temperature=0.0))
+
+
+@pytest.mark.parametrize("temperature", [-0.1, float("nan"), float("inf"), "1"])
+def test_reconstruct_rejects_bad_temperature(temperature):
+    with pytest.raises(ValueError, match="temperature"):
+        make_model("dit").eval().reconstruct(randn(2, 3, L), steps=2, temperature=temperature)
+
+
 def test_sample_rejects_bad_z():
     model = make_model("dit").eval()
     with pytest.raises(ValueError, match="z"):

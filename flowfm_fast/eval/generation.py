@@ -214,15 +214,16 @@ def sensor_fid(clf: FeatureClassifier, real: np.ndarray, generated: np.ndarray) 
 
 
 def reconstruction_error(model, x: np.ndarray | torch.Tensor, steps: int | None, method: str | None = None,
-                         seed: int = 0, batch: int = 256) -> float:
-    """MSE of x -> z = E(x) -> K-step sample, in the windows' (standardised) units."""
+                         seed: int = 0, batch: int = 256, temperature: float = 1.0) -> float:
+    """MSE of x -> z = E(x) -> K-step sample, in the windows' (standardised) units; ``temperature``
+    scales the starting noise (0: the deterministic reconstruction, see ``FlowFM.reconstruct``)."""
     dev = next(model.parameters()).device
     x = torch.as_tensor(x, dtype=torch.float32)
     gen = torch.Generator(device=dev).manual_seed(seed)
     err, n = 0.0, 0
     for i in range(0, len(x), batch):
         xb = x[i:i + batch].to(dev)
-        r = model.reconstruct(xb, steps, method, generator=gen)
+        r = model.reconstruct(xb, steps, method, generator=gen, temperature=temperature)
         err += float(((r - xb) ** 2).sum())
         n += xb.numel()
     return err / n
