@@ -228,3 +228,36 @@ def test_v_target_and_loss_switch():
     torch.testing.assert_close(loss, want)
     with pytest.raises(ValueError, match="prediction must be one of"):
         ddim_sample(lambda x, t, z: x, torch.zeros(1, 1), torch.zeros(1, 2, 3), sch, 2, prediction="x0")
+
+
+class _OptimalVelocityNet(torch.nn.Module):
+    """The closed-form velocity of N(mu, S) behind FlowFM's velocity interface (z is ignored: the
+    data does not depend on it, so E[x | z] = mu and Var(x | z) = S)."""
+
+    def __init__(self, mu, S):
+        super().__init__()
+        self.v = optimal_velocity(mu, S, s=0.0)
+
+    def forward(self, x, t, z):
+        return self.v(x.double(), t.double()).to(x.dtype)
+
+
+def test_reconstruct_temperature_zero_is_the_conditional_mean_and_one_a_sample():
+    """With the optimal velocity, a reconstruction from x0 = 0 is E[x | z] = mu for every window
+    (the flow maps 0 to the mean), so its squared error is the data's variance tr(S) / D; one
+    from x0 ~ N(0, I) is an independent draw of N(mu, S), whose error is twice that."""
+    from flowfm_fast.models import FlowFM, get_config
+    mu, S = _gaussian()
+    model = FlowFM(get_config("tiny", channels=C, length=L, velocity="resnet")).eval()
+    model.velocity = _OptimalVelocityNet(mu, S)
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    x = (mu + torch.randn(n, D, dtype=torch.float64, generator=g) @ torch.linalg.cholesky(S).T).float()
+    x = x.reshape(n, C, L)
+    r0 = model.reconstruct(x, 8, "rk4", temperature=0.0, generator=g)
+    assert float((r0.reshape(n, D).double() - mu).abs().max()) < 1e-3
+    var = float(torch.trace(S)) / D
+    mse0 = float(((r0 - x) ** 2).mean())
+    mse1 = float(((model.reconstruct(x, 8, "rk4", generator=g) - x) ** 2).mean())
+    assert mse0 == pytest.approx(var, rel=0.03)
+    assert mse1 == pytest.approx(2 * var, rel=0.03)
