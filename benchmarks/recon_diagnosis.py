@@ -1,12 +1,14 @@
 """Where the reconstruction error of x -> z -> K-step sample comes from, per activity.
 
-The bar of issue 16 is the mean squared error of one reconstruction (fresh noise x0 ~ N(0, I),
-8 Euler steps) in standardised units. For a sample drawn from p(x | z) independently of x, that
-error is twice the conditional variance Var(x | z) plus the squared bias, so it says how much of a
-window z pins down. This script separates the parts on held-out HAPT windows:
+Issue 16's bar is the mean squared error of a reconstruction x -> z -> 8 Euler steps in
+standardised units. Started from fresh noise x0 ~ N(0, I), it is a draw from p(x | z) independent
+of x, whose error is twice the conditional variance Var(x | z) plus the squared bias; started from
+x0 = 0 (deterministic), it lands near E[x | z] and errs by about Var(x | z) plus the bias. Either
+way it says how much of a window z pins down. This script separates the parts on held-out HAPT
+windows:
 
-- the bar's number (noise temperature 1) and the same solve from scaled noise (0.5, 0: the
-  deterministic "mode" path);
+- one reconstruction from noise (temperature 1) and the same solve from scaled noise (0.5, and 0:
+  the deterministic solve);
 - the mean of ``--draws`` reconstructions (an estimate of E[x | z]: what z alone determines);
 - Var(x | z) estimated from those draws;
 - the error after the best time shift within +-``--max-shift`` samples (how much is lost phase);
@@ -54,9 +56,9 @@ def diagnose(ckpt, steps: int = 8, draws: int = 8, max_shift: int = 60, seed: in
                                      for _ in range(draws - 1)])
     mean = many.mean(0)
     rows = {
-        "one reconstruction, noise temperature 1 (the bar)": per_window(one[1.0], x),
+        "one reconstruction, noise temperature 1 (a draw of p(x given z))": per_window(one[1.0], x),
         "one reconstruction, temperature 0.5": per_window(one[0.5], x),
-        "one reconstruction, temperature 0": per_window(one[0.0], x),
+        "one reconstruction, temperature 0 (deterministic, from x0 = 0)": per_window(one[0.0], x),
         f"mean of {draws} reconstructions (an estimate of E[x given z])": per_window(mean, x),
         f"temperature 1, best shift within +-{max_shift} samples": best_shift(one[1.0], x, max_shift),
         f"Var(x given z) from {draws} draws": ((many - mean) ** 2).mean(dim=(0, 2, 3)) * draws / (draws - 1),
