@@ -4,10 +4,10 @@ Each trained variant is the demo's pretraining recipe (``small``, B = 64, lr 1e-
 encoder-side augmentation, logit-normal t) with one thing changed, trained for ``--steps`` steps
 with every ``--seeds`` seed, then probed on held-out subjects: linear probe with all labels, and
 with 1 and 5 labelled windows per class (``--draws`` draws each), and its reconstruction error
-(x -> z -> 8 Euler steps, every test window). Rows read the raw weights; three rows need no
-training of their own: "EMA" probes the baseline run's EMA weights, "z from pooled features"
-probes the baseline encoder before its output projection, and "random-init" probes untrained
-encoders.
+(x -> z -> 8 Euler steps, every test window, from noise and from x0 = 0). Rows read the raw
+weights; three rows need no training of their own: "EMA" probes the baseline run's EMA weights,
+"z from pooled features" probes the baseline encoder before its output projection, and
+"random-init" probes untrained encoders.
 
     python benchmarks/ablate_encoder.py --out /tmp/ablate --steps 1000 --seeds 0 1
     python benchmarks/ablate_encoder.py --out /tmp/ablate --table benchmarks/results/ablate-encoder-avx2/README.md
@@ -72,7 +72,9 @@ def _scores(encoder, bundle, draws, model=None) -> dict:
         x = torch.from_numpy(bundle.test.x)
         with torch.no_grad():
             r = model.eval().reconstruct(x, 8, "euler", generator=torch.Generator().manual_seed(0))
+            r0 = model.reconstruct(x, 8, "euler", temperature=0.0)   # deterministic, from x0 = 0
         out["recon"] = [float(torch.mean((r - x) ** 2))]
+        out["recon_det"] = [float(torch.mean((r0 - x) ** 2))]
     return out
 
 
@@ -125,12 +127,13 @@ def table(results: dict, steps: int, seeds, draws: int) -> str:
     cols = ["100%", *[f"{k}/class" for k in PER_CLASS]]
     base = results.get("baseline (demo recipe)")
     lines = [f"| variant | runs | probe, all labels | " + " | ".join(f"probe, {k} per class" for k in PER_CLASS)
-             + " | change vs baseline (all labels) | recon MSE, 8 steps |", "|---" * (5 + len(PER_CLASS)) + "|"]
+             + " | change vs baseline (all labels) | recon MSE, 8 steps | recon MSE, 8 steps from x0 = 0 |",
+             "|---" * (6 + len(PER_CLASS)) + "|"]
     for name, scores in results.items():
         n = len(scores["100%"])
         delta = "-" if base is None or scores is base else f"{np.mean(scores['100%']) - np.mean(base['100%']):+.3f}"
         lines.append(f"| {name} | {n} | " + " | ".join(_cell(scores[c]) for c in cols) + f" | {delta} | "
-                     + (_cell(scores["recon"]) if "recon" in scores else "-") + " |")
+                     + " | ".join(_cell(scores[c]) if c in scores else "-" for c in ("recon", "recon_det")) + " |")
     return "\n".join(lines)
 
 

@@ -43,11 +43,13 @@ def test_ablation_table_means_sds_and_changes():
     results = {"baseline (demo recipe)": {"100%": [0.90, 0.92], **cols, "recon": [0.4, 0.6]},
                "other": {"100%": [0.95], **cols}}
     lines = ab.table(results, 10, [0, 1], 2).splitlines()
-    assert lines[2] == "| baseline (demo recipe) | 2 | 0.910 ± 0.014 | 0.600 ± 0.141 | 0.800 ± 0.000 | - | 0.500 ± 0.141 |"
-    assert lines[3] == "| other | 1 | 0.950 | 0.600 ± 0.141 | 0.800 ± 0.000 | +0.040 | - |"
+    assert lines[2] == "| baseline (demo recipe) | 2 | 0.910 ± 0.014 | 0.600 ± 0.141 | 0.800 ± 0.000 | - | 0.500 ± 0.141 | - |"
+    assert lines[3] == "| other | 1 | 0.950 | 0.600 ± 0.141 | 0.800 ± 0.000 | +0.040 | - | - |"
+    with_det = ab.table({"other": {**results["other"], "recon": [0.3], "recon_det": [0.125]}}, 10, [0], 2)
+    assert with_det.splitlines()[2].endswith("| 0.300 | 0.125 |")
     # without the baseline among the variants, the change column stays empty
     alone = ab.table({"other": results["other"]}, 10, [0], 2).splitlines()
-    assert alone[2] == "| other | 1 | 0.950 | 0.600 ± 0.141 | 0.800 ± 0.000 | - | - |"
+    assert alone[2] == "| other | 1 | 0.950 | 0.600 ± 0.141 | 0.800 ± 0.000 | - | - | - |"
 
 
 def _compare_result(seed, fm_fid, ddpm_fid, reflow_fid, fm_curve_s, ddpm_curve_s):
