@@ -506,7 +506,8 @@ def _report(res: dict, cfg: CompareConfig, data: str, bundle, plots: dict) -> st
          f"Machine: {res['machine']}.", "",
          f"Data: {data}; {len(bundle.pretrain)} pretraining windows, {len(bundle.train)} labelled train / "
          f"{len(bundle.test)} held-out test windows. Config `{cfg.config}` for every variant; same encoder, "
-         f"network, AdamW (lr {cfg.lr}, batch {cfg.batch_size}, EMA {cfg.ema}), augmentation and "
+         f"network, AdamW (lr {cfg.lr}, batch {cfg.batch_size}, EMA {cfg.ema}), "
+         f"{'encoder-side augmentation' if cfg.augment else 'no augmentation (--no-augment)'} and "
          f"{cfg.steps} steps each (one training seed). Generation metrics on {n_eval} held-out windows "
          f"(x -> z -> K-step sample). Total {res['total_seconds'] / 60:.1f} min.", "",
          f"DDPM counterpart: {cfg.ddpm_prediction}-prediction (section 5 says why), cosine schedule, T = 1000; "

@@ -81,7 +81,8 @@ def test_quick_compare_results_are_finite_and_consistent(quick_run):
     det = res["recon_deterministic_8_steps"]
     assert set(det) == {"fm", "fm-ot", "fm+reflow"} and all(math.isfinite(v) and v > 0 for v in det.values())
     assert res["config"]["augment"] is True
-    assert "| the same, deterministic (x0 = 0, uniform grid) |" in (quick_run / "report.md").read_text()
+    report = (quick_run / "report.md").read_text()
+    assert "| the same, deterministic (x0 = 0, uniform grid) |" in report and "encoder-side augmentation and" in report
 
 
 def test_compare_no_augment_reaches_every_training_run(tmp_path):
@@ -89,6 +90,7 @@ def test_compare_no_augment_reaches_every_training_run(tmp_path):
     assert main(["compare", "--quick", "--no-augment", "--couplings", "independent", "--reflow-steps", "0",
                  "--out", str(out), "--device", "cpu"]) == 0
     assert json.loads((out / "results.json").read_text())["config"]["augment"] is False
+    assert "no augmentation (--no-augment) and" in (out / "report.md").read_text()
     for run in ("train_fm", "train_ddpm"):
         states = sorted((out / run / "checkpoints").glob("step_*/state.json"))
         assert json.loads(states[-1].read_text())["train_config"]["augment"]["enabled"] is False
