@@ -267,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-minutes", type=float, default=None)
     q.add_argument("--no-augment", action="store_true")
     q.add_argument("--augment-target", choices=AugmentConfig.TARGETS, default="clean",
-                   help="what the generator rebuilds: the clean window (z ignores the augmented pose) or the "
-                        "augmented window the encoder saw (z keeps it: better reconstructions)")
+                   help="what the generator rebuilds: the clean window (z learns to ignore the augmented pose) "
+                        "or the augmented window the encoder saw (z keeps the pose; see docs/data.md)")
     q.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     q.add_argument("--cuda-graph", action="store_true",
                    help="CUDA, one process: capture the whole training step once as a CUDA graph and replay it")
