@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -89,10 +88,9 @@ def run_variant(name: str, seed: int, steps: int, out: Path, draws: int) -> dict
     bundle = load_bundle("hapt", gyro=gyro)
     tc = TrainConfig(steps=steps, batch_size=64, lr=1e-3, warmup_steps=100, ckpt_every=max(1, steps // 4),
                      seed=seed, ema_decay=0.999, **{"augment": AugmentConfig(), **train_over})
-    t = time.perf_counter()
     res = train_flowfm(cfg, bundle.pretrain.x, tc, run, bundle.standardizer, resume=True, device="cpu",
                        progress=True)
-    seconds = time.perf_counter() - t
+    seconds = res.seconds   # includes the time before a resume (from the checkpoint)
     # Every row reads the raw weights: an EMA of decay 0.999 still carries e^-1 of the random init
     # after 1,000 steps, so at these budgets it measures the average's lag, not the variant.
     rows = {name: _scores(res.model.encoder, bundle, draws, res.model)}
@@ -106,7 +104,8 @@ def run_variant(name: str, seed: int, steps: int, out: Path, draws: int) -> dict
 
 def random_init(seeds, out: Path, draws: int, gyro: bool) -> dict:
     """Scores of untrained ``small`` encoders (one per seed): the floor every pretrained row should clear."""
-    cached = out / f"random_init{'_gyro' if gyro else ''}.json"
+    # keyed by the seeds too: a later call with more seeds must not reuse a smaller call's rows
+    cached = out / f"random_init{'_gyro' if gyro else ''}_seeds{'-'.join(map(str, seeds))}.json"
     if cached.is_file():
         return json.loads(cached.read_text())
     bundle = load_bundle("hapt", gyro=gyro)
