@@ -116,7 +116,8 @@ def table(runs: list[dict]) -> str:
                   cells(lambda r: r["time"]["probe_f1"], ".2f"), cells(lambda r: r["time"]["fid"], ".2f")])
     for i, r in enumerate(runs):
         lines.append(f"| {r['seed']} | " + " | ".join(_f(vals[i], spec) for vals, spec in columns) + " |")
-    lines.append(f"| mean ± sd ({len(runs)} runs) | " + " | ".join(_ms(vals, spec) for vals, spec in columns) + " |")
+    n = f"{len(runs)} run{'s' if len(runs) != 1 else ''}"
+    lines.append(f"| mean ± sd ({n}) | " + " | ".join(_ms(vals, spec) for vals, spec in columns) + " |")
     lines += ["", "| training seed | first FM setting at NFE <= 8 reaching DDPM-1000 (sweep) | speedup per sample "
               "| compare's headline setting | its FID, mean of the sampling seeds | DDPM-1000's | speedup |",
               "|---|---|---|---|---|---|---|"]
