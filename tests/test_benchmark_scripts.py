@@ -52,7 +52,6 @@ def test_ablation_table_means_sds_and_changes():
     assert alone[2] == "| other | 1 | 0.950 | 0.600 ± 0.141 | 0.800 ± 0.000 | - | - | - |"
 
 
-
 def test_random_init_rows_follow_the_seeds(tmp_path, monkeypatch):
     # a later call with more seeds must score every seed, not reuse the first call's cached rows
     ab = _load("ablate_encoder")
@@ -62,6 +61,7 @@ def test_random_init_rows_follow_the_seeds(tmp_path, monkeypatch):
     assert ab.random_init([0], tmp_path, 1, gyro=False) == {"100%": [1000.0]}
     assert ab.random_init([0, 1], tmp_path, 1, gyro=False) == {"100%": [1000.0, 1001.0]}
     assert ab.random_init([0], tmp_path, 1, gyro=False) == {"100%": [1000.0]}   # cached, same seeds
+
 
 def _compare_result(seed, fm_fid, ddpm_fid, reflow_fid, fm_curve_s, ddpm_curve_s):
     """A compare results.json reduced to what compare_seeds reads."""
