@@ -105,3 +105,21 @@ def test_compare_seeds_reads_fixed_settings_and_spreads():
     assert c["recon_8_deterministic"] == 0.125
     row = cs.table([a, c]).splitlines()[3].split(" | ")
     assert row[-3] == "0.125" and cs.table([a]).splitlines()[2].split(" | ")[-3] == "-"
+
+
+def test_compare_cpu_variants_times_every_variant_and_restores_the_capability(capsys):
+    from flowfm_fast import _backend
+
+    cv = _load("compare_cpu_variants")
+    before, threads = _backend.cpu_capability(), torch.get_num_threads()
+    x = torch.randn(3, 5, requires_grad=True)
+    med = cv.time_case(lambda: (x * 2).sum(1), (x,), "fwd+bwd", 2, _backend.cpu_capabilities())
+    assert set(med) == {"reference", *_backend.cpu_capabilities()}
+    assert all(t > 0 for t in med.values())
+    cv.main(["--case", "norm_modulate", "--rounds", "1", "--threads", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| norm_modulate")]
+    assert len(rows) == 2 * len(cv.CASES["norm_modulate"])  # fwd and fwd+bwd of each shape
+    assert all(line.count("x)") == len(_backend.cpu_capabilities()) for line in rows)
+    assert (_backend.cpu_capability(), torch.get_num_threads()) == (before, threads)
+    with pytest.raises(SystemExit):
+        cv.main(["--rounds", "0"])

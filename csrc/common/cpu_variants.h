@@ -12,13 +12,17 @@
 // (COMDAT) function can be picked by the linker for code that runs on an AVX2 CPU, the hazard of
 // compiling whole translation units with different -m flags. The headers are parsed once, which
 // keeps the build to one torch-header unit per op.
+//
+// An op whose avx2 kernels measured faster than its avx512 ones on AVX-512 CPUs defines
+// FLOWFM_CPU_AVX512_RUNS_AVX2 before this include (the measurement named beside it): its avx512
+// variant is not compiled and AVX-512 CPUs run its avx2 one (the other ops keep their avx512 variant).
 #include "cpu_variants_config.h"
 
 #ifndef FLOWFM_CPU_KERNELS
 #error "define FLOWFM_CPU_KERNELS (the op's kernels header) before including cpu_variants.h"
 #endif
 
-#if FLOWFM_CPU_MULTI
+#if FLOWFM_CPU_MULTI && !defined(FLOWFM_CPU_AVX512_RUNS_AVX2)
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,prefer-vector-width=512")
 #define FLOWFM_CPU_AVX2 1
@@ -32,7 +36,9 @@ namespace {
 #undef FLOWFM_CPU_AVX2
 #undef FLOWFM_CPU_AVX512
 #pragma GCC pop_options
+#endif
 
+#if FLOWFM_CPU_MULTI
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #define FLOWFM_CPU_AVX2 1
@@ -46,6 +52,11 @@ namespace {
 #undef FLOWFM_CPU_AVX2
 #undef FLOWFM_CPU_AVX512
 #pragma GCC pop_options
+#ifdef FLOWFM_CPU_AVX512_RUNS_AVX2
+namespace flowfm::cpu {
+namespace avx512 = avx2;
+}  // namespace flowfm::cpu
+#endif
 #endif
 
 // The baseline: the command line's flags (x86-64 or aarch64 generic; the build machine's ISA when
@@ -77,3 +88,4 @@ namespace avx512 = generic;
 #endif
 
 #undef FLOWFM_CPU_KERNELS
+#undef FLOWFM_CPU_AVX512_RUNS_AVX2

@@ -54,7 +54,8 @@ FORWARD = KernelSpec("attention", "(Tensor q, Tensor k, Tensor v, bool need_prob
 # cpp: on one 2-core AVX-512 Xeon the avx2 variant (forced) beat the reference in all 6 rows
 # (1.06-1.35x, benchmarks/results/cpu-avx2-on-xeon-attention.md) and the avx512 variant ("cpu")
 # in fwd+bwd (cpu-avx512-xeon-attention.md); the default (SSE2) variant loses to the reference
-# (cpu-avx2-NOTES.md), so the reference runs there. On GPUs the "triton" backend is the reference
+# (cpu-avx2-NOTES.md), so the reference runs there. AVX-512 CPUs run the avx2 kernels
+# (csrc/attention/cpu.cpp; cpu-avx512-epyc-NOTES.md). On GPUs the "triton" backend is the reference
 # (SDPA's flash kernels), ranked as the reference.
 RANKS = {"cpp": {"cpu": 1, "cpu:default": FORCED_ONLY},
          "triton": {"cuda": 0}}
