@@ -19,6 +19,7 @@ import time
 import torch
 
 from flowfm_fast import _backend, ops
+from flowfm_fast._malloc import tune_cpu_allocator
 from flowfm_fast.ops import use_backend
 
 
@@ -32,10 +33,42 @@ def _norm_modulate(B, T, D):
     return f"B={B},T={T},D={D}", lambda: ops.norm_modulate(x, shift, scale, "layer"), (x, shift, scale)
 
 
+def _residual_norm(B, T, D):
+    res, h, gate, shift, scale = (torch.randn(*s).requires_grad_() for s in ((B, T, D), (B, T, D), (B, D), (B, D),
+                                                                            (B, D)))
+
+    def fn():
+        new_res, new_h = ops.gated_residual_norm_modulate(res, h, gate, shift, scale, "layer")
+        return new_res + new_h  # one output to differentiate: both paths of the backward run
+    return f"B={B},T={T},D={D}", fn, (res, h, gate, shift, scale)
+
+
+def _group_norm_silu(B, C, L, G=8):
+    x, w, b = (torch.randn(*s).requires_grad_() for s in ((B, C, L), (C,), (C,)))
+    return f"B={B},C={C},L={L},G={G}", lambda: ops.norm_modulate(x, None, None, "group", w, b, 1e-5, "silu", G), (x, w, b)
+
+
+def _batch_norm_relu(B, C, L):
+    x, w, b = (torch.randn(*s).requires_grad_() for s in ((B, C, L), (C,), (C,)))
+    mean, var = torch.zeros(C), torch.ones(C)
+    return (f"B={B},C={C},L={L}", lambda: ops.batch_norm_act(x, mean, var, w, b, True, act="relu"), (x, w, b))
+
+
+def _linear_gelu(M, K, N):
+    x, w, b = torch.randn(M, K).requires_grad_(), (torch.randn(N, K) / K ** 0.5).requires_grad_(), \
+        torch.randn(N).requires_grad_()
+    return f"M={M},K={K},N={N}", lambda: ops.linear_act(x, w, b, "gelu_tanh"), (x, w, b)
+
+
+# The ops with CPU kernels, at the small model's shapes (B = 64 training rows) and a larger one.
 CASES = {
     "attention": [(_attention, (1, 4, 32)), (_attention, (64, 4, 32)), (_attention, (256, 4, 32)),
                   (_attention, (256, 6, 64))],
     "norm_modulate": [(_norm_modulate, (64, 30, 128)), (_norm_modulate, (256, 30, 256))],
+    "gated_residual_norm_modulate": [(_residual_norm, (64, 30, 128)), (_residual_norm, (256, 30, 256))],
+    "norm_modulate_group": [(_group_norm_silu, (64, 64, 300))],
+    "batch_norm_act": [(_batch_norm_relu, (64, 32, 300))],
+    "linear_act": [(_linear_gelu, (1920, 128, 512))],
 }
 
 
@@ -87,6 +120,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    tune_cpu_allocator()  # as the pytest suites (conftest.py): no page faults on each fresh output
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     variants = _backend.cpu_capabilities()

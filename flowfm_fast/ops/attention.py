@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from . import _ext, _triton
 from . import _validate as V
-from ._registry import FORCED_ONLY, register, select
+from ._registry import register, select
 from ._spec import KernelSpec, acc_dtype, empty, needs_grad
 
 OP = "attention"
@@ -51,14 +51,13 @@ BACKWARD = KernelSpec("attention_backward",
 FORWARD = KernelSpec("attention", "(Tensor q, Tensor k, Tensor v, bool need_probs) -> (Tensor out, Tensor probs)",
                      _fake, backward=BACKWARD)
 
-# cpp: on one 2-core AVX-512 Xeon the avx2 variant (forced) beat the reference in all 6 rows
-# (1.06-1.35x, benchmarks/results/cpu-avx2-on-xeon-attention.md) and the avx512 variant ("cpu")
-# in fwd+bwd (cpu-avx512-xeon-attention.md); the default (SSE2) variant loses to the reference
-# (cpu-avx2-NOTES.md), so the reference runs there. AVX-512 CPUs run the avx2 kernels
-# (csrc/attention/cpu.cpp; cpu-avx512-epyc-NOTES.md). On GPUs the "triton" backend is the reference
-# (SDPA's flash kernels), ranked as the reference.
-RANKS = {"cpp": {"cpu": 1, "cpu:default": FORCED_ONLY},
-         "triton": {"cuda": 0}}
+# cpp: the avx2 variant beat the reference on an AVX2-only EPYC, a Xeon and a Zen 5 EPYC, and AVX-512
+# CPUs run it too (csrc/attention/cpu.cpp; benchmarks/results/cpu-avx512-epyc-NOTES.md). The
+# default (baseline x86-64) variant lost to a reference running ATen's AVX2 kernels, but beat it
+# (1.19-1.77x) with ATen, oneDNN and MKL held to SSE as on a CPU without AVX2
+# (cpu-avx512-epyc-variants.md). On GPUs the "triton" backend is the reference (SDPA's flash
+# kernels), ranked as the reference.
+RANKS = {"cpp": {"cpu": 1}, "triton": {"cuda": 0}}
 
 
 def _cpp_accepts(flags) -> bool:
