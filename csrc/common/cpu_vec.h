@@ -5,12 +5,23 @@
 // what the code may use (GCC's __AVX2__ / __AVX512F__ stay undefined under a target pragma).
 // Headers are included by common/cpu.h, before any capability's region.
 
+// min(max(x, lo), hi), NaN kept, as a select on the bits: GCC 12 leaves a loop with a float
+// compare-and-select (std::min / max, or ?:) scalar for the baseline x86-64 target ("control flow
+// in loop"; the AVX variants have intrinsic paths), and the baseline variant's SiLU ran ~8x slower
+// than the avx512 one (benchmarks/results/cpu-avx512-epyc-variants.md). The masks vectorise.
+FLOWFM_INLINE float clamp_select(float x, float lo, float hi) {
+  const uint32_t below = 0u - static_cast<uint32_t>(x < lo), above = 0u - static_cast<uint32_t>(x > hi);
+  const uint32_t bits = (c10::bit_cast<uint32_t>(x) & ~(below | above)) | (c10::bit_cast<uint32_t>(lo) & below) |
+                        (c10::bit_cast<uint32_t>(hi) & above);
+  return c10::bit_cast<float>(bits);
+}
+
 // Cephes-style expf: range reduction to [-ln2/2, ln2/2], degree-6 polynomial, exponent by bit shift.
 // Max relative error ~2 ulp over the clamped range. Written so that GCC vectorises it inside
-// `omp simd` loops: std::min/max (not fmin/fmax) and round-to-nearest by adding and subtracting
-// 1.5 * 2^23 (not std::floor); with either of those the loop stays scalar and SiLU runs ~15x slower.
+// `omp simd` loops: the clamp as a bit select (above) and round-to-nearest by adding and subtracting
+// 1.5 * 2^23 (not std::floor); with std::floor the loop stays scalar and SiLU runs ~15x slower.
 FLOWFM_INLINE float exp_fast(float x) {
-  x = std::min(std::max(x, -87.3f), 88.7f);
+  x = clamp_select(x, -87.3f, 88.7f);
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
   const float fx = (x * 1.44269504088896341f + kRound) - kRound;
   const float r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
