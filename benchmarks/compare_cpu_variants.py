@@ -86,13 +86,9 @@ def time_case(fn, inputs, mode: str, rounds: int, variants) -> dict[str, float]:
             torch.autograd.grad(fn(), inputs, grad)
 
     def run(variant):
-        if variant == "reference":
-            with use_backend("torch"):
-                t0 = time.perf_counter()
-                call()
-                return time.perf_counter() - t0
-        _backend.set_cpu_capability(variant)
-        with use_backend("cpp"):
+        if variant != "reference":
+            _backend.set_cpu_capability(variant)
+        with use_backend("torch" if variant == "reference" else "cpp"):
             t0 = time.perf_counter()
             call()
             return time.perf_counter() - t0
