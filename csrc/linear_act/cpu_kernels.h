@@ -103,10 +103,193 @@ at::Tensor contiguous_transpose(const at::Tensor& a) {
 }
 #pragma GCC diagnostic pop
 
+#if FLOWFM_CPU_AVX2
+// Small fp32 GEMMs, below kDnnMinWork: the DiT's token GEMMs when sampling at batch 1 (M = 30 rows,
+// K, N = 128-512) are a third of a step there, and ATen's sgemm (MKL takes its AVX2 path on AMD
+// CPUs) ran them at ~40 % of one core's AVX-512 peak. C (M, N) = A (M, K) Bt (K, N) + bias, in
+// register tiles of kGemmMR rows x kGemmNV vectors (broadcast A, stream Bt rows). Bt is the weight
+// (N, K) transposed per panel of kGemmNV vectors into a per-thread buffer (~1/8 of the panel's
+// FMAs at K = 128), or read in place where the caller has it as rows of K x N (dx = gu W). The
+// panels are split between threads; a panel's activation runs on its tile while it is in L1.
+#if FLOWFM_CPU_AVX512
+struct GemmVec {
+  using V = __m512;
+  using Mask = __mmask16;
+  static constexpr int L = 16;
+  static FLOWFM_INLINE Mask mask(int64_t n) { return n >= 16 ? Mask(0xFFFF) : Mask((1u << n) - 1u); }
+  static FLOWFM_INLINE V zero() { return _mm512_setzero_ps(); }
+  static FLOWFM_INLINE V load(const float* p) { return _mm512_loadu_ps(p); }
+  static FLOWFM_INLINE V load(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
+  static FLOWFM_INLINE V bcast(const float* p) { return _mm512_set1_ps(*p); }
+  static FLOWFM_INLINE V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static FLOWFM_INLINE void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static FLOWFM_INLINE void store(float* p, V v, Mask m) { _mm512_mask_storeu_ps(p, m, v); }
+};
+constexpr int kGemmNV = 4;  // 6 x 4 accumulators + 4 Bt vectors + 1 broadcast of 32 registers
+#else
+struct GemmVec {
+  using V = __m256;
+  using Mask = __m256i;
+  static constexpr int L = 8;
+  static FLOWFM_INLINE Mask mask(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(n, 8))),
+                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static FLOWFM_INLINE V zero() { return _mm256_setzero_ps(); }
+  static FLOWFM_INLINE V load(const float* p) { return _mm256_loadu_ps(p); }
+  static FLOWFM_INLINE V load(const float* p, Mask m) { return _mm256_maskload_ps(p, m); }
+  static FLOWFM_INLINE V bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static FLOWFM_INLINE V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static FLOWFM_INLINE void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static FLOWFM_INLINE void store(float* p, V v, Mask m) { _mm256_maskstore_ps(p, m, v); }
+};
+constexpr int kGemmNV = 2;  // 6 x 2 accumulators of 16 registers
+#endif
+constexpr int kGemmMR = 6;
+constexpr int64_t kGemmSmallMinRows = 2;  // = GEMM_SMALL_MIN_ROWS in flowfm_fast/ops/linear_act.py
+constexpr int64_t kGemmPanel = kGemmNV * GemmVec::L;
+
+// c[0:MR, 0:NV vectors] = a[0:MR, 0:K] b[0:K, 0:NV vectors] (+ bias); the last vector under `last`
+// unless FULL. Rows of a, b and c have strides lda, ldb, ldc.
+template <int MR, int NV, bool FULL>
+FLOWFM_INLINE void gemm_tile(const float* __restrict a, int64_t lda, const float* __restrict b, int64_t ldb,
+                             float* __restrict c, int64_t ldc, int64_t K, const float* __restrict bias,
+                             typename GemmVec::Mask last) {
+  using G = GemmVec;
+  constexpr int L = G::L;
+  auto load = [&](const float* p, int j) { return (FULL || j < NV - 1) ? G::load(p) : G::load(p, last); };
+  typename G::V acc[MR][NV];
+#pragma GCC unroll 8
+  for (int j = 0; j < NV; ++j) {
+    const typename G::V init = bias != nullptr ? load(bias + j * L, j) : G::zero();
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) acc[i][j] = init;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    typename G::V bv[NV];
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) bv[j] = load(b + k * ldb + j * L, j);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const typename G::V av = G::bcast(a + i * lda + k);
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) acc[i][j] = G::fma(av, bv[j], acc[i][j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) {
+      if (FULL || j < NV - 1) G::store(c + i * ldc + j * L, acc[i][j]);
+      else G::store(c + i * ldc + j * L, acc[i][j], last);
+    }
+}
+
+// One tile with MR (1..kGemmMR) rows and NV (1..kGemmNV) vectors chosen at run time.
+template <int MR = kGemmMR, int NV = kGemmNV>
+FLOWFM_INLINE void gemm_tile_dispatch(int64_t mr, int64_t nv, bool full, const float* a, int64_t lda,
+                                      const float* b, int64_t ldb, float* c, int64_t ldc, int64_t K,
+                                      const float* bias, typename GemmVec::Mask last) {
+  if constexpr (MR > 1) {
+    if (mr < MR) return gemm_tile_dispatch<MR - 1, NV>(mr, nv, full, a, lda, b, ldb, c, ldc, K, bias, last);
+  }
+  if constexpr (NV > 1) {
+    if (nv < NV) return gemm_tile_dispatch<MR, NV - 1>(mr, nv, full, a, lda, b, ldb, c, ldc, K, bias, last);
+  }
+  if (full) gemm_tile<MR, NV, true>(a, lda, b, ldb, c, ldc, K, bias, last);
+  else gemm_tile<MR, NV, false>(a, lda, b, ldb, c, ldc, K, bias, last);
+}
+
+// dst[k][j] = w[j][k] for j < nw (<= kGemmPanel) rows of w (row stride ldw), k < K: a panel of Bt.
+void pack_panel(const float* __restrict w, int64_t ldw, int64_t nw, int64_t K, float* __restrict dst) {
+  constexpr int64_t T = GemmVec::L;
+  int64_t j0 = 0;
+  for (; j0 + T <= nw; j0 += T) {
+    int64_t k0 = 0;
+#if FLOWFM_CPU_AVX512
+    for (; k0 + T <= K; k0 += T) transpose16(w + j0 * ldw + k0, ldw, dst + k0 * kGemmPanel + j0, kGemmPanel);
+#else
+    for (; k0 + T <= K; k0 += T) transpose8(w + j0 * ldw + k0, ldw, dst + k0 * kGemmPanel + j0, kGemmPanel);
+#endif
+    for (int64_t k = k0; k < K; ++k)
+      for (int64_t j = j0; j < j0 + T; ++j) dst[k * kGemmPanel + j] = w[j * ldw + k];
+  }
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t j = j0; j < nw; ++j) dst[k * kGemmPanel + j] = w[j * ldw + k];
+}
+
+// u (M, N) = a (M, K, row stride lda) Bt + bias, and y = ACT(u) when ACT != None (y and u rows of
+// N). Bt is w (N, K) transposed (w_is_nk, row stride ldw) or w itself as K rows of N (stride ldw).
+template <Act ACT>
+void gemm_small(const float* a, int64_t lda, int64_t M, int64_t K, const float* w, int64_t ldw, bool w_is_nk,
+                int64_t N, const float* bias, float* u, float* y) {
+  const int64_t panels = (N + kGemmPanel - 1) / kGemmPanel;
+  // A task of at least ~64K multiply-adds: below, a second thread's wake-up costs more than it saves.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, M * K * kGemmPanel));
+  at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
+    std::vector<float> packed(w_is_nk ? static_cast<size_t>(K * kGemmPanel) : 0);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * kGemmPanel, nw = std::min(kGemmPanel, N - n0);
+      const float* bt = w + n0;
+      int64_t ldb = ldw;
+      if (w_is_nk) {
+        pack_panel(w + n0 * ldw, ldw, nw, K, packed.data());
+        bt = packed.data();
+        ldb = kGemmPanel;
+      }
+      const int64_t nv = (nw + GemmVec::L - 1) / GemmVec::L;
+      const int64_t tail = nw - (nv - 1) * GemmVec::L;
+      const auto last = GemmVec::mask(tail);
+      for (int64_t m0 = 0; m0 < M; m0 += kGemmMR) {
+        const int64_t mr = std::min<int64_t>(kGemmMR, M - m0);
+        gemm_tile_dispatch(mr, nv, tail == GemmVec::L, a + m0 * lda, lda, bt, ldb, u + m0 * N + n0, N, K,
+                           bias != nullptr ? bias + n0 : nullptr, last);
+        if constexpr (ACT != Act::None) {
+          for (int64_t i = m0; i < m0 + mr; ++i) {
+            const float* __restrict ui = u + i * N + n0;
+            act_store<ACT, float>(y + i * N + n0, static_cast<float*>(nullptr), nw, [&](int64_t q) { return ui[q]; });
+          }
+        }
+      }
+    }
+  });
+}
+#endif
+
+// a (M, K) b (N, K)^T + bias through gemm_small, with y = act(u) fused, when the problem is below
+// kDnnMinWork, fp32, and every operand has unit stride along its rows (b: along K, packed; or
+// along N, read in place). Returns false, touching nothing, otherwise.
+bool try_gemm_small(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias, Act act,
+                    at::Tensor& u, at::Tensor& y) {
+#if FLOWFM_CPU_AVX2
+  if (a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat || a.dim() != 2 || b.dim() != 2) return false;
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(0);
+  // One row is a matrix-vector product: packing the weight costs more than ATen's gemv takes.
+  if (M < kGemmSmallMinRows || M * K * N >= kDnnMinWork || a.stride(1) != 1 ||
+      (bias.has_value() && bias->stride(0) != 1))
+    return false;
+  const bool b_is_nk = b.stride(1) == 1;
+  if (!b_is_nk && b.stride(0) != 1) return false;
+  u = at::empty({M, N}, a.options());
+  y = act == Act::None ? u : at::empty({M, N}, a.options());
+  const float* bias_p = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  dispatch_act(act, [&]<Act ACT>() {
+    gemm_small<ACT>(a.data_ptr<float>(), a.stride(0), M, K, b.data_ptr<float>(), b_is_nk ? b.stride(0) : b.stride(1),
+                    b_is_nk, N, bias_p, u.data_ptr<float>(), y.data_ptr<float>());
+  });
+  return true;
+#else
+  (void)a, (void)b, (void)bias, (void)act, (void)u, (void)y;
+  return false;
+#endif
+}
+
 // a (M, K) times b (N, K) transposed, plus bias (N,): (M, N). Either operand may be a strided view
 // (a transpose): oneDNN reads the weight's strides (and copies a strided input: see above), and
 // at::mm reads both.
 at::Tensor mm_nt(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias) {
+  at::Tensor u, y;
+  if (try_gemm_small(a, b, bias, Act::None, u, y)) return u;
   const auto& dnn = dnn_linear();
   if (dnn.has_value() && a.scalar_type() == at::kFloat && a.size(0) * a.size(1) * b.size(0) >= kDnnMinWork) {
     const bool transposed = a.stride(0) == 1 && a.stride(1) == a.size(0) && !a.is_contiguous();
@@ -181,6 +364,10 @@ std::tuple<at::Tensor, at::Tensor> linear_act_cpu(const at::Tensor& x, const at:
                                                   const std::optional<at::Tensor>& bias, c10::string_view act_s) {
   check_args(x, weight, bias);
   const Act act = parse_act(act_s);
+  {
+    at::Tensor u, y;
+    if (try_gemm_small(x, weight, bias, act, u, y)) return {y, act == Act::None ? at::empty({0}, x.options()) : u};
+  }
   // Contiguous u: the activation kernels walk rows, and the fake kernel promises this layout.
   at::Tensor u = mm_nt(x, weight, bias).contiguous();
   if (act == Act::None) return {u, at::empty({0}, x.options())};

@@ -7,7 +7,7 @@ from torch import nn
 from .. import ops
 from ..ops._registry import forced_backend
 from ..ops._validate import choice
-from ..ops.linear_act import DNN_MIN_WORK
+from ..ops.linear_act import runs_reference
 from ..ops.norm_modulate import ACTS, apply_act
 
 
@@ -30,9 +30,9 @@ class Linear(nn.Linear):
         self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if forced_backend() is None and x.numel() // self.in_features * self.weight.numel() < DNN_MIN_WORK:
+        if forced_backend() is None and runs_reference(x, self.weight):
             # What every backend runs at this size (see ops.linear_act), minus the op's validation and
-            # dispatch (~9 us a call: at batch 1 a DiT sampling step makes 16 of them). act was checked here.
+            # dispatch (~9 us a call). act was checked here.
             return apply_act(F.linear(x, self.weight, self.bias), self.act)
         return ops.linear_act(x, self.weight, self.bias, self.act)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import _backend
 from . import _ext, _triton
 from . import _validate as V
 from ._registry import register, select
@@ -30,11 +31,29 @@ OP = "linear_act"
 # kernels); below, ATen's GEMM wins and the call takes the reference. = kDnnMinWork in
 # csrc/linear_act/cpu_kernels.h, which applies the same split to direct calls of the op.
 DNN_MIN_WORK = 1 << 22
+# Below DNN_MIN_WORK the cpp backend's AVX2 / AVX-512 variants run fp32 problems of at least this many
+# rows through their own register-tiled GEMM (kGemmSmallMinRows in the same file): the DiT's token
+# GEMMs when sampling at batch 1. One row (a matrix-vector product) stays with ATen's.
+GEMM_SMALL_MIN_ROWS = 2
 
 
 @register(OP, "torch")
 def linear_act_reference(x, weight, bias, act):
     return apply_act(F.linear(x, weight, bias), act)
+
+
+_CPP_BUILT = _ext.has_kernel(OP, "cpp")
+
+
+def runs_reference(x, weight) -> bool:
+    """Whether a call of this size is the reference's computation on every backend: below
+    DNN_MIN_WORK, unless the cpp backend's small GEMM takes it (fp32 on a CPU, from
+    GEMM_SMALL_MIN_ROWS rows, an AVX2 or AVX-512 kernel variant running)."""
+    rows = x.numel() // x.shape[-1]
+    if rows * weight.numel() >= DNN_MIN_WORK:
+        return False
+    return not (rows >= GEMM_SMALL_MIN_ROWS and x.dtype == torch.float32 and x.device.type == "cpu"
+                and _CPP_BUILT and _backend.cpu_capability() != "default")
 
 
 # ---------------------------------------------------------------- compiled (cpp) backend
@@ -63,7 +82,7 @@ RANKS = {"cpp": {"cpu": 1}, "triton": {"cuda": 0}}
 _ext.bind(BACKWARD)
 if (_compiled := _ext.bind(FORWARD)) is not None:
     def _linear_act_compiled(x, weight, bias, act):
-        if (x.numel() // x.shape[-1]) * weight.numel() < DNN_MIN_WORK:
+        if runs_reference(x, weight):
             # The C++ op would call ATen's GEMM itself here; the reference is that computation
             # without the custom-op round trip (~5 us a call: 16 calls a DiT step, 8 steps a solve).
             return linear_act_reference(x, weight, bias, act)

@@ -84,6 +84,50 @@ def test_fp32_values_and_grads(backend, case, act, bias):
                                    msg=lambda m: f"{name}: {m}")
 
 
+# The cpp backend's small-GEMM kernels (fp32, below DNN_MIN_WORK, from GEMM_SMALL_MIN_ROWS rows) in
+# every CPU variant: row tiles of 6 and their tails, column panels of 64 (AVX-512) and 16 (AVX2)
+# with masked tails, K off the 16 x 16 transposes' grid, and the sampling-time DiT shapes (M = 30).
+SMALL = [((2, 1), 1), ((5, 15), 17), ((6, 16), 64), ((7, 17), 65), ((13, 33), 129), ((30, 128), 384),
+         ((30, 512), 128), ((31, 131), 30), ((1, 30, 128), 512)]
+
+
+@pytest.mark.skipif(not ops.backends_for(OP) or "cpp" not in ops.backends_for(OP), reason="no cpp backend")
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "weight_view"])
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("case", SMALL, ids=str)
+def test_small_gemm_in_every_cpu_variant(case, act, layout):
+    """Forward and every gradient against float64; ``strided``: x rows and the bias with gaps
+    between elements of the bias and rows; ``weight_view``: W as the transpose of a (K, N) tensor,
+    which the kernel reads in place instead of packing."""
+    from flowfm_fast import _backend
+    from flowfm_fast.ops.linear_act import DNN_MIN_WORK, GEMM_SMALL_MIN_ROWS
+    shape, n = case
+    x, w, b = make(shape, n, bias=act != "silu")
+    rows, k = x.numel() // shape[-1], shape[-1]
+    assert GEMM_SMALL_MIN_ROWS <= rows and rows * k * n < DNN_MIN_WORK
+    if layout == "strided":
+        x = torch.cat([x, torch.randn(*shape[:-1], 3)], -1)[..., :k]
+        b = torch.stack([b, torch.randn(n)], -1)[:, 0] if b is not None else None
+    elif layout == "weight_view":
+        w = w.t().contiguous().t()
+    gy = torch.randn(*shape[:-1], n)
+    y_ref, grads_ref = naive_grads(x, w, b, act, gy)
+    before = _backend.cpu_capability()
+    try:
+        for cap in _backend.cpu_capabilities():
+            _backend.set_cpu_capability(cap)
+            with use_backend("cpp"):
+                y, grads = grads_of(x, w, b, act, gy)
+            torch.testing.assert_close(y.double(), y_ref.detach(), **tol(torch.float32, k),
+                                       msg=lambda m, c=cap: f"{c} y: {m}")
+            for name, g, g_ref in zip(("dx", "dweight", "dbias"), grads, grads_ref):
+                t, scale = tol(torch.float32, max(k, n, rows)), max(1.0, float(g_ref.abs().max()))
+                torch.testing.assert_close(g.double(), g_ref, rtol=t["rtol"], atol=t["atol"] * scale,
+                                           msg=lambda m, c=cap, name=name: f"{c} {name}: {m}")
+    finally:
+        _backend.set_cpu_capability(before)
+
+
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("case", [((2, 5, 33), 65), ((64, 30, 128), 512)], ids=str)
