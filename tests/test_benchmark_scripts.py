@@ -123,3 +123,25 @@ def test_compare_cpu_variants_times_every_variant_and_restores_the_capability(ca
     assert (_backend.cpu_capability(), torch.get_num_threads()) == (before, threads)
     with pytest.raises(SystemExit):
         cv.main(["--rounds", "0"])
+
+
+def test_compare_gemm_times_every_path_and_restores_threads(monkeypatch):
+    from flowfm_fast.ops import _ext
+
+    if not _ext.has_kernel("linear_act", "cpp"):
+        pytest.skip("flowfm_fast._C (cpp backend) is not built")
+    cg = _load("compare_gemm")
+    # The timed callables compute what they are named for: the op's dW equals gu^T x.
+    fns = cg.cases(7, 5, 3)
+    assert set(fns) == {"fwd", "dW"} and {"ours", "aten"} <= set(fns["dW"])
+    torch.testing.assert_close(fns["dW"]["ours"]()[1], fns["dW"]["aten"](), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fns["fwd"]["ours"]()[0], fns["fwd"]["aten"](), rtol=1e-5, atol=1e-5)
+    times = cg.measure(fns["fwd"], rounds=2, calls=1)
+    assert set(times) == set(fns["fwd"]) and all(len(v) == 2 and min(v) > 0 for v in times.values())
+    monkeypatch.setattr(cg, "SHAPES", [(7, 5, 3)])
+    threads = torch.get_num_threads()
+    lines = cg.main(["--rounds", "1", "--threads", "1"])
+    assert [line.split(" | ")[0] for line in lines[4:]] == ["| fwd", "| dW"]
+    assert torch.get_num_threads() == threads
+    with pytest.raises(SystemExit):
+        cg.main(["--rounds", "0"])

@@ -1,13 +1,14 @@
 // linear_act: y = act(x W^T + b), forward and backward, x (M, K) rows, W (N, K), b (N,).
 //
-// The GEMMs go to oneDNN (ATen's mkldnn::_linear_pointwise, the op Inductor's CPU lowering calls)
-// for fp32 problems big enough to pay its setup: on this machine's AVX-512 EPYC, MKL's sgemm takes
-// its AVX2 path (~205 GFLOP/s on 2 cores, at that path's peak) while oneDNN's AVX-512 kernels ran
-// the model's shapes at ~460 GFLOP/s. Below kDnnMinWork (M N K) and for other dtypes (bf16 and
-// fp16 matmuls already reach oneDNN through ATen where the CPU has them; float64 has no oneDNN
-// kernel) the plain ATen call is taken. The activation is ours (act_inplace over L1-resident rows):
-// ATen's GELU-tanh ran at ~0.8 ns per value on 2 cores, more than the GEMM's epilogue could hide.
-// u = x W^T + b is kept for the backward (as eager autograd keeps GELU's input).
+// fp32 GEMMs run through our register-tiled kernel (gemm_small in cpu_kernels.h) or the libraries,
+// per GEMM and CPU capability as measured (kGemmForwardAnySize and beside it): small problems and
+// the weight gradient always ours in the AVX2 / AVX-512 variants, the forward at every size with
+// AVX-512, and the rest through oneDNN (ATen's mkldnn::_linear_pointwise, the op Inductor's CPU
+// lowering calls) from kDnnMinWork, below it ATen's sgemm. Other dtypes go through ATen (bf16 and
+// fp16 matmuls reach oneDNN through it where the CPU has them; float64 has no oneDNN kernel). The
+// activation is ours (act_inplace over L1-resident rows): ATen's GELU-tanh ran at ~0.8 ns per
+// value on 2 cores, more than the GEMM's epilogue could hide. u = x W^T + b is kept for the
+// backward (as eager autograd keeps GELU's input).
 #include "../common/cpu.h"
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <optional>

@@ -4,10 +4,12 @@ x is (..., K), weight (N, K), bias (N,) or None; y is (..., N) in x's dtype (x, 
 share one dtype, as ``F.linear`` asks). ``act``: None, ``"silu"`` or ``"gelu_tanh"``. Under
 autocast the op does what ``F.linear`` does: it runs in the autocast dtype.
 
-The ``cpp`` backend runs problems from ~4M multiply-adds (``DNN_MIN_WORK``) through its own path:
-fp32 GEMMs through oneDNN (AVX-512 where the CPU has it; MKL's sgemm takes its AVX2 path on AMD
-CPUs), other dtypes through ATen, the activation with the extension's vectorised kernels, and a
-backward that computes only the gradients asked for; smaller problems run the reference. On GPUs the ``triton`` backend's linear_act is the reference itself (cuBLAS is the GEMM, and a
+The ``cpp`` backend runs problems from ~4M multiply-adds (``DNN_MIN_WORK``) through its own path,
+and fp32 problems below that from ``GEMM_SMALL_MIN_ROWS`` rows where its AVX2 / AVX-512 kernels run:
+fp32 GEMMs through its own register-tiled kernel or oneDNN, whichever measured faster per GEMM and
+CPU capability (csrc/linear_act/cpu_kernels.h), other dtypes through ATen, the activation fused with
+the extension's vectorised kernels, and a backward that computes only the gradients asked for;
+other calls run the reference. On GPUs the ``triton`` backend's linear_act is the reference itself (cuBLAS is the GEMM, and a
 Triton GEMM would not beat it at these shapes; fusing the activation into its epilogue is left to
 torch.compile): registered so that a model run under ``use_backend("triton")`` works end to end.
 
