@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from flowfm_fast import ops
 from flowfm_fast.models import (DiT1D, FlowFM, FlowFMConfig, ResNet1DEncoder, ResNet1DGenerator, build_velocity,
                                 get_config)
 
@@ -368,3 +369,22 @@ def test_loss_under_bf16_autocast_matches_fp32(velocity):
     got.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["cpp"] if "cpp" in ops.backends_for("linear_act") else []))
+def test_dit_patch_embedding_is_the_strided_convolution(backend):
+    """DiT1D.embed computes its Conv1d (kernel = stride = patch) as a GEMM: same values and
+    gradients as the convolution itself, at batch 1 and 5 and a length the patch does not divide."""
+    cfg = get_config("tiny").dit
+    torch.manual_seed(0)
+    net = DiT1D(3, 300, 16, cfg)
+    for B, L in ((1, 300), (5, 307)):
+        x = torch.randn(B, 3, L, requires_grad=True)
+        ref = net.patchify(x).transpose(1, 2)
+        g_ref = torch.autograd.grad(ref.square().sum(), [x, net.patchify.weight, net.patchify.bias])
+        with ops.use_backend(backend):
+            out = net.embed(x)
+            grads = torch.autograd.grad(out.square().sum(), [x, net.patchify.weight, net.patchify.bias])
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        for g, gr in zip(grads, g_ref):
+            torch.testing.assert_close(g, gr, rtol=1e-4, atol=1e-4)
