@@ -84,6 +84,7 @@ def main(argv=None) -> list[str]:
     lines = [f"capability={_backend.cpu_capability()}, threads={torch.get_num_threads()}, rounds={args.rounds}", "",
              "| GEMM | M, K, N | ours ms | aten ms | onednn ms | ours GFLOP/s | ours vs aten | ours vs onednn |",
              "|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
     try:
         for M, K, N in SHAPES:
             calls = max(1, int(2e6 // (M * K * N)) or 1)
@@ -101,4 +102,4 @@ def main(argv=None) -> list[str]:
 
 
 if __name__ == "__main__":
-    print("\n".join(main()[:2]))
+    main()
