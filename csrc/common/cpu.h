@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <type_traits>
 #include <utility>
+#include <memory>
 #include <vector>
 #include <tuple>
 #include <optional>

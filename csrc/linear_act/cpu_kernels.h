@@ -299,19 +299,20 @@ void gemm_small(const float* a, Strides sa, int64_t M, int64_t K, const float* w
   const int64_t bands = std::min(row_tiles, std::max<int64_t>(1, (threads + panels - 1) / panels));
   const int64_t band_tiles = (row_tiles + bands - 1) / bands;
   at::parallel_for(0, panels * bands, grain_for(band_tiles * kGemmMR * K * kGemmPanel), [&](int64_t t0, int64_t t1) {
-    std::vector<float> packed(static_cast<size_t>(K * kGemmPanel));
+    // Not zero-filled: pack_panel writes the nw columns the tiles read (masked lanes are not read).
+    const std::unique_ptr<float[]> packed(new float[static_cast<size_t>(std::max<int64_t>(K, 1) * kGemmPanel)]);
     int64_t packed_panel = -1;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t p = t % panels, band = t / panels;
       const int64_t n0 = p * kGemmPanel, nw = std::min(kGemmPanel, N - n0);
-      if (packed_panel != p) pack_panel(w + n0 * ldw, ldw, nw, K, packed.data());
+      if (packed_panel != p) pack_panel(w + n0 * ldw, ldw, nw, K, packed.get());
       packed_panel = p;
       const int64_t m_begin = band * band_tiles * kGemmMR, m_end = std::min(M, m_begin + band_tiles * kGemmMR);
       for (int64_t mb = m_begin; mb < m_end; mb += kGemmMc) {
         const int64_t mb_end = std::min(m_end, mb + kGemmMc);
         k_blocks([&](int64_t k0, int64_t kc) {
           for (int64_t m0 = mb; m0 < mb_end; m0 += kGemmMR)
-            tile(p, packed.data(), kGemmPanel, m0, std::min<int64_t>(kGemmMR, mb_end - m0), k0, kc);
+            tile(p, packed.get(), kGemmPanel, m0, std::min<int64_t>(kGemmMR, mb_end - m0), k0, kc);
         });
         activate(mb, mb_end, n0, nw);
       }

@@ -58,7 +58,7 @@ class DiT1D(ConditionedVelocity):
         self.blocks = nn.ModuleList(DiTBlock(cfg.dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self._block_ranges = tuple(f"dit.block{i}" for i in range(cfg.depth))   # NVTX names, built once
         self.final_adaLN = AdaLNModulation(cfg.dim, cfg.dim, 2)
-        self.out = nn.Linear(cfg.dim, cfg.patch * channels)
+        self.out = Linear(cfg.dim, cfg.patch * channels)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
         for m in [self.patchify, *[b.qkv for b in self.blocks], *[b.proj for b in self.blocks]]:

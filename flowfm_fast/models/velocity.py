@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..nn import TimestepEmbedder
+from ..nn import Linear, TimestepEmbedder
 
 
 class ConditionedVelocity(nn.Module):
@@ -19,7 +19,7 @@ class ConditionedVelocity(nn.Module):
     def __init__(self, cond_dim: int, z_dim: int):
         super().__init__()
         self.t_embedder = TimestepEmbedder(cond_dim)
-        self.z_proj = nn.Linear(z_dim, cond_dim)
+        self.z_proj = Linear(z_dim, cond_dim)
 
     def condition(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return self.t_embedder(t) + self.z_proj(z)

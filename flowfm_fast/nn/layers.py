@@ -53,7 +53,7 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, dim: int, freq_dim: int = 256, t_scale: float = 1000.0, max_period: float = 10000.0):
         super().__init__()
         self.freq_dim, self.t_scale, self.max_period = freq_dim, t_scale, max_period
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.mlp = nn.Sequential(Linear(freq_dim, dim), nn.SiLU(), Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         feats = ops.timestep_embedding(t.float() * self.t_scale, self.freq_dim, self.max_period)
@@ -72,7 +72,7 @@ class AdaLNModulation(nn.Module):
     def __init__(self, cond_dim: int, dim: int, n_chunks: int):
         super().__init__()
         self.n_chunks = n_chunks
-        self.linear = nn.Linear(cond_dim, n_chunks * dim)
+        self.linear = Linear(cond_dim, n_chunks * dim)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
