@@ -250,6 +250,7 @@ constexpr int64_t kGemmMc = 72;
 template <Act ACT>
 void gemm_small(const float* a, Strides sa, int64_t M, int64_t K, const float* w, int64_t ldw, bool w_is_nk,
                 int64_t N, const float* bias, float* u, float* y) {
+  if (M <= 0 || N <= 0) return;  // nothing to write (and no task to split)
   const int64_t panels = (N + kGemmPanel - 1) / kGemmPanel;
   const int64_t row_tiles = (M + kGemmMR - 1) / kGemmMR;
   const int64_t threads = at::get_num_threads();

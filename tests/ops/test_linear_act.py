@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from flowfm_fast import nn as fnn
@@ -257,6 +258,29 @@ def test_kernel_checks_direct_calls():
         torch.ops.flowfm.linear_act(x, w, b[:-1], "none")
     with pytest.raises(ValueError, match="act must be"):
         torch.ops.flowfm.linear_act(x, w, b, "relu")
+
+
+def test_direct_calls_with_empty_operands_in_every_cpu_variant():
+    """No output feature, no input feature, no row: the kernels (no Python validation in front)
+    return the empty or bias-only results F.linear gives, in every CPU variant, and never crash."""
+    from flowfm_fast import _backend
+    if "cpp" not in ops.backends_for(OP):
+        pytest.skip("flowfm_fast._C is not built")
+    before = _backend.cpu_capability()
+    try:
+        for cap in _backend.cpu_capabilities():
+            _backend.set_cpu_capability(cap)
+            for (m, k, n) in ((7, 5, 0), (7, 0, 3), (0, 5, 3), (8, 0, 70)):
+                x, w, b = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
+                y = torch.ops.flowfm.linear_act(x, w, b, "none")[0]
+                torch.testing.assert_close(y, F.linear(x, w, b), msg=lambda msg, c=cap: f"{c} {(m, k, n)}: {msg}")
+                gy = torch.randn(m, n)
+                dx, dw, db = torch.ops.flowfm.linear_act_backward(gy, x, w, y, "none", True, True, True)
+                torch.testing.assert_close(dx, gy @ w)
+                torch.testing.assert_close(dw, gy.t() @ x)
+                torch.testing.assert_close(db, gy.sum(0))
+    finally:
+        _backend.set_cpu_capability(before)
 
 
 # ----------------------------------------------------------------------------- the module
