@@ -31,7 +31,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if forced_backend() is None and runs_reference(x, self.weight):
-            # What every backend runs at this size (see ops.linear_act), minus the op's validation and
+            # What every backend runs for this call (see ops.linear_act), minus the op's validation and
             # dispatch (~9 us a call). act was checked here.
             return apply_act(F.linear(x, self.weight, self.bias), self.act)
         return ops.linear_act(x, self.weight, self.bias, self.act)

@@ -48,14 +48,16 @@ _CPP_BUILT = _ext.has_kernel(OP, "cpp")
 
 
 def runs_reference(x, weight) -> bool:
-    """Whether a call of this size is the reference's computation on every backend: below
-    DNN_MIN_WORK, unless the cpp backend's small GEMM takes it (fp32 on a CPU, from
-    GEMM_SMALL_MIN_ROWS rows, an AVX2 or AVX-512 kernel variant running)."""
+    """Whether this call is the reference's computation on every backend: off the CPU always (the
+    triton backend is the reference), and without the C++ extension; with it, below DNN_MIN_WORK
+    unless the cpp backend's small GEMM takes the call (fp32, from GEMM_SMALL_MIN_ROWS rows, an AVX2
+    or AVX-512 kernel variant running)."""
+    if x.device.type != "cpu" or not _CPP_BUILT:
+        return True
     rows = x.numel() // x.shape[-1]
     if rows * weight.numel() >= DNN_MIN_WORK:
         return False
-    return not (rows >= GEMM_SMALL_MIN_ROWS and x.dtype == torch.float32 and x.device.type == "cpu"
-                and _CPP_BUILT and _backend.cpu_capability() != "default")
+    return not (rows >= GEMM_SMALL_MIN_ROWS and x.dtype == torch.float32 and _backend.cpu_capability() != "default")
 
 
 # ---------------------------------------------------------------- compiled (cpp) backend

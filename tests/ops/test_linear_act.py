@@ -324,3 +324,27 @@ def test_second_order_raises_on_the_cpp_path():
         y = linear_act(x, w, b, "gelu_tanh")
         with pytest.raises(RuntimeError, match="no derivative"):
             torch.autograd.grad(y.square().sum(), [x], create_graph=True)
+
+
+def test_runs_reference_says_which_calls_the_reference_computes():
+    """nn.Linear's shortcut and the compiled op skip the op exactly where it would compute the
+    reference: off the CPU, one row, not fp32, the baseline variant; never where our GEMM or
+    oneDNN takes the call."""
+    from flowfm_fast import _backend
+    from flowfm_fast.ops.linear_act import DNN_MIN_WORK, runs_reference
+    w = torch.empty(64, 128)
+    assert runs_reference(torch.empty(30, 128, device="meta"), w)
+    big = torch.empty(DNN_MIN_WORK // w.numel() + 1, 128)
+    if "cpp" not in ops.backends_for(OP):
+        assert runs_reference(big, w) and runs_reference(torch.empty(30, 128), w)
+        return
+    assert not runs_reference(big, w)
+    assert runs_reference(torch.empty(1, 128), w)
+    assert runs_reference(torch.empty(30, 128, dtype=torch.float64), w.double())
+    before = _backend.cpu_capability()
+    try:
+        for cap in _backend.cpu_capabilities():
+            _backend.set_cpu_capability(cap)
+            assert runs_reference(torch.empty(2, 15, 128), w) == (cap == "default"), cap
+    finally:
+        _backend.set_cpu_capability(before)
