@@ -87,7 +87,7 @@ def main(argv=None) -> list[str]:
     print("\n".join(lines), flush=True)
     try:
         for M, K, N in SHAPES:
-            calls = max(1, int(2e6 // (M * K * N)) or 1)
+            calls = max(1, int(2e6 // (M * K * N)))
             for name, fns in cases(M, K, N).items():
                 med = {k: statistics.median(v) for k, v in measure(fns, args.rounds, calls).items()}
                 gflops = 2 * M * K * N / med["ours"] / 1e6

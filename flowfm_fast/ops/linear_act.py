@@ -29,13 +29,14 @@ from ._spec import KernelSpec, empty
 from .norm_modulate import ACTS, apply_act
 
 OP = "linear_act"
-# M N K multiply-adds from which the cpp backend runs its own path (oneDNN GEMM, our activation
-# kernels); below, ATen's GEMM wins and the call takes the reference. = kDnnMinWork in
-# csrc/linear_act/cpu_kernels.h, which applies the same split to direct calls of the op.
+# M N K multiply-adds from which the cpp backend runs its own path (its GEMM or oneDNN's, our
+# activation kernels) at any dtype; below, the call takes the reference unless the small GEMM
+# (next) takes it. = kDnnMinWork in csrc/linear_act/cpu_kernels.h, which applies the same split to
+# direct calls of the op.
 DNN_MIN_WORK = 1 << 22
 # Below DNN_MIN_WORK the cpp backend's AVX2 / AVX-512 variants run fp32 problems of at least this many
-# rows through their own register-tiled GEMM (kGemmSmallMinRows in the same file): the DiT's token
-# GEMMs when sampling at batch 1. One row (a matrix-vector product) stays with ATen's.
+# rows through their own register-tiled GEMM (kGemmSmallMinRows in csrc/linear_act/cpu_kernels.h):
+# the DiT's token GEMMs when sampling at batch 1. One row (a matrix-vector product) stays with ATen's.
 GEMM_SMALL_MIN_ROWS = 2
 
 
